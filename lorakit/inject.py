@@ -72,9 +72,10 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
+def _is_output_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+    # "all-linear" leaves the task head alone: the output embeddings, and top-level heads by their usual names.
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n for n, m in model.named_modules() if head is not None and m is head} | {"lm_head"}
+    return module is head or name.split(".")[0] in ("lm_head", "classifier", "score", "qa_outputs")
 
 
 def plan_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, float]]:
@@ -85,9 +86,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, f
     candidates = _candidate_modules(model)
     saved = set(config.modules_to_save or [])
     if targets == "all-linear":
-        heads = _output_head_names(model)
         matched = [n for n, m in candidates.items() if layer_kind(m) in ("linear", "conv1d")
-                   and n not in heads and not name_matches(n, list(saved) or ["\0"])]
+                   and not _is_output_head(model, n, m) and not (saved and name_matches(n, list(saved)))]
     else:
         matched = [n for n in candidates if name_matches(n, targets)]
     if config.exclude is not None:
@@ -259,18 +259,22 @@ def merge(model: nn.Module) -> None:
 
 
 def _merge_active(model: nn.Module) -> None:
-    layers = lora_layers(model).values()
-    done = []
-    try:
-        for layer in layers:
-            for name in layer.active:
-                if name not in layer.merged:
-                    layer.merge(name)
-                    done.append((layer, name))
-    except ValueError:
-        for layer, name in done:
-            layer.unmerge(name)
-        raise
+    root = unwrap(model)
+    pending = [(path, layer, name) for path, layer in lora_layers(root).items()
+               for name in layer.active if name not in layer.merged]
+    owners = {}
+    for mod_name, module in root.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(mod_name)
+    for path, layer, name in pending:  # check everything first, so that a refusal changes nothing
+        tied = [o for o in owners.get(id(layer.weight), []) if o != path]
+        if tied:
+            raise ValueError(f"cannot merge adapter {name!r} into {path!r}: its weight is shared with {tied} "
+                             f"(tied weights), which would change too; keep it unmerged")
+        if not torch.isfinite(layer.merged_weight(name)).all():
+            raise ValueError(f"merging adapter {name!r} into {path!r} gives non-finite weights; the adapter is broken")
+    for _, layer, name in pending:
+        layer.merge(name)
 
 
 def unmerge(model: nn.Module) -> None:

@@ -45,7 +45,9 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
         return w.shape[0], w.shape[1]
     if kind == "embedding":
         return w.shape[0], w.shape[1]  # A indexes rows (num_embeddings), B produces embedding_dim
-    return w.shape[1], w.shape[0]  # linear (out, in); conv2d (C_out, C_in/groups, kh, kw)
+    if kind == "conv2d":
+        return w[0].numel(), w.shape[0]  # A sees a flattened C_in × kh × kw patch
+    return w.shape[1], w.shape[0]  # linear: (d_out, d_in)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -181,16 +183,17 @@ class LoraLayer(nn.Module):
         return (delta * self.scaling[name]).to(self.weight.dtype)
 
     @torch.no_grad()
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """W + scale · B @ A, as a new tensor."""
+        return self.weight + self.delta_weight(name)
+
+    @torch.no_grad()
     def merge(self, name: str) -> None:
-        """W ← W + scale · B @ A. Refuses, leaving W untouched, if the result is not finite."""
-        if name in self.merged:
-            return
-        merged = self.weight + self.delta_weight(name)
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is probably broken")
-        self.weight.copy_(merged)
-        self.merged.append(name)
-        self._refresh()
+        """W ← W + scale · B @ A (idempotent)."""
+        if name not in self.merged:
+            self.weight.copy_(self.merged_weight(name))
+            self.merged.append(name)
+            self._refresh()
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:

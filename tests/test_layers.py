@@ -1,0 +1,189 @@
+"""LoRA layer math: the fused linear path, init, merge invariants, per layer type."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from lorakit.layers import LoraLayer, LoraLinearFunction
+
+
+def test_textbook_parameter_count():
+    model = nn.Sequential(nn.Linear(512, 512, bias=False))
+    lorakit.inject(model, lorakit.LoraConfig(r=16, targets=["0"]))
+    trainable, total = lorakit.count_parameters(model)
+    assert trainable == 2 * 512 * 16 == 16_384
+    assert trainable / 512**2 == 0.0625
+    assert total == 512 * 512 + 16_384
+
+
+def _layer(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return {"linear": lambda: nn.Linear(12, 10), "conv1d": lambda: Conv1D(10, 12),
+            "embedding": lambda: nn.Embedding(20, 10, padding_idx=0),
+            "conv2d": lambda: nn.Conv2d(3, 6, 3, padding=1, stride=2)}[kind]()
+
+
+def _input(kind: str) -> torch.Tensor:
+    torch.manual_seed(1)
+    if kind == "embedding":
+        return torch.randint(0, 20, (4, 7))
+    if kind == "conv2d":
+        return torch.randn(2, 3, 8, 8)
+    return torch.randn(4, 7, 12)
+
+
+KINDS = ["linear", "conv1d", "embedding", "conv2d"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_output_unchanged_at_init(kind, init):
+    base = _layer(kind)
+    x = _input(kind)
+    expected = base(x)
+    model = nn.Sequential(base)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"], init=init, dropout=0.1))
+    model.train()
+    assert torch.equal(model(x), expected)
+    assert lorakit.count_parameters(model)[0] > 0
+    assert model[0].lora_A["default"].abs().sum() > 0  # A random, B zero
+    assert model[0].lora_B["default"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_invariants(kind):
+    model = nn.Sequential(_layer(kind))
+    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=6, targets=["0"], init="random"))
+    layer, x = model[0], _input(kind)
+    w0 = layer.weight.detach().clone()
+    y = model(x)
+    assert not torch.allclose(y, layer.base_layer(x))  # the adapter does something
+    lorakit.merge(model)
+    delta = layer.delta_weight("default")
+    assert torch.allclose(layer.weight, w0 + delta)  # W' = W + scale · B A
+    assert torch.allclose(model(x), y, atol=1e-5)
+    lorakit.merge(model)  # merging twice = merging once
+    assert torch.allclose(layer.weight, w0 + delta)
+    lorakit.unmerge(model)
+    assert torch.allclose(layer.weight, w0, atol=1e-6)
+    assert torch.allclose(model(x), y, atol=1e-5)
+
+
+def test_delta_weight_formula_linear_and_conv1d():
+    a, b = torch.randn(3, 12), torch.randn(10, 3)
+    for kind in ("linear", "conv1d"):
+        layer = LoraLayer(_layer(kind))
+        layer.add_adapter("x", 3, 0.5, 0.0, "zeros")
+        with torch.no_grad():
+            layer.lora_A["x"].copy_(a)
+            layer.lora_B["x"].copy_(b)
+        expected = 0.5 * b @ a
+        assert torch.allclose(layer.delta_weight("x"), expected if kind == "linear" else expected.t())
+
+
+def _reference(x, w, bias, a, b, scale, p, seed):
+    torch.manual_seed(seed)
+    xd = F.dropout(x, p, training=True) if p > 0 else x
+    return F.linear(x, w, bias) + scale * F.linear(F.linear(xd, a), b)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_function_matches_autograd(p, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 12, dtype=torch.float64)
+    bias = torch.randn(10, dtype=torch.float64) if with_bias else None
+    a = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    gout = torch.randn(2, 5, 10, dtype=torch.float64)
+    ref = _reference(x, w, bias, a, b, 0.7, p, seed=3)
+    ref_grads = torch.autograd.grad(ref, (x, a, b), gout)
+    torch.manual_seed(3)
+    out = LoraLinearFunction.apply(x, w, bias, a, b, 0.7, p)
+    grads = torch.autograd.grad(out, (x, a, b), gout)
+    assert torch.allclose(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r)
+
+
+def test_fused_function_gradcheck_including_weight_and_bias():
+    torch.manual_seed(0)
+    args = [torch.randn(3, 6, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, 6, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, 6, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, 2, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda *t: LoraLinearFunction.apply(*t, 1.5, 0.0), args)
+
+
+def test_fused_path_saves_no_full_size_dropout_copy():
+    # With dropout the fused function keeps x, a bool mask and the (N, r) projection, not a float copy of x.
+    layer = LoraLayer(nn.Linear(64, 64))
+    layer.add_adapter("default", 4, 1.0, 0.1, "kaiming")
+    layer.set_active(("default",))
+    layer.train()
+    x = torch.randn(32, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    big_float = [t for t in saved if t.dtype == torch.float32 and t.numel() == x.numel() and t.data_ptr() != x.data_ptr()]
+    assert big_float == []
+    assert any(t.dtype == torch.bool for t in saved)
+
+
+def test_several_active_adapters_sum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"], init="random"), name="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"], init="random"), name="b")
+    x = torch.randn(3, 8)
+    base = model[0].base_layer(x)
+    outs = {}
+    for name in ("a", "b"):
+        lorakit.set_adapter(model, name)
+        outs[name] = model(x) - base
+    lorakit.set_adapter(model, ["a", "b"])
+    assert torch.allclose(model(x) - base, outs["a"] + outs["b"], atol=1e-6)
+
+
+def test_bf16_autocast_and_bf16_base():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["0"], init="random"))
+    x = torch.randn(4, 16)
+    ref = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref, atol=0.1)
+    y.float().sum().backward()
+    assert model[0].lora_A["default"].grad.dtype == torch.float32  # fp32 master weights
+    model_bf16 = nn.Sequential(nn.Linear(16, 16).to(torch.bfloat16))
+    lorakit.inject(model_bf16, lorakit.LoraConfig(r=4, targets=["0"]))
+    assert model_bf16[0].lora_A["default"].dtype == torch.float32
+    assert model_bf16(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_small_cnn_learns_with_conv2d_lora():
+    from tiny_models import small_cnn
+
+    model = small_cnn()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=["conv1", "conv2"], modules_to_save=["head"]))
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    labels = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()  # 3 classes from the pixels
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(60):
+        loss = F.cross_entropy(model(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    assert model.conv1.lora_B["default"].abs().sum() > 0
+    assert not model.conv1.weight.requires_grad
