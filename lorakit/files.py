@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
-from .inject import _add, _mark_trainable, configs, delete_adapter, lora_layers, plan_saved_modules, plan_targets
+from .inject import _add, _mark_trainable, check_new_name, configs, delete_adapter, lora_layers, plan_saved_modules, plan_targets
 from .inject import saved_modules, set_adapter, unwrap
 from .layers import SavedModule, layer_dims, layer_kind
 
@@ -171,8 +171,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     where needed. It becomes active if no adapter was active. Everything is checked before the model changes;
     if anything fails the model is left exactly as it was."""
     root = unwrap(model)
-    if name in configs(root):
-        raise ValueError(f"adapter {name!r} already exists on this model; delete_adapter() it or pick another name")
+    check_new_name(root, name)
     config = read_adapter_config(path)
     tensors = {_parse_file_key(k): v for k, v in read_adapter_tensors(path).items()}
     try:

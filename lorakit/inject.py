@@ -145,10 +145,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     """Add adapter `name` to the layers `config` targets, freeze every other parameter, make it the active
     adapter, and return the model (changed in place). The output is unchanged until B is trained (B = 0)."""
     root = unwrap(model)
-    if name in configs(root):
-        raise ValueError(f"adapter {name!r} already exists on this model; delete_adapter() it or pick another name")
-    if not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    check_new_name(root, name)
     plan = plan_targets(root, config)
     saved = plan_saved_modules(root, config)
     overlap = [p for p in plan if any(p == s or p.startswith(s + ".") for s in saved)]
@@ -158,6 +155,14 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     set_adapter(root, name)
     _mark_trainable(root, name)
     return model
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    """Raise unless `name` can name a new adapter on `model`."""
+    if name in configs(model):
+        raise ValueError(f"adapter {name!r} already exists on this model; delete_adapter() it or pick another name")
+    if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ParameterDict(), name):
+        raise ValueError(f"adapter name {name!r} must be a Python identifier that is not a dict method name")
 
 
 def _add(root: nn.Module, config: LoraConfig, name: str, plan: dict, saved: list[str]) -> None:
