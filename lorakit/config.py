@@ -193,7 +193,7 @@ def from_peft_dict(data: dict) -> LoraConfig:
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("targets", "base_model_name_or_path", "task_type")}
     for key in ("rank_pattern", "alpha_pattern"):
         kwargs[key] = kwargs.get(key) or {}
-    meaningful = {k: v for k, v in extra.items() if v not in (None, False, {}, [], "")}
+    meaningful = {k: v for k, v in extra.items() if v not in (None, False, {}, [], "") and not k.startswith("lorakit_")}
     for key in ("loftq_config", "megatron_config", "layer_replication", "trainable_token_indices", "target_parameters"):
         if meaningful.get(key):
             raise ValueError(f"adapter_config.json: {key}={meaningful[key]!r} is a PEFT feature lorakit does not support")

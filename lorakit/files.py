@@ -51,8 +51,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         if name not in layer.lora_A:
             continue
         key_a, key_b = _LORA_SUFFIXES[layer.kind]
-        out[_file_key(path, key_a)] = layer.lora_A[name]
-        out[_file_key(path, key_b)] = layer.lora_B[name]
+        a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+        if name in layer.pissa_init:  # ΔW = s·(BA − B0A0) on the original W: a rank-2r LoRA [B, −B0] @ [A; A0]
+            a0, b0 = layer.pissa_init[name]
+            a, b = torch.cat([a, a0.to(a)]), torch.cat([b, -b0.to(b)], dim=1)
+        out[_file_key(path, key_a)] = a
+        out[_file_key(path, key_b)] = b
+        if name in layer.lora_magnitude_vector:
+            out[_file_key(path, "lora_magnitude_vector")] = layer.lora_magnitude_vector[name]
         if bias != "none" and layer.bias is not None:
             out[_file_key(path, "base_layer.bias")] = layer.bias
     for path, wrapper in saved_modules(root).items():
@@ -93,6 +99,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     targets = config.targets
     if targets is None or targets == "all-linear":  # PEFT writes the names it resolved; so do we
         targets = sorted({p.rsplit(".", 1)[-1] for p, layer in lora_layers(root).items() if name in layer.lora_A})
+    if config.init == "pissa":
+        config = _pissa_as_plain_lora(config)
     fan_in_fan_out = any(layer.kind == "conv1d" for layer in lora_layers(root).values() if name in layer.lora_A)
     data = to_peft_dict(replace(config, targets=targets, base_model_name_or_path=base, task_type=task),
                         fan_in_fan_out=fan_in_fan_out)
@@ -101,6 +109,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
     return out
+
+
+def _pissa_as_plain_lora(config: LoraConfig) -> LoraConfig:
+    # The file holds rank-2r factors (see adapter_state_dict); r and alpha change so that every scale stays the same.
+    alpha_factor = 2 ** 0.5 if config.use_rslora else 2
+    return replace(config, init="kaiming", r=2 * config.r, alpha=config.alpha * alpha_factor,
+                   rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+                   alpha_pattern={k: v * alpha_factor for k, v in config.alpha_pattern.items()},
+                   extra={**config.extra, "lorakit_converted_from": "pissa"})
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -158,6 +175,8 @@ def _expected_tensors(root: nn.Module, config: LoraConfig, plan: dict, saved: li
         else:
             expected[f"{path}.{key_a}"] = (r, d_in)
             expected[f"{path}.{key_b}"] = (d_out, r)
+        if config.use_dora:
+            expected[f"{path}.lora_magnitude_vector"] = (d_out,)
     for path in saved:
         module = root.get_submodule(path)
         module = module.original_module if isinstance(module, SavedModule) else module
@@ -173,6 +192,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     root = unwrap(model)
     check_new_name(root, name)
     config = read_adapter_config(path)
+    if config.init == "pissa":
+        raise ValueError(f"adapter {str(path)!r} is a PiSSA adapter saved without conversion: it only applies to the "
+                         f"residual model PEFT saved with it, not to the original base (save it with PEFT's "
+                         f"path_initial_model_for_weight_conversion, or with lorakit, which converts)")
     tensors = {_parse_file_key(k): v for k, v in read_adapter_tensors(path).items()}
     try:
         plan = plan_targets(root, config)
@@ -228,8 +251,8 @@ def _check_tensors(path, expected: dict, tensors: dict, biases: set, root: nn.Mo
 
 def _param_for_key(root: nn.Module, key: str, name: str) -> torch.Tensor:
     # Inverse of adapter_state_dict's naming, once the layers exist.
-    for suffix, attr in (("lora_A.weight", "lora_A"), ("lora_B.weight", "lora_B"),
-                         ("lora_embedding_A", "lora_A"), ("lora_embedding_B", "lora_B")):
+    for suffix, attr in (("lora_A.weight", "lora_A"), ("lora_B.weight", "lora_B"), ("lora_embedding_A", "lora_A"),
+                         ("lora_embedding_B", "lora_B"), ("lora_magnitude_vector", "lora_magnitude_vector")):
         if key.endswith("." + suffix):
             return getattr(root.get_submodule(key[: -len(suffix) - 1]), attr)[name]
     if key.endswith(".base_layer.bias"):

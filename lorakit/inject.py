@@ -171,7 +171,7 @@ def _add(root: nn.Module, config: LoraConfig, name: str, plan: dict, saved: list
         if not isinstance(layer, LoraLayer):
             layer = LoraLayer(layer)
             _replace(root, path, layer)
-        layer.add_adapter(name, r, scale, config.dropout, config.init)
+        layer.add_adapter(name, r, scale, config.dropout, config.init, config.use_dora)
     for path in saved:
         wrapper = root.get_submodule(path)
         if not isinstance(wrapper, SavedModule):
@@ -190,6 +190,8 @@ def _mark_trainable(root: nn.Module, name: str) -> None:
         if name in layer.lora_A:
             layer.lora_A[name].requires_grad_(True)
             layer.lora_B[name].requires_grad_(True)
+            if name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[name].requires_grad_(True)
             if bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     for wrapper in saved_modules(root).values():
@@ -245,6 +247,7 @@ def disable_adapters(model: nn.Module):
     for m in modules:
         m.disabled = True
         if isinstance(m, LoraLayer):
+            m.restore_pissa_base(+1)
             m._refresh()
     try:
         yield model
@@ -252,6 +255,7 @@ def disable_adapters(model: nn.Module):
         for m in modules:
             m.disabled = False
             if isinstance(m, LoraLayer):
+                m.restore_pissa_base(-1)
                 m._refresh()
         if was_merged:
             merge(root)
@@ -328,6 +332,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     else:
         unmerge(root)
     for path, layer in lora_layers(root).items():
+        for n in [n for n in layer.pissa_init if n not in layer.merged]:  # merged PiSSA already gives W0 + ΔW
+            layer._shift_weight(*layer.pissa_init[n], layer.scaling[n], +1.0)
         _replace(root, path, _restore_base(layer))
     for path, wrapper in saved_modules(root).items():
         keep = wrapper.current() if merge else wrapper.original_module

@@ -99,7 +99,12 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 class LoraLayer(nn.Module):
-    """A base layer with named LoRA adapters. See the module docstring for shapes and math."""
+    """A base layer with named LoRA adapters. See the module docstring for shapes and math.
+
+    Variants, per adapter: DoRA (`lora_magnitude_vector[name]`, a trainable norm per output) rescales each output
+    row of W + scale · B @ A to that magnitude; PiSSA starts A and B at W's top-r singular factors A0, B0 and keeps
+    the residual W − scale · B0 @ A0 as the frozen weight (A0, B0 are kept to undo that).
+    """
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -116,8 +121,11 @@ class LoraLayer(nn.Module):
         self.bias = getattr(base, "bias", None)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA adapters: (A0, B0)
+        self.dora_norm: dict[str, torch.Tensor] = {}  # DoRA adapters merged: the row norms used, to unmerge
         self.active: tuple[str, ...] = ()  # adapters applied in forward
         self.merged: list[str] = []  # adapters folded into weight
         self.disabled = False
@@ -129,8 +137,12 @@ class LoraLayer(nn.Module):
 
     # ---- adapters ----
 
-    def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
-        """Create lora_A[name] and lora_B[name] so that ΔW = 0 (unless init='random'), in fp32 unless the base is fp64."""
+    @torch.no_grad()
+    def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str, use_dora: bool = False) -> None:
+        """Create lora_A[name] and lora_B[name] so that the output is unchanged (unless init='random'); fp32
+        unless the base is fp64. init='pissa' also replaces W by its residual (see the class docstring)."""
+        if (use_dora or init == "pissa") and self.kind not in ("linear", "conv1d"):
+            raise ValueError(f"{'DoRA' if use_dora else 'PiSSA'} supports Linear and Conv1D layers, not {self.kind}")
         d_in, d_out = layer_dims(self)
         dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         kw = dict(device=self.weight.device, dtype=dtype)
@@ -143,6 +155,8 @@ class LoraLayer(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's own init, as in loralib and PEFT
         elif init == "gaussian":
             nn.init.normal_(a, std=1.0 / r)
+        elif init == "pissa":
+            a, b = _pissa_factors(self.dense_weight().to(dtype), r, scale)
         else:
             nn.init.zeros_(a)
         if init == "random":
@@ -151,13 +165,22 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(b)
         self.scaling[name] = scale
         self.dropout[name] = 0.0 if self.kind == "embedding" else float(dropout)  # no dropout on token ids
+        if init == "pissa":
+            self.pissa_init[name] = (a.clone(), b.clone())
+            self._shift_weight(a, b, scale, -1.0)  # the frozen weight becomes the residual
+        if use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self._row_norms(name).to(dtype))
         self._refresh()
 
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter `name`, unmerging it first if it is folded into the weight."""
+        """Remove adapter `name`, unmerging it first and, for PiSSA, restoring the original weight."""
         if name in self.merged:
             self.unmerge(name)
+        if name in self.pissa_init:
+            self._shift_weight(*self.pissa_init.pop(name), self.scaling[name], +1.0)
         del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active = tuple(a for a in self.active if a != name)
         self._refresh()
 
@@ -169,38 +192,72 @@ class LoraLayer(nn.Module):
     def _refresh(self) -> None:
         self._run = () if self.disabled else tuple(n for n in self.active if n not in self.merged)
 
-    # ---- merging ----
+    def restore_pissa_base(self, sign: float) -> None:
+        """Add (+1) or take out again (-1) the PiSSA starting factors, so that W is the original base weight."""
+        for name, (a0, b0) in self.pissa_init.items():
+            self._shift_weight(a0, b0, self.scaling[name], sign)
+
+    # ---- weights ----
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as (d_out, d_in) (a view for Conv1D and Embedding)."""
+        return self.weight.t() if self.kind in ("conv1d", "embedding") else self.weight
+
+    def _lowrank(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        # scale · B @ A, shaped like `weight`
+        if self.kind == "conv2d":
+            return (b.flatten(1) @ a.flatten(1)).reshape(self.weight.shape) * scale
+        delta = (b @ a) * scale  # (d_out, d_in)
+        return delta.t() if self.kind in ("conv1d", "embedding") else delta
+
+    @torch.no_grad()
+    def _shift_weight(self, a: torch.Tensor, b: torch.Tensor, scale: float, sign: float) -> None:
+        self.weight.add_(self._lowrank(a.to(self.weight.device), b.to(self.weight.device), scale * sign).to(self.weight.dtype))
+
+    def _row_norms(self, name: str) -> torch.Tensor:
+        # DoRA's ||W + scale · B @ A|| per output row (linear kinds only), without gradient: the paper treats
+        # the norm as a constant in backward.
+        with torch.no_grad():
+            lowrank = (self.lora_B[name] @ self.lora_A[name]).float() * self.scaling[name]
+            return (self.dense_weight().float() + lowrank).norm(dim=1)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """scale · B @ A, shaped and typed like `weight`."""
+        """What merging adds to `weight`, typed like it: scale · B @ A, or for DoRA the rescaled weight minus W."""
         a, b = self.lora_A[name].detach(), self.lora_B[name].detach()
-        if self.kind == "conv2d":
-            delta = (b.flatten(1) @ a.flatten(1)).reshape(self.weight.shape)
-        else:
-            delta = b @ a  # (d_out, d_in)
-            if self.kind in ("conv1d", "embedding"):
-                delta = delta.t()
-        return (delta * self.scaling[name]).to(self.weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return self._lowrank(a, b, self.scaling[name]).to(self.weight.dtype)
+        dense = self.dense_weight().float()
+        factor = (self.lora_magnitude_vector[name].detach().float() / self._row_norms(name)).unsqueeze(1)  # (d_out, 1)
+        delta = (dense + (b @ a).float() * self.scaling[name]) * factor - dense
+        return (delta.t() if self.kind == "conv1d" else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def merged_weight(self, name: str) -> torch.Tensor:
-        """W + scale · B @ A, as a new tensor."""
+        """W after merging adapter `name`, as a new tensor."""
         return self.weight + self.delta_weight(name)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """W ← W + scale · B @ A (idempotent)."""
+        """W ← W + scale · B @ A (DoRA: W ← m / ||W + scale · B @ A|| · (W + scale · B @ A)); idempotent."""
         if name not in self.merged:
+            if name in self.lora_magnitude_vector:
+                self.dora_norm[name] = self._row_norms(name)
             self.weight.copy_(self.merged_weight(name))
             self.merged.append(name)
             self._refresh()
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        """W ← W − scale · B @ A."""
+        """Undo merge(name)."""
         if name not in self.merged:
             return
-        self.weight.sub_(self.delta_weight(name))
+        if name in self.lora_magnitude_vector:
+            factor = (self.lora_magnitude_vector[name] / self.dora_norm.pop(name)).unsqueeze(1)
+            dense = self.dense_weight()
+            dense.copy_((dense.float() / factor).to(dense.dtype))
+            self._shift_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], -1.0)
+        else:
+            self.weight.sub_(self.delta_weight(name))
         self.merged.remove(name)
         self._refresh()
 
@@ -209,10 +266,10 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self._run
         if self.kind in ("linear", "conv1d"):
-            weight = self.weight.t() if self.kind == "conv1d" else self.weight  # (d_out, d_in) view, no copy
+            weight = self.dense_weight()  # (d_out, d_in) view, no copy
             if not run:
                 return F.linear(x, weight, self.bias)
-            if len(run) == 1:
+            if len(run) == 1 and run[0] not in self.lora_magnitude_vector:
                 return _lora_linear(x, weight, self.bias, self.lora_A[run[0]], self.lora_B[run[0]],
                                     self.scaling[run[0]], self.dropout[run[0]] if self.training else 0.0)
             y = F.linear(x, weight, self.bias)
@@ -220,9 +277,10 @@ class LoraLayer(nn.Module):
             y = self.base_layer(x)
             if not run:
                 return y
+        out = y
         for name in run:
-            y = y + self._lora_branch(name, x)
-        return y
+            out = out + (self._dora_branch(name, x, y) if name in self.lora_magnitude_vector else self._lora_branch(name, x))
+        return out
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
@@ -237,6 +295,30 @@ class LoraLayer(nn.Module):
             h = F.conv2d(xd, a.to(xd.dtype), None, base.stride, base.padding, base.dilation)
             return F.conv2d(h, b.to(h.dtype)) * scale
         return F.linear(F.linear(xd, a.to(xd.dtype)), b.to(xd.dtype)) * scale
+
+    def _dora_branch(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # DoRA (Liu et al., 2024), as PEFT computes it: with s = m / ||W + scale·BA|| per output (norm detached),
+        # the output is s ⊙ (x Wᵀ + scale · x Aᵀ Bᵀ) + bias = y + (s − 1) ⊙ x Wᵀ + s ⊙ scale · x Aᵀ Bᵀ.
+        a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        p = self.dropout[name] if self.training else 0.0
+        weight = self.dense_weight()
+        if p > 0:
+            x = F.dropout(x, p, training=True)
+            base = F.linear(x, weight)
+        else:
+            base = y if self.bias is None else y - self.bias
+        lora = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        norm = (weight + (b @ a).to(weight.dtype) * scale).norm(dim=1).detach()
+        s = (self.lora_magnitude_vector[name] / norm).to(y.dtype)
+        return (s - 1) * base + s * lora * scale
+
+
+def _pissa_factors(weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # PiSSA (Meng et al., 2024): W ≈ U_r S_r V_rᵀ; with scale folded out, B0 = U_r √(S_r/scale), A0 = √(S_r/scale) V_rᵀ,
+    # so that scale · B0 @ A0 is W's best rank-r approximation.
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = (s[:r] / scale).sqrt()
+    return (root.unsqueeze(1) * vh[:r]).contiguous(), (u[:, :r] * root).contiguous()
 
 
 def _lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p):
