@@ -206,12 +206,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     biases = {k for k in tensors if k.endswith("bias") and k not in expected}
     _check_tensors(path, expected, tensors, biases, root)
     first = not configs(root)
+    overwritten = []  # trained biases are base parameters: keep their old values to undo a failed load
     try:
         _add(root, replace(config, init="zeros"), name, plan, saved)
         with torch.no_grad():
             for key, value in tensors.items():
-                _param_for_key(root, key, name).copy_(value)
+                target = _param_for_key(root, key, name)
+                if key in biases:
+                    overwritten.append((target, target.detach().clone()))
+                target.copy_(value)
     except BaseException:
+        with torch.no_grad():
+            for target, old in overwritten:
+                target.copy_(old)
         if name in configs(root):
             delete_adapter(root, name)
         raise

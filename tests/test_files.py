@@ -256,3 +256,25 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         lorakit.save_adapter(model, out)
     assert (out / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_failed_load_restores_overwritten_biases(tmp_path, monkeypatch):
+    model = _target()
+    adapter = lorakit.inject(minilm_classifier(), lorakit.LoraConfig(r=2, targets=["query"], bias="all"))
+    _randomize(adapter)
+    lorakit.save_adapter(adapter, tmp_path / "bert")
+    snap = _snapshot(model)
+    real = lorakit.files._param_for_key
+    seen = {"bias": 0}
+
+    def fail_after_biases(root, key, name):
+        if key.endswith("bias"):
+            seen["bias"] += 1
+        elif seen["bias"] > 3:
+            raise RuntimeError("interrupted")
+        return real(root, key, name)
+
+    monkeypatch.setattr(lorakit.files, "_param_for_key", fail_after_biases)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        lorakit.load_adapter(model, tmp_path / "bert")
+    assert seen["bias"] > 3 and _unchanged(model, snap)
