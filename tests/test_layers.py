@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
+import lorakit.layers
 from lorakit.layers import LoraLayer, LoraLinearFunction
 
 
@@ -84,15 +85,14 @@ def test_delta_weight_formula_linear_and_conv1d():
         assert torch.allclose(layer.delta_weight("x"), expected if kind == "linear" else expected.t())
 
 
-def _reference(x, w, bias, a, b, scale, p, seed):
-    torch.manual_seed(seed)
-    xd = F.dropout(x, p, training=True) if p > 0 else x
+def _reference(x, w, bias, a, b, scale, mask, keep_scale):
+    xd = x if mask is None else x * mask * keep_scale
     return F.linear(x, w, bias) + scale * F.linear(F.linear(xd, a), b)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fused_function_matches_autograd(p, with_bias):
+def test_fused_function_matches_autograd(p, with_bias, monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     w = torch.randn(10, 12, dtype=torch.float64)
@@ -100,14 +100,44 @@ def test_fused_function_matches_autograd(p, with_bias):
     a = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     b = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
     gout = torch.randn(2, 5, 10, dtype=torch.float64)
-    ref = _reference(x, w, bias, a, b, 0.7, p, seed=3)
+    mask = torch.rand(10, 12) > p if p > 0 else None
+    monkeypatch.setattr(lorakit.layers, "keep_mask", lambda x2, p: (mask, 1 / (1 - p)))
+    ref = _reference(x, w, bias, a, b, 0.7, None if mask is None else mask.view(2, 5, 12), 1 / (1 - p))
     ref_grads = torch.autograd.grad(ref, (x, a, b), gout)
-    torch.manual_seed(3)
     out = LoraLinearFunction.apply(x, w, bias, a, b, 0.7, p)
     grads = torch.autograd.grad(out, (x, a, b), gout)
     assert torch.allclose(out, ref)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_mask_statistics(p):
+    x = torch.empty(400, 1000)
+    mask, scale = lorakit.layers.keep_mask(x, p)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.003
+    assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
+    other, _ = lorakit.layers.keep_mask(x, p)
+    assert (mask != other).any()  # fresh randomness on every call
+    rows = mask.float().mean(1)
+    assert rows.std() < 0.03  # no structure along rows
+
+
+def test_dropout_is_applied_in_training_only():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(64, 64))
+    lorakit.inject(layer, lorakit.LoraConfig(r=4, targets=["0"], dropout=0.5, init="random"))
+    x = torch.randn(16, 64)
+    layer.eval()
+    expected = layer(x)
+    assert torch.equal(layer(x), expected)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+    with torch.no_grad():
+        runs = torch.stack([layer(x) for _ in range(400)]).mean(0)
+    lora_term = (expected - layer[0].base_layer(x)).abs().mean()
+    assert (runs - expected).abs().mean() < 0.1 * lora_term  # unbiased: a missing 1/(1-p) rescale would be off by ~0.5
 
 
 def test_fused_function_gradcheck_including_weight_and_bias():
