@@ -85,6 +85,8 @@ class LoraConfig:
         _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         _check(self.init in INIT_MODES, f"init must be one of {INIT_MODES}, got {self.init!r}")
         _check(self.quantize in QUANTIZE_MODES, f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        _check(not (self.quantize and self.init == "pissa"), "PiSSA on a quantized base is not supported: PiSSA "
+               "rewrites the base weight as a residual, which a quantized weight cannot hold exactly")
         for name in ("targets", "exclude"):
             value = getattr(self, name)
             ok = value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, str) and t for t in value))

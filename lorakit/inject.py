@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import logging
 import warnings
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 
 from .config import DEFAULT_TARGETS, LoraConfig, layer_index_ok, name_matches
 from .layers import LoraLayer, SavedModule, layer_dims, layer_kind
+
+log = logging.getLogger("lorakit")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,6 +174,8 @@ def _add(root: nn.Module, config: LoraConfig, name: str, plan: dict, saved: list
         if not isinstance(layer, LoraLayer):
             layer = LoraLayer(layer)
             _replace(root, path, layer)
+        if config.quantize == "nf4":
+            layer.quantize_base()
         layer.add_adapter(name, r, scale, config.dropout, config.init, config.use_dora)
     for path in saved:
         wrapper = root.get_submodule(path)
@@ -282,8 +287,12 @@ def _merge_active(model: nn.Module) -> None:
                              f"(tied weights), which would change too; keep it unmerged")
         if not torch.isfinite(layer.merged_weight(name)).all():
             raise ValueError(f"merging adapter {name!r} into {path!r} gives non-finite weights; the adapter is broken")
-    for _, layer, name in pending:
-        layer.merge(name)
+    for path, layer, name in pending:
+        quantized = layer.weight_nf4 is not None
+        error = layer.merge(name)
+        if quantized:
+            log.info("merged adapter %r into NF4 layer %r: dequantized to %s; max |merged W - (dequantized W + "
+                     "scale·BA)| = %.3g", name, path, layer.weight.dtype, error)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -315,6 +324,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def _restore_base(layer: LoraLayer) -> nn.Module:
+    layer.dequantize_base()  # a plain layer needs a plain weight
     base = layer.base_layer
     base.weight = layer.weight  # the same Parameter, unless someone re-assigned it on the LoRA layer
     if layer.bias is not None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import dequantize_nf4, nf4_linear, quantize_nf4
+
 try:  # GPT-2 style layers store W as (d_in, d_out); optional so that lorakit works without transformers
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -40,6 +42,9 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a supported layer: the sizes A and B map between."""
+    if isinstance(module, LoraLayer) and module.weight_nf4 is not None:
+        d_out, d_in = module.weight_nf4.shape
+        return d_in, d_out
     kind, w = layer_kind(module), module.weight
     if kind == "conv1d":
         return w.shape[0], w.shape[1]
@@ -130,6 +135,7 @@ class LoraLayer(nn.Module):
         self.kind = kind
         self.weight = base.weight
         self.bias = getattr(base, "bias", None)
+        self.weight_nf4 = None  # QLoRA: the frozen weight as 4-bit NormalFloat codes (weight is None then)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
@@ -144,7 +150,8 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
-        return f"kind={self.kind}, weight={tuple(self.weight.shape)}, ranks={ranks}, active={self.active}, merged={self.merged}"
+        weight = f"nf4{tuple(self.weight_nf4.shape)}" if self.weight_nf4 is not None else tuple(self.weight.shape)
+        return f"kind={self.kind}, weight={weight}, ranks={ranks}, active={self.active}, merged={self.merged}"
 
     # ---- adapters ----
 
@@ -155,8 +162,9 @@ class LoraLayer(nn.Module):
         if (use_dora or init == "pissa") and self.kind not in ("linear", "conv1d"):
             raise ValueError(f"{'DoRA' if use_dora else 'PiSSA'} supports Linear and Conv1D layers, not {self.kind}")
         d_in, d_out = layer_dims(self)
-        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        kw = dict(device=self.weight.device, dtype=dtype)
+        reference = self.bias if self.weight is None and self.bias is not None else self.dense_weight()
+        dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+        kw = dict(device=reference.device, dtype=dtype)
         if self.kind == "conv2d":
             a = torch.empty(r, *self.weight.shape[1:], **kw)
             b = torch.zeros(d_out, r, 1, 1, **kw)
@@ -211,8 +219,31 @@ class LoraLayer(nn.Module):
     # ---- weights ----
 
     def dense_weight(self) -> torch.Tensor:
-        """The base weight as (d_out, d_in) (a view for Conv1D and Embedding)."""
+        """The base weight as (d_out, d_in) (a view for Conv1D and Embedding; dequantized for NF4)."""
+        if self.weight_nf4 is not None:
+            return dequantize_nf4(self.weight_nf4)
         return self.weight.t() if self.kind in ("conv1d", "embedding") else self.weight
+
+    @torch.no_grad()
+    def quantize_base(self) -> None:
+        """QLoRA: replace the frozen weight by NF4 codes (about 0.13× its fp32 size); forward dequantizes on the fly."""
+        if self.kind not in ("linear", "conv1d"):
+            raise ValueError(f"NF4 quantization supports Linear and Conv1D layers, not {self.kind}")
+        if self.merged or self.pissa_init:
+            raise ValueError("cannot quantize a layer with merged or PiSSA adapters: its weight is not the base weight")
+        if self.weight_nf4 is None:
+            self.weight_nf4 = quantize_nf4(self.dense_weight().detach())
+            self.weight = None
+            self.base_layer.weight = None  # drop the full-precision copy for real
+
+    @torch.no_grad()
+    def dequantize_base(self) -> None:
+        """Back to a full-precision frozen weight holding the dequantized NF4 values (merging needs one)."""
+        if self.weight_nf4 is not None:
+            w = dequantize_nf4(self.weight_nf4)
+            self.weight = nn.Parameter(w.t().contiguous() if self.kind == "conv1d" else w, requires_grad=False)
+            self.base_layer.weight = self.weight
+            self.weight_nf4 = None
 
     def _lowrank(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         # scale · B @ A, shaped like `weight`
@@ -232,30 +263,44 @@ class LoraLayer(nn.Module):
             lowrank = (self.lora_B[name] @ self.lora_A[name]).float() * self.scaling[name]
             return (self.dense_weight().float() + lowrank).norm(dim=1)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """What merging adds to `weight`, typed like it: scale · B @ A, or for DoRA the rescaled weight minus W."""
+    def _stored_weight(self) -> torch.Tensor:
+        # W in its stored layout ((d_in, d_out) for Conv1D), dequantized for NF4
+        if self.weight_nf4 is None:
+            return self.weight
+        return self.dense_weight().t() if self.kind == "conv1d" else self.dense_weight()
+
+    def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """What merging adds to the stored weight: scale · B @ A, or for DoRA the rescaled weight minus W.
+        In W's dtype unless `dtype` is given."""
         a, b = self.lora_A[name].detach(), self.lora_B[name].detach()
+        dtype = dtype or self._stored_weight().dtype
         if name not in self.lora_magnitude_vector:
-            return self._lowrank(a, b, self.scaling[name]).to(self.weight.dtype)
+            return self._lowrank(a, b, self.scaling[name]).to(dtype)
         dense = self.dense_weight().float()
         factor = (self.lora_magnitude_vector[name].detach().float() / self._row_norms(name)).unsqueeze(1)  # (d_out, 1)
         delta = (dense + (b @ a).float() * self.scaling[name]) * factor - dense
-        return (delta.t() if self.kind == "conv1d" else delta).to(self.weight.dtype)
+        return (delta.t() if self.kind == "conv1d" else delta).to(dtype)
 
     @torch.no_grad()
     def merged_weight(self, name: str) -> torch.Tensor:
-        """W after merging adapter `name`, as a new tensor."""
-        return self.weight + self.delta_weight(name)
+        """The stored weight after merging adapter `name`, as a new fp32 tensor."""
+        return self._stored_weight().float() + self.delta_weight(name, torch.float32)
 
     @torch.no_grad()
-    def merge(self, name: str) -> None:
-        """W ← W + scale · B @ A (DoRA: W ← m / ||W + scale · B @ A|| · (W + scale · B @ A)); idempotent."""
-        if name not in self.merged:
-            if name in self.lora_magnitude_vector:
-                self.dora_norm[name] = self._row_norms(name)
-            self.weight.copy_(self.merged_weight(name))
-            self.merged.append(name)
-            self._refresh()
+    def merge(self, name: str) -> float:
+        """W ← W + scale · B @ A (DoRA: W ← m / ||W + scale · B @ A|| · (W + scale · B @ A)); idempotent.
+        An NF4 weight is dequantized first. Returns the largest |merged W − (W + ΔW in fp32)|: the rounding cost
+        of holding the merge in W's dtype."""
+        if name in self.merged:
+            return 0.0
+        self.dequantize_base()
+        if name in self.lora_magnitude_vector:
+            self.dora_norm[name] = self._row_norms(name)
+        exact = self.merged_weight(name)
+        self.weight.copy_(exact)
+        self.merged.append(name)
+        self._refresh()
+        return (self.weight.float() - exact).abs().max().item()
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
@@ -276,7 +321,11 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self._run
-        if self.kind in ("linear", "conv1d"):
+        if self.weight_nf4 is not None:
+            y = nf4_linear(x, self.weight_nf4, self.bias)
+            if not run:
+                return y
+        elif self.kind in ("linear", "conv1d"):
             weight = self.dense_weight()  # (d_out, d_in) view, no copy
             if not run:
                 return F.linear(x, weight, self.bias)
