@@ -1,0 +1,257 @@
+"""The `lorakit` command line: train, eval, predict, merge, info."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import data as D
+from . import train as T
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LoRA fine-tuning of Hugging Face models. Run `lorakit train` with no options for a short demo.")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn the library's user-facing errors into a clean message and a non-zero exit, with no traceback."""
+    try:
+        yield
+    except T.Interrupted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(130)
+    except (T.ConfigError, D.DataError, T.TrainingError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (keys as the flags below, "
+                                          "dashes or underscores); flags given on the command line win."),
+    model: Optional[str] = typer.Option(None, help="Hugging Face model id or local directory "
+                                        "(default: the packaged sentence-transformers/all-MiniLM-L6-v2)"),
+    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: classify)"),
+    data: Optional[str] = typer.Option(None, help="Training data: .csv, .tsv, .jsonl or .parquet file, or a Hugging "
+                                       "Face dataset name (name or name:split). None: the shipped news demo."),
+    eval_data: Optional[str] = typer.Option(None, help="Evaluation data, same formats."),
+    text_column: Optional[str] = typer.Option(None, help="Text column(s), comma-separated, joined with a space "
+                                              "(default: text)"),
+    eval_text_column: Optional[str] = typer.Option(None, help="Text column(s) of the eval data if they differ."),
+    label_column: Optional[str] = typer.Option(None, help="Label column: integer ids or names (default: label)"),
+    prompt_column: Optional[str] = typer.Option(None, help="causal-lm: prompt column; the loss then covers only "
+                                                "the text column (the completion)."),
+    r: Optional[int] = typer.Option(None, "--r", help="LoRA rank (default: 8)"),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha; scale = alpha / r (default: 16)"),
+    dropout: Optional[float] = typer.Option(None, help="Dropout on the LoRA branch (default: 0.05)"),
+    targets: Optional[str] = typer.Option(None, help="Modules to adapt, comma-separated names or suffixes, or "
+                                          "all-linear (default: per architecture, e.g. query,value for BERT)"),
+    rslora: bool = typer.Option(False, "--rslora", help="rsLoRA: scale alpha/sqrt(r) instead of alpha/r."),
+    dora: bool = typer.Option(False, "--dora", help="DoRA: weight-decomposed LoRA (trainable magnitude per output)."),
+    quantize: Optional[str] = typer.Option(None, help="nf4: QLoRA, the targeted layers' frozen weights in 4-bit "
+                                           "NormalFloat (default: none)"),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the training data (default: 3)"),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps; wins over --epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per step per process (default: 16)"),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default: 1)"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 1e-3)"),
+    warmup: Optional[float] = typer.Option(None, help="Warm-up: a fraction of the steps if < 1, else a number of "
+                                           "steps (default: 0.06)"),
+    scheduler: Optional[str] = typer.Option(None, help="linear | cosine | constant (default: linear)"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default: 0)"),
+    lr_ratio: Optional[float] = typer.Option(None, help="LoRA+: B learns lr_ratio times faster than A (default: 1; "
+                                             "the paper uses 16)"),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm, 0 for none (default: 1)"),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per example, longer ones truncated (default: 128)"),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default: 0)"),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (default: 5 times per run)"),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default: 100)"),
+    log_every: Optional[int] = typer.Option(None, help="Write log.jsonl every N steps (default: 5)"),
+    output: Optional[str] = typer.Option(None, help="Run directory (default: a new runs/<timestamp>)"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output."),
+    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 (autocast) (default: fp32)"),
+):
+    """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
+    flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}
+    flags = {{"rslora": "use_rslora", "dora": "use_dora"}.get(k, k): v for k, v in flags.items()}
+    with user_errors():
+        values = T.read_config_file(config) if config else {}
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        values.update(flags)
+        base = None
+        if values.get("resume"):
+            if not values.get("output"):
+                raise T.ConfigError("--resume needs --output DIR (the run to continue)")
+            saved = Path(values["output"]) / T.CONFIG_FILE
+            base = T.config_from(T.read_config_file(saved)) if saved.is_file() else None
+        if base is None and values.get("data") is None:
+            base = T.demo_config()
+            typer.echo("No --data: demo run, fine-tuning all-MiniLM-L6-v2 on lorakit's shipped news headlines.")
+        cfg = T.config_from(values, base)
+        T.train(cfg, echo=typer.echo)
+
+
+@app.command("eval")
+def evaluate(
+    data: str = typer.Option(..., help="Evaluation data file (or Hugging Face dataset name)."),
+    model: Optional[str] = typer.Option(None, help="Base model or merged export (default: the adapter's base model)"),
+    adapter: Optional[str] = typer.Option(None, help="Adapter directory (a run directory of lorakit train). "
+                                          "None: the model as it is."),
+    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapter or model)"),
+    text_column: str = typer.Option("text", help="Text column(s), comma-separated."),
+    label_column: str = typer.Option("label", help="Label column (classify)."),
+    prompt_column: Optional[str] = typer.Option(None, help="Prompt column (causal-lm: loss on the completion only)."),
+    max_length: int = typer.Option(128, help="Tokens per example."),
+    batch_size: int = typer.Option(32, help="Examples per forward pass."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Accuracy and macro-F1 (classify) or loss and perplexity (causal-lm) of a model, with or without an adapter."""
+    with user_errors():
+        df = D.read_table(data)
+        cols = D.split_columns(text_column)
+        net, tokenizer, task, labels = T.load_trained(model, adapter, task, labels=_data_labels(df, label_column, task))
+        cfg = T.TrainConfig(task=task, label_column=label_column, prompt_column=prompt_column, max_length=max_length)
+        D.check_columns(df, cols + ([label_column] if task == "classify" else [prompt_column] if prompt_column else []),
+                        data)
+        rows = T.examples(df, cols, cfg, tokenizer, labels, data)
+        result = T.evaluate(net, rows, D.collator(tokenizer, task), task, batch_size, precision)
+        result["examples"] = len(rows)
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            for key, value in result.items():
+                typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _data_labels(df, label_column: str, task: str | None) -> list[str] | None:
+    # Labels for a model that has none saved (the base model): the eval data's own, sorted.
+    if task == "causal-lm" or label_column not in df.columns:
+        return None
+    return D.label_names(df[label_column], "data")
+
+
+@app.command()
+def predict(
+    text: Optional[list[str]] = typer.Argument(None, help="Text(s) to classify, or prompts to continue."),
+    model: Optional[str] = typer.Option(None, help="Base model or merged export (default: the adapter's base model)"),
+    adapter: Optional[str] = typer.Option(None, help="Adapter directory."),
+    data: Optional[str] = typer.Option(None, help="A file of texts instead of arguments."),
+    text_column: str = typer.Option("text", help="Text column(s) of --data."),
+    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapter or model)"),
+    max_length: int = typer.Option(128, help="Tokens per input (classify)."),
+    max_new_tokens: int = typer.Option(40, help="Tokens to generate (causal-lm)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line."),
+):
+    """Labels with probabilities (classify) or a greedy generation (causal-lm) for each text."""
+    import torch
+
+    with user_errors():
+        texts = list(text or [])
+        if data:
+            df = D.read_table(data)
+            D.check_columns(df, D.split_columns(text_column), data)
+            texts += D.texts(df, D.split_columns(text_column))
+        if not texts:
+            raise T.ConfigError("nothing to predict: give texts as arguments or --data FILE")
+        net, tokenizer, task, labels = T.load_trained(model, adapter, task)
+        for item in texts:
+            with torch.no_grad():
+                if task == "classify":
+                    enc = tokenizer(item, truncation=True, max_length=max_length, return_tensors="pt")
+                    probs = net(**enc).logits.float().softmax(-1)[0].tolist()
+                    ranked = sorted(zip(labels, probs), key=lambda lp: -lp[1])
+                    result = {"text": item, "label": ranked[0][0], "probabilities": dict(ranked)}
+                    line = f"{ranked[0][0]}\t" + "  ".join(f"{n} {p:.3f}" for n, p in ranked) + f"\t{item}"
+                else:
+                    enc = tokenizer(item, return_tensors="pt")
+                    ids = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
+                    generated = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                    result = {"text": item, "generation": generated}
+                    line = f"{item}{generated}"
+            typer.echo(json.dumps(result) if as_json else line)
+
+
+@app.command()
+def merge(
+    adapter: str = typer.Option(..., help="Adapter directory."),
+    output: str = typer.Option(..., help="Directory for the merged model (Hugging Face format)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base model)"),
+    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapter)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+):
+    """Fold the adapter into the base weights and save a plain Hugging Face model (loads with from_pretrained)."""
+    from .inject import unload
+
+    with user_errors():
+        out = Path(output)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise T.ConfigError(f"--output {out} is not empty; pass --overwrite to replace it")
+        net, tokenizer, task, labels = T.load_trained(model, adapter, task)
+        unload(net, merge=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            net.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if labels:
+                T.write_json(tmp / T.LABELS_FILE, labels)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        typer.echo(f"merged model written to {out} ({task}); load it with transformers' from_pretrained")
+
+
+@app.command()
+def info(
+    directory: str = typer.Argument(..., help="Adapter or run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Rank, alpha, targets, trainable parameters, file size, base model, task and labels of an adapter."""
+    from safetensors import safe_open
+
+    from .files import WEIGHTS_NAME, read_adapter_config
+
+    with user_errors():
+        cfg = read_adapter_config(directory)
+        weights = Path(directory) / WEIGHTS_NAME
+        with safe_open(weights, framework="pt") as f:
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        result = {"r": cfg.r, "alpha": cfg.alpha, "targets": cfg.targets, "modules_to_save": cfg.modules_to_save,
+                  "trainable_params": params, "file_bytes": weights.stat().st_size,
+                  "base_model": cfg.base_model_name_or_path, "task": cfg.task_type, "labels": D.load_labels(directory)}
+        metrics = Path(directory) / T.METRICS_FILE
+        if metrics.is_file():
+            m = json.loads(metrics.read_text())
+            result.update({"total_params": m.get("total_params"), "eval": m.get("eval")})
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        for key, value in result.items():
+            if value is not None:
+                typer.echo(f"{key + ':':<18}{_human(key, value)}")
+
+
+def _human(key: str, value) -> str:
+    if key == "file_bytes":
+        return f"{value:,} bytes ({value / 1024:.1f} KiB)"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)

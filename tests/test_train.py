@@ -1,0 +1,258 @@
+"""`lorakit.train`: the run directory, causal LM, resume (after Ctrl-C and after SIGKILL), NaN stop, refusals of bad
+input before training, gradient accumulation, torchrun/DDP, and training under transformers.Trainer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import topic_table
+from lorakit import data as D
+from lorakit import train as T
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cfg(model, data, out, **kw) -> T.TrainConfig:
+    """Small, fast settings for tests."""
+    base = dict(model=str(model), data=str(data), output=None if out is None else str(out), batch_size=8,
+                max_length=16, lr=5e-3, dropout=0.0, max_steps=6, save_every=2, log_every=1, eval_every=3)
+    return T.TrainConfig(**{**base, **kw})
+
+
+def adapter(out) -> dict:
+    return load_file(Path(out) / "adapter_model.safetensors")
+
+
+def assert_same(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=k)
+
+
+def test_classify_run_directory(bert_dir, topics_csv, tmp_path):
+    out = tmp_path / "run"
+    metrics = T.train(run_cfg(bert_dir, topics_csv, out, eval_data=str(topics_csv)), progress=False)
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "train_config.yaml", "metrics.json",
+            "log.jsonl", "training.png"} <= files
+    assert "checkpoints" not in files and not any(f.endswith(".tmp") for f in files)
+    assert json.loads((out / "labels.json").read_text()) == ["Business", "Sports", "World"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["query", "value"] and config["modules_to_save"] == ["classifier"]
+    assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == str(bert_dir)
+    assert any(k.endswith("classifier.weight") for k in adapter(out))
+    log = T.read_log(out / "log.jsonl")
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "loss", "lr", "tokens_per_s", "epoch"} <= steps[0].keys()
+    assert [r["step"] for r in log if "eval" in r] == [0, 3, 6]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert {"accuracy", "macro_f1", "loss"} <= saved["eval"].keys() and saved["eval_before"]
+    assert 0 < saved["trainable_params"] < saved["total_params"] and saved["seconds"] > 0
+    assert saved["peak_memory_mb"] > 0 and saved["adapter_bytes"] > 0
+    assert (out / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_minilm_learns_the_topics(tmp_path):
+    table = topic_table(30, seed=1)
+    table.iloc[:60].to_csv(tmp_path / "train.csv", index=False)
+    table.iloc[60:].to_csv(tmp_path / "eval.csv", index=False)
+    metrics = T.train(run_cfg(T.PACKAGED_MODEL, tmp_path / "train.csv", tmp_path / "run", lr=3e-3, batch_size=12,
+                              eval_data=str(tmp_path / "eval.csv"), max_steps=10, eval_every=100), progress=False)
+    assert metrics["eval"]["accuracy"] >= 0.9 > metrics["eval_before"]["accuracy"]
+
+
+@pytest.mark.parametrize("model_fixture", ["gpt2_dir", "llama_dir"])
+def test_causal_lm_prompt_completion(model_fixture, qa_jsonl, tmp_path, request):
+    model = request.getfixturevalue(model_fixture)
+    out = tmp_path / "run"
+    metrics = T.train(run_cfg(model, qa_jsonl, out, task="causal-lm", text_column="completion", prompt_column="prompt",
+                              eval_data=str(qa_jsonl), max_length=32, lr=2e-2, max_steps=8, eval_every=8),
+                      progress=False)
+    assert metrics["eval"]["loss"] < metrics["eval_before"]["loss"]
+    assert metrics["eval"]["perplexity"] > 1
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and not (out / "labels.json").exists()
+
+
+def test_causal_lm_plain_text(gpt2_dir, topics_csv, tmp_path):
+    metrics = T.train(run_cfg(gpt2_dir, topics_csv, tmp_path / "run", task="causal-lm", max_steps=2), progress=False)
+    assert metrics["steps"] == 2 and metrics["eval"] is None
+
+
+def test_bf16_autocast_trains(bert_dir, topics_csv, tmp_path):
+    metrics = T.train(run_cfg(bert_dir, topics_csv, tmp_path / "run", precision="bf16", max_steps=2), progress=False)
+    assert metrics["steps"] == 2 and all(torch.isfinite(t).all() for t in adapter(tmp_path / "run").values())
+
+
+def test_grad_accum_matches_the_bigger_batch(bert_dir, topics_csv, tmp_path):
+    T.train(run_cfg(bert_dir, topics_csv, tmp_path / "a", batch_size=4, grad_accum=2, max_steps=3), progress=False)
+    T.train(run_cfg(bert_dir, topics_csv, tmp_path / "b", batch_size=8, max_steps=3), progress=False)
+    assert_same(adapter(tmp_path / "a"), adapter(tmp_path / "b"), atol=1e-5)
+
+
+# ---- resume ----
+
+@pytest.fixture(scope="module")
+def uninterrupted(bert_dir, topics_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    T.train(run_cfg(bert_dir, topics_csv, out, dropout=0.1, max_steps=8), progress=False)
+    return adapter(out)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_ends_identical(bert_dir, topics_csv, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    cfg = run_cfg(bert_dir, topics_csv, out, dropout=0.1, max_steps=8)
+
+    def ctrl_c(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(T.Interrupted, match="interrupted at step 3 of 8"):
+        T.train(cfg, on_step=ctrl_c, progress=False)
+    assert T.latest_checkpoint(out).name == "step-3" and not (out / "adapter_model.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    T.train(T.TrainConfig(**{**cfg.__dict__, "resume": True}), progress=False)
+    assert_same(adapter(out), uninterrupted)
+    assert [r["step"] for r in T.read_log(out / "log.jsonl") if "loss" in r] == list(range(1, 9))
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from lorakit import train as T
+cfg = T.TrainConfig(**{cfg})
+def hold(step, record):
+    if step == 5:  # after the checkpoint of step 4: the test kills us here, mid-run
+        Path(sys.argv[1]).write_text("5")
+        time.sleep(600)
+T.train(cfg, on_step=hold, progress=False)
+"""
+
+
+def test_sigkill_mid_training_then_resume_ends_identical(bert_dir, topics_csv, tmp_path, uninterrupted):
+    out, marker = tmp_path / "run", tmp_path / "at-step-5"
+    cfg = run_cfg(bert_dir, topics_csv, out, dropout=0.1, max_steps=8)
+    script = KILLED_RUN.replace("{cfg}", repr(cfg.__dict__))
+    child = subprocess.Popen([sys.executable, "-c", script, str(marker)], cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the training child did not reach step 5"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert T.latest_checkpoint(out).name == "step-4"
+    T.train(T.TrainConfig(**{**cfg.__dict__, "resume": True}), progress=False)
+    assert_same(adapter(out), uninterrupted)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(bert_dir, topics_csv, tmp_path, monkeypatch):
+    from lorakit.inject import inject, saved_modules
+
+    out, injected = tmp_path / "run", []
+    monkeypatch.setattr(T, "inject", lambda model, cfg: injected.append(model) or inject(model, cfg))
+
+    def poison(step, record):
+        if step == 3:  # the trainable head copy turns NaN, so step 4's loss is NaN
+            head = next(iter(saved_modules(injected[0]).values()))
+            head.modules_to_save["default"].weight.data.fill_(float("nan"))
+
+    with pytest.raises(T.TrainingError, match=r"loss is nan at step 4.*last good checkpoint is .*step-2"):
+        T.train(run_cfg(bert_dir, topics_csv, out), on_step=poison, progress=False)
+    assert T.latest_checkpoint(out).name == "step-2"
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+# ---- refusals before training ----
+
+def refused(cfg, match):
+    with pytest.raises((T.ConfigError, D.DataError), match=match):
+        T.train(cfg, progress=False)
+
+
+def test_bad_input_is_refused_before_training(bert_dir, topics_csv, tmp_path):
+    out = tmp_path / "run"
+    refused(run_cfg(bert_dir, tmp_path / "missing.csv", out), "data file not found")
+    refused(run_cfg(bert_dir, topics_csv, out, text_column="headline"),
+            r"no column 'headline'; columns found: text, label")
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    refused(run_cfg(bert_dir, tmp_path / "empty.csv", out), "has no rows")
+    odd = topic_table(2)
+    odd.loc[0, "label"] = "Weather"
+    odd.to_csv(tmp_path / "odd.csv", index=False)
+    refused(run_cfg(bert_dir, topics_csv, out, eval_data=str(tmp_path / "odd.csv")),
+            r"labels \['Weather'\] are not in the training label map")
+    (tmp_path / "not-a-model").mkdir()
+    refused(run_cfg(tmp_path / "not-a-model", topics_csv, out), "not a Hugging Face model directory")
+    refused(run_cfg(bert_dir, topics_csv, out, targets="qurey"), r"--targets: .*match no module.*query")
+    refused(run_cfg(bert_dir, topics_csv, out, resume=True), "no checkpoint")
+    refused(run_cfg(bert_dir, topics_csv, out, lr=-1.0), "lr must be > 0")
+    assert not out.exists(), "a refused run must write nothing"
+
+
+def test_output_holding_another_run_is_refused(bert_dir, topics_csv, tmp_path):
+    out = tmp_path / "run"
+    T.train(run_cfg(bert_dir, topics_csv, out, max_steps=1), progress=False)
+    refused(run_cfg(bert_dir, topics_csv, out, max_steps=1), "holds another run; pass --resume .* or --overwrite")
+    T.train(run_cfg(bert_dir, topics_csv, out, max_steps=2, overwrite=True), progress=False)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_default_output_is_a_fresh_run_dir(bert_dir, topics_csv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        T.train(run_cfg(bert_dir, topics_csv, None, max_steps=1), progress=False)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "adapter_model.safetensors").exists() for r in runs)
+
+
+# ---- distributed ----
+
+def test_torchrun_two_processes_match_one_with_double_batch(bert_dir, topics_csv, tmp_path):
+    common = ["--model", str(bert_dir), "--data", str(topics_csv), "--max-steps", "4", "--max-length", "16",
+              "--dropout", "0", "--lr", "5e-3", "--save-every", "2", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"]
+    subprocess.run(torchrun + ["train", *common, "--batch-size", "4", "--output", str(tmp_path / "ddp")],
+                   check=True, cwd=REPO, env=env, timeout=300)
+    T.train(run_cfg(bert_dir, topics_csv, tmp_path / "one", batch_size=8, max_steps=4), progress=False)
+    assert_same(adapter(tmp_path / "ddp"), adapter(tmp_path / "one"), atol=1e-5)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+
+
+# ---- transformers.Trainer ----
+
+def test_injected_model_trains_under_transformers_trainer(bert_dir, topics_csv, tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    import lorakit
+
+    model, tok = T.load_model(str(bert_dir), "classify", ["Business", "Sports", "World"])
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"]))
+    df = pd.read_csv(topics_csv)
+    rows = D.classification_examples(tok, df["text"].tolist(), D.encode_labels(df["label"], ["Business", "Sports", "World"], "t"), 16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=8,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    result = Trainer(model=model, args=args, train_dataset=rows, data_collator=D.collator(tok, "classify")).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in changed) and any("classifier" in n for n in changed)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
