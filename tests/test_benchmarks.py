@@ -1,0 +1,70 @@
+"""The benchmark scripts at tiny sizes, so that they never rot. Numbers are never asserted, only that every row is
+produced with its columns (timings on a shared CI machine are noise)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from benchmarks import adapters, infer, memory, profile, run, train  # noqa: E402
+
+TRAIN_COLUMNS = {"workload", "batch", "lorakit_s", "peft_s", "full_s", "lorakit_vs_peft", "lorakit_vs_full",
+                 "meets_vs_peft", "meets_vs_full", "warmup", "rounds", "quartiles"}
+INFER_COLUMNS = {f"{k}_ms" for k in infer.VARIANTS} | {"lorakit_vs_base", "lorakit_merged_vs_base", "meets_unmerged",
+                                                      "meets_merged"}
+MEMORY_COLUMNS = {"model_mb", "lorakit_mb", "peft_mb", "full_mb", "lorakit_vs_peft", "meets_vs_peft", "method"}
+ADAPTER_COLUMNS = {f"{v}_{op}_ms" for v in ("lorakit", "peft") for op in adapters.OPS} | {
+    "lorakit_file_kib", "peft_file_kib", "full_model_mib", "adapter_share"}
+
+
+def test_memory_child_process_reports_a_peak():
+    found = memory.measure_in_child("cls", "lorakit", "tiny")
+    assert found["variant"] == "lorakit" and found["peak_delta"] >= 0 and found["model"] > 0
+
+
+def test_run_writes_every_group(tmp_path, monkeypatch):
+    # Memory rows measure in this process here (one child process is tested above), to keep the suite fast.
+    monkeypatch.setattr(memory, "measure_in_child", memory.measure)
+    md, results = tmp_path / "BENCHMARKS.md", tmp_path / "results"
+    run.main(["--size", "tiny", "--md", str(md), "--results", str(results),
+              "--only", "cls", "cls-bf16", "gpt2", "llama", "infer", "mem-cls", "adapters"])
+    groups = json.loads((results / "results.json").read_text())["groups"]
+    expected = {"train": TRAIN_COLUMNS, "infer": INFER_COLUMNS, "memory": MEMORY_COLUMNS, "adapters": ADAPTER_COLUMNS}
+    for group, columns in expected.items():
+        assert groups[group], group
+        for key, row in groups[group].items():
+            assert "error" not in row, row
+            assert columns <= set(row), (key, columns - set(row))
+    text = md.read_text()
+    for heading in ("## Machine and run", "## 1-2. Training step time", "## 3. Inference latency",
+                    "## 4. Training memory", "## 5. Adapter files", "## 6. Quality", "--size tiny"):
+        assert heading in text
+    for chart in ("train", "infer", "memory"):
+        assert (results / f"{chart}.png").stat().st_size > 0
+
+
+def test_select_understands_groups_and_rows():
+    assert run.select(["train"]) == {"train": train.DEFAULT}
+    assert run.select(["gpt2", "mem-llama"]) == {"train": ["gpt2"], "memory": ["mem-llama"]}
+    with pytest.raises(SystemExit):
+        run.select(["no-such-row"])
+
+
+def test_profile_scripts_run():
+    assert "aten::" in profile.profile_variant("cls", "lorakit", "tiny", steps=1, rows=5)
+    assert set(profile.layer_times(8, 16, 16, 0.1, rounds=1)) == {"frozen", "lorakit", "peft", "full"}
+
+
+def test_quality_script_runs_on_a_few_rows(tmp_path):
+    from benchmarks import quality
+
+    if not quality.DATA.exists():
+        pytest.skip(f"{quality.DATA} is absent: the shared datasets sit beside the repository only on developer machines")
+    out = quality.main(["--train-rows", "16", "--dev-rows", "8", "--datasets", "ag_news",
+                        "--variants", "lorakit", "lorakit-nf4", "--out", str(tmp_path / "quality.json")])
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["lorakit", "lorakit-nf4"] == [r["variant"] for r in out["rows"]]
+    assert all(0 <= r["accuracy"] <= 1 and r["trainable_share"] < 0.01 for r in rows)
+    assert 0 < rows[1]["frozen_nf4_vs_fp32"] < 0.15
