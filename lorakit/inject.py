@@ -285,7 +285,7 @@ def _merge_active(model: nn.Module) -> None:
         if tied:
             raise ValueError(f"cannot merge adapter {name!r} into {path!r}: its weight is shared with {tied} "
                              f"(tied weights), which would change too; keep it unmerged")
-        if not torch.isfinite(layer.merged_weight(name)).all():
+        if not layer.merge_stays_finite(name):
             raise ValueError(f"merging adapter {name!r} into {path!r} gives non-finite weights; the adapter is broken")
     for path, layer, name in pending:
         quantized = layer.weight_nf4 is not None

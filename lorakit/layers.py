@@ -254,7 +254,31 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def _shift_weight(self, a: torch.Tensor, b: torch.Tensor, scale: float, sign: float) -> None:
-        self.weight.add_(self._lowrank(a.to(self.weight.device), b.to(self.weight.device), scale * sign).to(self.weight.dtype))
+        w = self.weight
+        a, b = a.to(w.device), b.to(w.device)
+        if a.dtype == b.dtype == w.dtype and self.kind != "conv2d":  # in place, no full-size temporary
+            if self.kind == "linear":
+                w.addmm_(b, a, alpha=scale * sign)
+            else:  # Conv1D and Embedding store W transposed
+                w.addmm_(a.t(), b.t(), alpha=scale * sign)
+        else:
+            w.add_(self._lowrank(a, b, scale * sign).to(w.dtype))
+
+    @torch.no_grad()
+    def merge_stays_finite(self, name: str) -> bool:
+        """Whether merging adapter `name` leaves W finite. For plain LoRA a cheap sufficient test first:
+        |(B @ A)_ij| <= ||B_i|| · ||A_:j||, so max|W| + |scale| · max||B_i|| · max||A_:j|| below the dtype's
+        largest value cannot overflow; otherwise (or for DoRA and NF4) the merged weight itself is checked."""
+        a, b = self.lora_A[name].detach().float(), self.lora_B[name].detach().float()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return False
+        if name not in self.lora_magnitude_vector and self.weight_nf4 is None:
+            low, high = self.weight.detach().aminmax()
+            w_max = max(abs(low.item()), abs(high.item()))
+            bound = abs(self.scaling[name]) * b.flatten(1).norm(dim=1).max().item() * a.flatten(1).norm(dim=0).max().item()
+            if math.isfinite(w_max) and w_max + bound < torch.finfo(self.weight.dtype).max:
+                return True
+        return bool(torch.isfinite(self.merged_weight(name)).all())
 
     def _row_norms(self, name: str) -> torch.Tensor:
         # DoRA's ||W + scale · B @ A|| per output row (linear kinds only), without gradient: the paper treats
@@ -296,6 +320,11 @@ class LoraLayer(nn.Module):
         self.dequantize_base()
         if name in self.lora_magnitude_vector:
             self.dora_norm[name] = self._row_norms(name)
+        elif self.weight.dtype == torch.float32:  # the merge is computed in fp32 anyway: add in place, no rounding to report
+            self._shift_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], 1.0)
+            self.merged.append(name)
+            self._refresh()
+            return 0.0
         exact = self.merged_weight(name)
         self.weight.copy_(exact)
         self.merged.append(name)
@@ -313,7 +342,7 @@ class LoraLayer(nn.Module):
             dense.copy_((dense.float() / factor).to(dense.dtype))
             self._shift_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], -1.0)
         else:
-            self.weight.sub_(self.delta_weight(name))
+            self._shift_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], -1.0)
         self.merged.remove(name)
         self._refresh()
 

@@ -180,6 +180,25 @@ def test_merge_refuses_non_finite_and_changes_nothing():
     assert all(torch.equal(m.weight, w) for m, w in zip(model, weights))
 
 
+def test_merge_overflow_check_is_exact_where_the_cheap_bound_fails():
+    # finite A and B whose product overflows fp32 are refused; a product the norm bound cannot clear but that is
+    # really zero (B's big column meets A's zero row) merges
+    model = nn.Sequential(nn.Linear(4, 4))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"], init="random"))
+    a, b = model[0].lora_A["default"], model[0].lora_B["default"]
+    with torch.no_grad():
+        a.fill_(1e20), b.fill_(1e20)
+    with pytest.raises(ValueError, match="non-finite"):
+        lorakit.merge(model)
+    with torch.no_grad():
+        a.zero_(), b.zero_()
+        a[1].fill_(1e20)
+        b[:, 0].fill_(1e20)
+    weight = model[0].weight.detach().clone()
+    lorakit.merge(model)
+    assert lorakit.is_merged(model) and torch.equal(model[0].weight, weight)
+
+
 @pytest.mark.parametrize("make", [minilm_classifier, tiny_gpt2, tiny_llama])
 def test_unload(make):
     model = make()
