@@ -276,10 +276,9 @@ def _merge_active(model: nn.Module) -> None:
     root = unwrap(model)
     pending = [(path, layer, name) for path, layer in lora_layers(root).items()
                for name in layer.active if name not in layer.merged]
-    owners = {}
-    for mod_name, module in root.named_modules():
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(mod_name)
+    owners = {}  # parameter id -> every module holding it (more than one: tied weights)
+    for param_name, p in root.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(param_name.rpartition(".")[0])
     for path, layer, name in pending:  # check everything first, so that a refusal changes nothing
         tied = [o for o in owners.get(id(layer.weight), []) if o != path]
         if tied:

@@ -268,15 +268,14 @@ class LoraLayer(nn.Module):
     def merge_stays_finite(self, name: str) -> bool:
         """Whether merging adapter `name` leaves W finite. For plain LoRA a cheap sufficient test first:
         |(B @ A)_ij| <= ||B_i|| · ||A_:j||, so max|W| + |scale| · max||B_i|| · max||A_:j|| below the dtype's
-        largest value cannot overflow; otherwise (or for DoRA and NF4) the merged weight itself is checked."""
-        a, b = self.lora_A[name].detach().float(), self.lora_B[name].detach().float()
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            return False
+        largest value cannot overflow (a NaN or inf in A or B makes the bound non-finite); otherwise (or for DoRA
+        and NF4) the merged weight itself is checked."""
         if name not in self.lora_magnitude_vector and self.weight_nf4 is None:
+            a, b = self.lora_A[name].detach().flatten(1).float(), self.lora_B[name].detach().flatten(1).float()
             low, high = self.weight.detach().aminmax()
-            w_max = max(abs(low.item()), abs(high.item()))
-            bound = abs(self.scaling[name]) * b.flatten(1).norm(dim=1).max().item() * a.flatten(1).norm(dim=0).max().item()
-            if math.isfinite(w_max) and w_max + bound < torch.finfo(self.weight.dtype).max:
+            bound = torch.maximum(high, -low).float() + abs(self.scaling[name]) * b.norm(dim=1).max() * a.norm(dim=0).max()
+            value = bound.item()  # one sync for the whole test
+            if math.isfinite(value) and value < torch.finfo(self.weight.dtype).max:
                 return True
         return bool(torch.isfinite(self.merged_weight(name)).all())
 
