@@ -110,20 +110,35 @@ def _adapter_section(rows: dict) -> str:
 
 def _quality_section(path: Path) -> str:
     if not path.exists():
-        return ("No quality results yet: `python -m benchmarks.run --only quality` (or `python -m benchmarks.quality`) "
+        return ("No quality results yet: `python -m benchmarks.quality` (or `python -m benchmarks.run --only quality`) "
                 f"writes `{path.name}`.\n")
     data = json.loads(path.read_text())
-    rows = data.get("rows", data.get("results", data)) if isinstance(data, dict) else data
-    if isinstance(rows, dict):
-        rows = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "value": v} for k, v in rows.items()]
-    flat = [r for r in rows if isinstance(r, dict)]
-    keys = list(dict.fromkeys(k for r in flat for k in r if not isinstance(r[k], (dict, list))))
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    notes = {k: v for k, v in data.items() if k not in ("rows", "results") and not isinstance(v, (dict, list))} \
-        if isinstance(data, dict) and ("rows" in data or "results" in data) else {}
-    return (f"From `{path.name}` (written by `benchmarks/quality.py`).\n\n"
-            + "".join(f"- {k}: {v}\n" for k, v in notes.items()) + "\n"
-            + _table(keys, [[fmt(r.get(k, "")) for k in keys] for r in flat]) + "\n")
+    rows = data["rows"]
+    table = _table(
+        ["dataset", "variant", "train / dev rows", "epochs", "lr", "trainable", "accuracy", "macro-F1",
+         "points vs full FT", "s / step"],
+        [[r["dataset"], r["variant"], f"{r['train_rows']:,} / {r['dev_rows']:,}", r["epochs"], f"{r['lr']:g}",
+          f"{r['trainable_params']:,} ({100 * r['trainable_share']:.2f}%)", f"{100 * r['accuracy']:.2f}%",
+          f"{r['macro_f1']:.4f}", f"{r.get('points_vs_full', 0):+.2f}", f"{r['seconds_per_step']:.3f}"] for r in rows])
+    acc = {(r["dataset"], r["variant"]): r["accuracy"] for r in rows}
+    checks = []
+    for (dataset, variant), value in acc.items():
+        if variant in ("lorakit", "peft") and (dataset, "full") in acc:
+            gap = 100 * (acc[dataset, "full"] - value)
+            checks.append([f"{dataset}: {variant} LoRA within 1 point of full fine-tuning", f"{gap:+.2f} points below",
+                           _yes(gap <= 1.0)])
+        if variant == "lorakit-nf4" and (dataset, "lorakit") in acc:
+            gap = 100 * (acc[dataset, "lorakit"] - value)
+            checks.append([f"{dataset}: QLoRA (NF4) within 1.5 points of fp32 LoRA", f"{gap:+.2f} points below",
+                           _yes(gap <= 1.5)])
+    for r in rows:
+        if "frozen_nf4_vs_fp32" in r:
+            checks.append([f"{r['dataset']}: NF4 frozen weights of the quantized layers ≤ 0.15 × fp32",
+                           f"{r['frozen_nf4_vs_fp32']:.3f} ×", _yes(r["frozen_nf4_vs_fp32"] <= 0.15)])
+    return (f"Dev-set accuracy after training on the train split, every variant with one loop, one data order and "
+            f"seed {data['seed']}, batch {data['batch']}, {data['threads']} torch threads; command: "
+            f"`{data['command']}` (writes `{path.name}`). See `benchmarks/quality.py` for the settings.\n\n{table}\n\n"
+            + _table(["target", "measured", "met"], checks) + "\n")
 
 
 def _targets_section(groups: dict) -> str:

@@ -195,6 +195,8 @@ def merge(
 
     with user_errors():
         out = Path(output)
+        if out.exists() and not out.is_dir():
+            raise T.ConfigError(f"--output {out} is a file, not a directory")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise T.ConfigError(f"--output {out} is not empty; pass --overwrite to replace it")
         net, tokenizer, task, labels = T.load_trained(model, adapter, task)

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-from benchmarks import adapters, infer, memory, profile, run, train  # noqa: E402
+from benchmarks import adapters, infer, memory, profile, report, run, train  # noqa: E402
 
 TRAIN_COLUMNS = {"workload", "batch", "lorakit_s", "peft_s", "full_s", "lorakit_vs_peft", "lorakit_vs_full",
                  "meets_vs_peft", "meets_vs_full", "warmup", "rounds", "quartiles"}
@@ -68,3 +68,5 @@ def test_quality_script_runs_on_a_few_rows(tmp_path):
     assert [r["variant"] for r in rows] == ["lorakit", "lorakit-nf4"] == [r["variant"] for r in out["rows"]]
     assert all(0 <= r["accuracy"] <= 1 and r["trainable_share"] < 0.01 for r in rows)
     assert 0 < rows[1]["frozen_nf4_vs_fp32"] < 0.15
+    text = report._quality_section(tmp_path / "quality.json")
+    assert "| ag_news | lorakit-nf4 | 16 / 8 |" in text and "QLoRA (NF4) within 1.5 points of fp32 LoRA" in text

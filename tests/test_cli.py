@@ -65,6 +65,9 @@ def test_eval_base_adapter_and_merged_export(classify_run, bert_dir, topics_csv,
         torch.testing.assert_close(plain(**enc).logits, adapted(**enc).logits, atol=1e-5, rtol=1e-4)
     assert "not empty" in runner.invoke(app, ["merge", "--adapter", str(classify_run), "--output",
                                               str(tmp_path / "merged")]).output
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in runner.invoke(app, ["merge", "--adapter", str(classify_run), "--output",
+                                              str(tmp_path / "file")]).output
 
 
 def test_predict_gives_labels_with_probabilities(classify_run):
