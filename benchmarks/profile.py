@@ -95,7 +95,7 @@ def main() -> None:
     """Command line: a training row of benchmarks.train and the variants to profile, or --layers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train_key", nargs="?", choices=list(train.ROWS))
-    parser.add_argument("variants", nargs="*", choices=list(MAKERS))
+    parser.add_argument("variants", nargs="*", help=f"any of {list(MAKERS)}")  # argparse rejects [] with choices
     parser.add_argument("--layers", action="store_true", help="time single adapted layers instead")
     parser.add_argument("--size", default="full", choices=["full", "quick", "tiny"])
     parser.add_argument("--steps", type=int, default=2)
@@ -106,6 +106,9 @@ def main() -> None:
         print_layer_table()
     elif not args.train_key or not args.variants:
         parser.error("name a training row and at least one variant, or pass --layers")
+    unknown = sorted(set(args.variants) - set(MAKERS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(MAKERS)}")
     for variant in args.variants:
         print(profile_variant(args.train_key, variant, args.size, args.steps, args.rows), flush=True)
 

@@ -124,20 +124,21 @@ def _quality_section(path: Path) -> str:
     checks = []
     for (dataset, variant), value in acc.items():
         if variant in ("lorakit", "peft") and (dataset, "full") in acc:
-            gap = 100 * (acc[dataset, "full"] - value)
+            gap = round(100 * (acc[dataset, "full"] - value), 2)  # dev sets count in steps of 0.1 points or more
             checks.append([f"{dataset}: {variant} LoRA within 1 point of full fine-tuning", f"{gap:+.2f} points below",
                            _yes(gap <= 1.0)])
         if variant == "lorakit-nf4" and (dataset, "lorakit") in acc:
-            gap = 100 * (acc[dataset, "lorakit"] - value)
+            gap = round(100 * (acc[dataset, "lorakit"] - value), 2)
             checks.append([f"{dataset}: QLoRA (NF4) within 1.5 points of fp32 LoRA", f"{gap:+.2f} points below",
                            _yes(gap <= 1.5)])
     for r in rows:
         if "frozen_nf4_vs_fp32" in r:
             checks.append([f"{r['dataset']}: NF4 frozen weights of the quantized layers ≤ 0.15 × fp32",
                            f"{r['frozen_nf4_vs_fp32']:.3f} ×", _yes(r["frozen_nf4_vs_fp32"] <= 0.15)])
+    commands = ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
     return (f"Dev-set accuracy after training on the train split, every variant with one loop, one data order and "
-            f"seed {data['seed']}, batch {data['batch']}, {data['threads']} torch threads; command: "
-            f"`{data['command']}` (writes `{path.name}`). See `benchmarks/quality.py` for the settings.\n\n{table}\n\n"
+            f"seed {data['seed']}, batch {data['batch']}, {data['threads']} torch threads; written to `{path.name}` by "
+            f"{commands}. See `benchmarks/quality.py` for the settings.\n\n{table}\n\n"
             + _table(["target", "measured", "met"], checks) + "\n")
 
 
