@@ -181,8 +181,8 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
         ["memory", f"{m['ram_gib']} GiB"], ["torch threads", f"{m['torch_threads']} (`torch.set_num_threads`, one per core)"],
         ["versions", f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
                      f"lorakit {m['lorakit']}"],
-        ["device", meta["device"]], ["date", meta["date"]], ["command", f"`{meta['command']}`"],
-        ["duration", f"{meta.get('minutes', 0):.1f} minutes"]])
+        ["device", meta["device"]],
+        ["runs", "; ".join(f"`{r['command']}` ({r['date']}, {r.get('minutes', 0):.1f} minutes)" for r in meta["runs"])]])
     sections = [
         "# lorakit benchmarks\n",
         "lorakit LoRA against Hugging Face PEFT LoRA in the identical configuration, full fine-tuning and the base "

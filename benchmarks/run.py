@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     json_path = args.results / "results.json"
     results = json.loads(json_path.read_text()) if args.update and json_path.exists() else {"groups": {}}
     command = "python -m benchmarks.run" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
-    results["meta"] = {"machine": machine(), "device": args.device, "size": args.size, "command": command,
-                       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    runs = results.get("meta", {}).get("runs", []) if args.update else []  # every run whose rows the file holds
+    runs.append({"command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+    results["meta"] = {"machine": machine(), "device": args.device, "size": args.size, "runs": runs}
     start = time.time()
     print(f"{threads} torch threads; running {chosen}", flush=True)
     for group, keys in chosen.items():
@@ -122,10 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
             json_path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")  # progress survives a crash
     if args.quality or (args.only and "quality" in args.only):
         run_quality(args.size)
-    results["meta"]["minutes"] = (time.time() - start) / 60
+    runs[-1]["minutes"] = (time.time() - start) / 60
     json_path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     write(results, args.md, args.results)
-    print(f"wrote {args.md} and {args.results}/ in {results['meta']['minutes']:.1f} minutes", flush=True)
+    print(f"wrote {args.md} and {args.results}/ in {runs[-1]['minutes']:.1f} minutes", flush=True)
     return results
 
 

@@ -43,6 +43,12 @@ def test_run_writes_every_group(tmp_path, monkeypatch):
         assert heading in text
     for chart in ("train", "infer", "memory"):
         assert (results / f"{chart}.png").stat().st_size > 0
+    # --update re-runs one row, keeps the others and lists both runs
+    run.main(["--size", "tiny", "--md", str(md), "--results", str(results), "--only", "adapters-cls", "--update"])
+    updated = json.loads((results / "results.json").read_text())
+    assert updated["groups"]["train"] == groups["train"]
+    assert [r["command"].split(" --only ")[1][:5] for r in updated["meta"]["runs"]] == ["cls c", "adapt"]
+    assert md.read_text().count("--size tiny") >= 2
 
 
 def test_select_understands_groups_and_rows():
