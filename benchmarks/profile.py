@@ -5,6 +5,7 @@ each named variant (after one warm-up step) and prints the operators with the mo
 variants can be compared op by op. `python -m benchmarks.profile --layers` times one adapted layer alone (forward +
 backward, interleaved): lorakit, PEFT, the frozen base layer (LoRA's floor) and a trainable layer (full
 fine-tuning), at the shapes of the training workloads, which bounds what the LoRA layer can change in a whole step.
+`python -m benchmarks.profile gpt2 --saved` adds up the tensors autograd keeps for backward, per variant.
 """
 
 from __future__ import annotations
@@ -38,6 +39,28 @@ def profile_variant(train_key: str, variant: str, size: str, steps: int, rows: i
     table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows,
                                                                 max_name_column_width=40, max_shapes_column_width=60)
     return f"== {train_key} / {variant}: {seconds:.3f} s per step under the profiler ==\n{table}"
+
+
+def saved_mib(train_key: str, variant: str, size: str) -> float:
+    """MiB of tensors autograd keeps for backward after one forward of training row `train_key` (each storage counted
+    once, parameters excluded): the activation memory a training step holds at its peak, apart from the loss."""
+    from .common import autocast
+
+    spec = train.ROWS[train_key]
+    model = MAKERS[variant](base_model(spec["model"], size), spec["model"], spec["dropout"]).train()
+    inputs = batch(spec["model"], size, model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(spec["precision"], "cpu"):
+        model(**inputs).loss
+    return sum(storages.values()) / 2**20
 
 
 def layer_variants(d_in: int, d_out: int, dropout: float) -> dict[str, nn.Module]:
@@ -97,6 +120,7 @@ def main() -> None:
     parser.add_argument("train_key", nargs="?", choices=list(train.ROWS))
     parser.add_argument("variants", nargs="*", help=f"any of {list(MAKERS)}")  # argparse rejects [] with choices
     parser.add_argument("--layers", action="store_true", help="time single adapted layers instead")
+    parser.add_argument("--saved", action="store_true", help="MiB that autograd keeps for backward, per variant")
     parser.add_argument("--size", default="full", choices=["full", "quick", "tiny"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25)
@@ -104,6 +128,11 @@ def main() -> None:
     set_threads()
     if args.layers:
         print_layer_table()
+    elif args.saved and args.train_key:
+        for variant in args.variants or list(MAKERS):
+            print(f"{args.train_key} / {variant}: {saved_mib(args.train_key, variant, args.size):.1f} MiB saved for backward",
+                  flush=True)
+        return
     elif not args.train_key or not args.variants:
         parser.error("name a training row and at least one variant, or pass --layers")
     unknown = sorted(set(args.variants) - set(MAKERS))

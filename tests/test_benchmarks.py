@@ -61,6 +61,7 @@ def test_select_understands_groups_and_rows():
 def test_profile_scripts_run():
     assert "aten::" in profile.profile_variant("cls", "lorakit", "tiny", steps=1, rows=5)
     assert set(profile.layer_times(8, 16, 16, 0.1, rounds=1)) == {"frozen", "lorakit", "peft", "full"}
+    assert 0 < profile.saved_mib("cls", "lorakit", "tiny") < profile.saved_mib("cls", "full", "tiny")
 
 
 def test_quality_script_runs_on_a_few_rows(tmp_path):
