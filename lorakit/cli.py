@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -191,6 +188,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
 ):
     """Fold the adapter into the base weights and save a plain Hugging Face model (loads with from_pretrained)."""
+    from .files import atomic_directory
     from .inject import unload
 
     with user_errors():
@@ -202,18 +200,14 @@ def merge(
         net, tokenizer, task, labels = T.load_trained(model, adapter, task)
         unload(net, merge=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        try:
+
+        def fill(tmp: Path) -> None:
             net.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if labels:
                 T.write_json(tmp / T.LABELS_FILE, labels)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        atomic_directory(out, fill)
         typer.echo(f"merged model written to {out} ({task}); load it with transformers' from_pretrained")
 
 

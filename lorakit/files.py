@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -106,8 +108,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                         fan_in_fan_out=fan_in_fan_out)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
     return out
 
 
@@ -120,7 +122,8 @@ def _pissa_as_plain_lora(config: LoraConfig) -> LoraConfig:
                    extra={**config.extra, "lorakit_converted_from": "pissa"})
 
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temp file beside `target`, then rename it into place: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -128,6 +131,19 @@ def _atomic_write(target: Path, write) -> None:
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_directory(target: Path, fill: Callable[[Path], None]) -> None:
+    """Call fill(tmp_dir) on a temp directory beside `target`, then put it in place of `target` (replaced if present)."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -21,7 +21,6 @@ import os
 import resource
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from . import data as D
 from .config import LoraConfig
-from .files import save_adapter, load_adapter, read_adapter_config
+from .files import atomic_directory, atomic_write, load_adapter, read_adapter_config, save_adapter
 from .inject import count_parameters, default_targets, inject, unwrap
 from .optim import optimizer as make_optimizer
 
@@ -470,18 +469,6 @@ def clear_run(out: Path) -> None:
             target.unlink()
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, value) -> None:
     """JSON file, written atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
@@ -505,8 +492,8 @@ def save_checkpoint(out: Path, model, opt, sched, step: int, micro: int, seconds
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         tensors = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
         save_file(tensors, tmp / "trainable.safetensors")
         rng = {"cpu": torch.get_rng_state()}
@@ -514,12 +501,8 @@ def save_checkpoint(out: Path, model, opt, sched, step: int, micro: int, seconds
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, "step": step,
                     "micro": micro, "seconds": seconds}, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_directory(final, fill)
     for old in root.iterdir():  # keep only the newest, and no leftovers of a killed save
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,5 @@
 """Adapter files: PEFT's layout both ways (real PEFT as the oracle), round trips, and bad files."""
 
-import copy
 import json
 import warnings
 
