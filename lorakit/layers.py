@@ -55,18 +55,19 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return w.shape[1], w.shape[0]  # linear: (d_out, d_in)
 
 
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """Dropout's keep mask (bool, x's shape) with P(keep) = 1 − p, and the rescale 1 / (1 − p).
+def drop_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Dropout's mask of dropped elements (bool, x's shape, True with probability p), and the rescale 1 / (1 − p).
 
     On CPU, bernoulli_ costs more than a matmul of the same size; 16 random bits per element from 64-bit draws are
-    about 6× cheaper, with p rounded to a multiple of 1/65536 (the rescale uses the rounded p, so E[mask·x·scale] = x).
+    about 6× cheaper, with p rounded to a multiple of 1/65536 (the rescale uses the rounded p, so E[dropout(x)] = x).
+    A drop mask (not a keep mask) so that applying it is one masked_fill, not a bool-to-float conversion and a multiply.
     """
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # CUDA's and compiled RNG are fast already
-        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(p), 1.0 / (1.0 - p)
     dropped = round(p * 65536)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
-    return (bits >= dropped - 32768).view(x.shape), 65536 / (65536 - dropped)
+    return (bits < dropped - 32768).view(x.shape), 65536 / (65536 - dropped)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -81,8 +82,8 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-        mask, keep_scale = keep_mask(x2, dropout_p) if dropout_p > 0 else (None, 1.0)
-        h = (x2 if mask is None else x2 * mask) @ lora_a.t()  # (N, r)
+        mask, keep_scale = drop_mask(x2, dropout_p) if dropout_p > 0 else (None, 1.0)
+        h = (x2 if mask is None else x2.masked_fill(mask, 0)) @ lora_a.t()  # (N, r)
         if mask is not None:
             h.mul_(keep_scale)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, d_out)
@@ -101,12 +102,12 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_lb = (g.t() @ h).mul_(ctx.scale)
         gh = (g @ lora_b).mul_(ctx.scale * ctx.keep_scale)  # (N, r): gradient reaching dropout(x) Aᵀ, rescale folded in
         if need_a:
-            grad_a = gh.t() @ (x2 if mask is None else x2 * mask)
+            grad_a = gh.t() @ (x2 if mask is None else x2.masked_fill(mask, 0))
         if need_x:
             lora_part = gh @ lora_a  # (N, d_in)
             if mask is not None:
-                lora_part.mul_(mask)
-            grad_x = torch.addmm(lora_part, g, weight).reshape(*grad.shape[:-1], x2.shape[-1])
+                lora_part.masked_fill_(mask, 0)
+            grad_x = lora_part.addmm_(g, weight).reshape(*grad.shape[:-1], x2.shape[-1])  # in place: no copy
         if need_w:
             grad_w = g.t() @ x2
         if need_b and ctx.has_bias:

@@ -101,7 +101,7 @@ def test_fused_function_matches_autograd(p, with_bias, monkeypatch):
     b = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
     gout = torch.randn(2, 5, 10, dtype=torch.float64)
     mask = torch.rand(10, 12) > p if p > 0 else None
-    monkeypatch.setattr(lorakit.layers, "keep_mask", lambda x2, p: (mask, 1 / (1 - p)))
+    monkeypatch.setattr(lorakit.layers, "drop_mask", lambda x2, p: (~mask, 1 / (1 - p)))
     ref = _reference(x, w, bias, a, b, 0.7, None if mask is None else mask.view(2, 5, 12), 1 / (1 - p))
     ref_grads = torch.autograd.grad(ref, (x, a, b), gout)
     out = LoraLinearFunction.apply(x, w, bias, a, b, 0.7, p)
@@ -112,13 +112,13 @@ def test_fused_function_matches_autograd(p, with_bias, monkeypatch):
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_keep_mask_statistics(p):
+def test_drop_mask_statistics(p):
     x = torch.empty(400, 1000)
-    mask, scale = lorakit.layers.keep_mask(x, p)
+    mask, scale = lorakit.layers.drop_mask(x, p)
     assert mask.dtype == torch.bool and mask.shape == x.shape
-    assert abs(mask.float().mean().item() - (1 - p)) < 0.003
+    assert abs(mask.float().mean().item() - p) < 0.003
     assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
-    other, _ = lorakit.layers.keep_mask(x, p)
+    other, _ = lorakit.layers.drop_mask(x, p)
     assert (mask != other).any()  # fresh randomness on every call
     rows = mask.float().mean(1)
     assert rows.std() < 0.03  # no structure along rows
