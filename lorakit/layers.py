@@ -340,9 +340,7 @@ class LoraLayer(nn.Module):
             factor = (self.lora_magnitude_vector[name] / self.dora_norm.pop(name)).unsqueeze(1)
             dense = self.dense_weight()
             dense.copy_((dense.float() / factor).to(dense.dtype))
-            self._shift_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], -1.0)
-        else:
-            self._shift_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], -1.0)
+        self._shift_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], -1.0)
         self.merged.remove(name)
         self._refresh()
 
