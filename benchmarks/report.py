@@ -115,10 +115,11 @@ def _quality_section(path: Path) -> str:
     data = json.loads(path.read_text())
     rows = data["rows"]
     table = _table(
-        ["dataset", "variant", "train / dev rows", "epochs", "lr", "trainable", "accuracy", "macro-F1",
-         "points vs full FT", "s / step"],
+        ["dataset", "variant", "train / dev rows", "epochs", "lr", "trainable", "accuracy", "after each epoch",
+         "macro-F1", "points vs full FT", "s / step"],
         [[r["dataset"], r["variant"], f"{r['train_rows']:,} / {r['dev_rows']:,}", r["epochs"], f"{r['lr']:g}",
           f"{r['trainable_params']:,} ({100 * r['trainable_share']:.2f}%)", f"{100 * r['accuracy']:.2f}%",
+          " → ".join(f"{100 * a:.2f}" for a in r.get("accuracy_by_epoch", [])) or "—",  # rows from before it was kept
           f"{r['macro_f1']:.4f}", f"{r.get('points_vs_full', 0):+.2f}", f"{r['seconds_per_step']:.3f}"] for r in rows])
     acc = {(r["dataset"], r["variant"]): r["accuracy"] for r in rows}
     checks = []
