@@ -116,11 +116,12 @@ def _quality_section(path: Path) -> str:
     rows = data["rows"]
     table = _table(
         ["dataset", "variant", "train / dev rows", "epochs", "lr", "trainable", "accuracy", "after each epoch",
-         "macro-F1", "points vs full FT", "s / step"],
+         "macro-F1", "points vs full FT", "s / step (threads)"],
         [[r["dataset"], r["variant"], f"{r['train_rows']:,} / {r['dev_rows']:,}", r["epochs"], f"{r['lr']:g}",
           f"{r['trainable_params']:,} ({100 * r['trainable_share']:.2f}%)", f"{100 * r['accuracy']:.2f}%",
           " → ".join(f"{100 * a:.2f}" for a in r.get("accuracy_by_epoch", [])) or "—",  # rows from before it was kept
-          f"{r['macro_f1']:.4f}", f"{r.get('points_vs_full', 0):+.2f}", f"{r['seconds_per_step']:.3f}"] for r in rows])
+          f"{r['macro_f1']:.4f}", f"{r.get('points_vs_full', 0):+.2f}",
+          f"{r['seconds_per_step']:.3f} ({r['threads']})"] for r in rows])
     acc = {(r["dataset"], r["variant"]): r["accuracy"] for r in rows}
     checks = []
     for (dataset, variant), value in acc.items():
@@ -138,7 +139,7 @@ def _quality_section(path: Path) -> str:
                            f"{r['frozen_nf4_vs_fp32']:.3f} ×", _yes(r["frozen_nf4_vs_fp32"] <= 0.15)])
     commands = ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
     return (f"Dev-set accuracy after training on the train split, every variant with one loop, one data order and "
-            f"seed {data['seed']}, batch {data['batch']}, {data['threads']} torch threads; written to `{path.name}` by "
+            f"seed {data['seed']}, batch {data['batch']}; written to `{path.name}` by "
             f"{commands}. See `benchmarks/quality.py` for the settings.\n\n{table}\n\n"
             + _table(["target", "measured", "met"], checks) + "\n")
 
