@@ -8,6 +8,7 @@ updating every weight.
     python -m benchmarks.quality            # writes benchmarks/results/quality.json; benchmarks.run reports it
     python -m benchmarks.quality --datasets sst2 --variants full   # re-runs one row, keeping the others in the file
     python -m benchmarks.quality --quick    # a few hundred rows, to see that it works
+    python -m benchmarks.quality --datasets sst2 --train-rows 20000 --variants lorakit --lr 3e-3 --out sweep.json
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--train-rows", type=int, help="use a seeded subset of this many training rows")
     parser.add_argument("--dev-rows", type=int, help="use a seeded subset of this many dev rows")
+    parser.add_argument("--lr", type=float, help="learning rate for every variant run (to choose LR on a subset)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     args = parser.parse_args(argv)
     if not DATA.exists():
@@ -163,12 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows, dev, num_labels = load(name, train_rows, dev_rows, tokenizer)
         epochs = 1 if args.quick else DATASETS[name][5]
         for variant in args.variants:
-            model = build(variant, num_labels)
+            model, lr = build(variant, num_labels), args.lr or LR[variant]
             trainable, total = count_parameters(model)
             row = {"dataset": name, "variant": variant, "train_rows": len(rows), "dev_rows": len(dev),
-                   "epochs": epochs, "lr": LR[variant], "threads": threads, "trainable_params": trainable,
+                   "epochs": epochs, "lr": lr, "threads": threads, "trainable_params": trainable,
                    "trainable_share": trainable / total}
-            row.update(train_and_eval(model, rows, dev, collate, LR[variant], epochs))
+            row.update(train_and_eval(model, rows, dev, collate, lr, epochs))
             if variant == "lorakit-nf4":
                 stored, fp32 = frozen_weight_bytes(model)
                 row["frozen_nf4_vs_fp32"] = stored / fp32

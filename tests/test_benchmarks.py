@@ -77,11 +77,12 @@ def test_quality_script_runs_on_a_few_rows(tmp_path):
     assert 0 < rows[1]["frozen_nf4_vs_fp32"] < 0.15
     assert all(len(r["accuracy_by_epoch"]) == r["epochs"] == 3 and r["accuracy_by_epoch"][-1] == r["accuracy"]
                for r in rows)
-    # Re-running one variant replaces its row and keeps the other variant's.
+    # Re-running one variant (here at another learning rate) replaces its row and keeps the other variant's.
     quality.main(["--train-rows", "16", "--dev-rows", "8", "--datasets", "ag_news", "--variants", "lorakit",
-                  "--out", str(tmp_path / "quality.json")])
+                  "--lr", "2e-3", "--out", str(tmp_path / "quality.json")])
     rerun = json.loads((tmp_path / "quality.json").read_text())["rows"]
     assert sorted(r["variant"] for r in rerun) == ["lorakit", "lorakit-nf4"]
-    assert {"--variants lorakit --out" in r["command"] for r in rerun} == {True, False}
+    assert {"--variants lorakit --lr 2e-3" in r["command"] for r in rerun} == {True, False}
+    assert {r["variant"]: r["lr"] for r in rerun} == {"lorakit": 2e-3, "lorakit-nf4": quality.LR["lorakit-nf4"]}
     text = report._quality_section(tmp_path / "quality.json")
     assert "| ag_news | lorakit-nf4 | 16 / 8 |" in text and "QLoRA (NF4) within 1.5 points of fp32 LoRA" in text
