@@ -2,7 +2,7 @@
 one loop, one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA (the same initial A, B and head as
 lorakit) and lorakit QLoRA (NF4 base). LoRA is r=8, alpha=16, dropout 0.1 on query and value, the classifier head
 trained in full. Only the learning rate differs between full fine-tuning and LoRA, each chosen on dev (a 20k-sentence
-SST-2 subset, one epoch; see benchmarks/analysis.md): a frozen base with a rank-8 update needs a far larger step than
+SST-2 subset, one epoch, from {5e-5, 1e-4} and {1e-3, 3e-3}; see benchmarks/analysis.md): a frozen base with a rank-8 update needs a far larger step than
 updating every weight.
 
     python -m benchmarks.quality            # writes benchmarks/results/quality.json; benchmarks.run reports it
@@ -31,7 +31,7 @@ DATASETS = {
     "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "sentence", "content", 64, 1, None),
 }
 VARIANTS = ["full", "lorakit", "peft", "lorakit-nf4"]
-LR = {"full": 5e-5, "lorakit": 3e-3, "peft": 3e-3, "lorakit-nf4": 3e-3}
+LR = {"full": 1e-4, "lorakit": 3e-3, "peft": 3e-3, "lorakit-nf4": 3e-3}
 BATCH, SEED, TARGETS = 32, 0, ["query", "value"]
 
 
