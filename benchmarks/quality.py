@@ -1,9 +1,9 @@
 """Workload 6: dev-set accuracy of the packaged MiniLM on AG News and SST-2 (../shared/data), trained four ways with
 one loop, one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA (the same initial A, B and head as
 lorakit) and lorakit QLoRA (NF4 base). LoRA is r=8, alpha=16, dropout 0.1 on query and value, the classifier head
-trained in full. Only the learning rate differs between full fine-tuning and LoRA, each chosen on dev (a 20k-sentence
-SST-2 subset, one epoch, from {5e-5, 1e-4} and {1e-3, 3e-3}; see benchmarks/analysis.md): a frozen base with a rank-8 update needs a far larger step than
-updating every weight.
+trained in full. Only the learning rate differs between full fine-tuning and LoRA, each the best on dev of two tried
+on a 20k-sentence SST-2 subset for one epoch (full: 5e-5, 1e-4; LoRA: 1e-3, 3e-3; see benchmarks/analysis.md): a
+frozen base with a rank-8 update needs a far larger step than updating every weight.
 
     python -m benchmarks.quality            # writes benchmarks/results/quality.json; benchmarks.run reports it
     python -m benchmarks.quality --datasets sst2 --variants full   # re-runs one row, keeping the others in the file
