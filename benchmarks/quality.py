@@ -3,8 +3,9 @@ one loop, one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA
 lorakit) and lorakit QLoRA (NF4 base). LoRA is r=8, alpha=16, dropout 0.1 on query and value, the classifier head
 trained in full. Only the learning rate differs between full fine-tuning and LoRA, each the better on SST-2 dev of two
 tried (full: 5e-5, 1e-4; LoRA: 1e-3, 3e-3; see benchmarks/analysis.md): a frozen base with a rank-8 update needs a far
-larger step than updating every weight. `lorakit-pooler` (not run by default) also trains BERT's pooler, the dense
-layer between the [CLS] token and the classifier, in full.
+larger step than updating every weight. Two variants run only when named, to test what limits LoRA on SST-2:
+`lorakit-pooler` also trains BERT's pooler (the dense layer between the [CLS] token and the classifier) in full;
+`lorakit-attention` puts r=8 on key and the attention output too.
 
     python -m benchmarks.quality            # writes benchmarks/results/quality.json; benchmarks.run reports it
     python -m benchmarks.quality --datasets sst2 --variants full   # re-runs one row, keeping the others in the file
@@ -32,16 +33,17 @@ DATASETS = {
     "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "sentence", "content", 64, 1, None),
 }
 VARIANTS = ["full", "lorakit", "peft", "lorakit-nf4"]
-EXTRA_VARIANTS = ["lorakit-pooler"]
-LR = {"full": 1e-4, "lorakit": 1e-3, "peft": 1e-3, "lorakit-nf4": 1e-3, "lorakit-pooler": 1e-3}
-BATCH, SEED, TARGETS = 32, 0, ["query", "value"]
+EXTRA_VARIANTS = ["lorakit-pooler", "lorakit-attention"]
+LR = {"full": 1e-4, "lorakit": 1e-3, "peft": 1e-3, "lorakit-nf4": 1e-3, "lorakit-pooler": 1e-3,
+      "lorakit-attention": 1e-3}
+BATCH, SEED, TARGETS = 32, 0, ("query", "value")
 
 
-def lora_config(quantize: str | None = None, modules_to_save: tuple = ("classifier",)):
+def lora_config(quantize: str | None = None, modules_to_save: tuple = ("classifier",), targets: tuple = TARGETS):
     """The LoRA configuration every LoRA variant uses."""
     import lorakit
 
-    return lorakit.LoraConfig(r=8, alpha=16, dropout=0.1, targets=TARGETS, modules_to_save=list(modules_to_save),
+    return lorakit.LoraConfig(r=8, alpha=16, dropout=0.1, targets=list(targets), modules_to_save=list(modules_to_save),
                               quantize=quantize)
 
 
@@ -61,12 +63,14 @@ def build(variant: str, num_labels: int):
     torch.manual_seed(SEED)  # the same A for lorakit, PEFT and QLoRA
     if variant == "lorakit-pooler":
         return lorakit.inject(model, lora_config(modules_to_save=("classifier", "pooler")))
+    if variant == "lorakit-attention":
+        return lorakit.inject(model, lora_config(targets=("query", "key", "value", "attention.output.dense")))
     if variant != "peft":
         return lorakit.inject(model, lora_config("nf4" if variant == "lorakit-nf4" else None))
     import peft
 
     twin = lorakit.inject(copy.deepcopy(model), lora_config())
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(TARGETS),
                                                          modules_to_save=["classifier"]))
     result = peft.set_peft_model_state_dict(wrapped, lorakit.adapter_state_dict(twin))
     assert not result.unexpected_keys, result.unexpected_keys
