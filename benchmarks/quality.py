@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         old = json.loads(args.out.read_text())
         kept = [{"threads": old.get("threads"), **r} for r in old["rows"] if (r["dataset"], r["variant"]) not in ran]
         results = kept + results
+    order = [*DATASETS], VARIANTS + EXTRA_VARIANTS
+    results.sort(key=lambda r: (order[0].index(r["dataset"]), order[1].index(r["variant"])))
     full = {r["dataset"]: r["accuracy"] for r in results if r["variant"] == "full"}
     for r in results:
         if r["dataset"] in full:

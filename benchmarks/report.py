@@ -108,6 +108,10 @@ def _adapter_section(rows: dict) -> str:
             f"safetensors file.\n\n{table}\n" + "\n".join(bad) + "\n")
 
 
+def _behind(gap: float) -> str:
+    return f"behind by {gap:.2f} points" if gap >= 0 else f"ahead by {-gap:.2f} points"
+
+
 def _quality_section(path: Path) -> str:
     if not path.exists():
         return ("No quality results yet: `python -m benchmarks.quality` (or `python -m benchmarks.run --only quality`) "
@@ -127,11 +131,11 @@ def _quality_section(path: Path) -> str:
     for (dataset, variant), value in acc.items():
         if variant in ("lorakit", "peft") and (dataset, "full") in acc:
             gap = round(100 * (acc[dataset, "full"] - value), 2)  # dev sets count in steps of 0.1 points or more
-            checks.append([f"{dataset}: {variant} LoRA within 1 point of full fine-tuning", f"behind by {gap:.2f} points",
+            checks.append([f"{dataset}: {variant} LoRA within 1 point of full fine-tuning", _behind(gap),
                            _yes(gap <= 1.0)])
         if variant == "lorakit-nf4" and (dataset, "lorakit") in acc:
             gap = round(100 * (acc[dataset, "lorakit"] - value), 2)
-            checks.append([f"{dataset}: QLoRA (NF4) within 1.5 points of fp32 LoRA", f"behind by {gap:.2f} points",
+            checks.append([f"{dataset}: QLoRA (NF4) within 1.5 points of fp32 LoRA", _behind(gap),
                            _yes(gap <= 1.5)])
     for r in rows:
         if "frozen_nf4_vs_fp32" in r:
