@@ -70,8 +70,8 @@ def build(variant: str, num_labels: int):
     import peft
 
     twin = lorakit.inject(copy.deepcopy(model), lora_config())
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(TARGETS),
-                                                         modules_to_save=["classifier"]))
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                         target_modules=list(TARGETS), modules_to_save=["classifier"]))
     result = peft.set_peft_model_state_dict(wrapped, lorakit.adapter_state_dict(twin))
     assert not result.unexpected_keys, result.unexpected_keys
     return wrapped
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out.exists():  # keep the rows of (dataset, variant) pairs not run this time
         ran = {(r["dataset"], r["variant"]) for r in results}
         old = json.loads(args.out.read_text())
-        kept = [{"threads": old.get("threads"), **r} for r in old["rows"] if (r["dataset"], r["variant"]) not in ran]
+        kept = [r for r in old["rows"] if (r["dataset"], r["variant"]) not in ran]
         results = kept + results
     order = [*DATASETS], VARIANTS + EXTRA_VARIANTS
     results.sort(key=lambda r: (order[0].index(r["dataset"]), order[1].index(r["variant"])))
