@@ -3,9 +3,9 @@ one loop, one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA
 lorakit) and lorakit QLoRA (NF4 base). LoRA is r=8, alpha=16, dropout 0.1 on query and value, the classifier head
 trained in full. Only the learning rate differs between full fine-tuning and LoRA, each the better on SST-2 dev of two
 tried (full: 5e-5, 1e-4; LoRA: 1e-3, 3e-3; see benchmarks/analysis.md): a frozen base with a rank-8 update needs a far
-larger step than updating every weight. Two variants run only when named, to test what limits LoRA on SST-2:
+larger step than updating every weight. Three variants run only when named, to test what limits LoRA on SST-2:
 `lorakit-pooler` also trains BERT's pooler (the dense layer between the [CLS] token and the classifier) in full;
-`lorakit-attention` puts r=8 on key and the attention output too.
+`lorakit-attention` puts r=8 on key and the attention output too; `lorakit-linear` on every encoder Linear.
 
     python -m benchmarks.quality            # writes benchmarks/results/quality.json; benchmarks.run reports it
     python -m benchmarks.quality --datasets sst2 --variants full   # re-runs one row, keeping the others in the file
@@ -33,9 +33,9 @@ DATASETS = {
     "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "sentence", "content", 64, 1, None),
 }
 VARIANTS = ["full", "lorakit", "peft", "lorakit-nf4"]
-EXTRA_VARIANTS = ["lorakit-pooler", "lorakit-attention"]
+EXTRA_VARIANTS = ["lorakit-pooler", "lorakit-attention", "lorakit-linear"]
 LR = {"full": 1e-4, "lorakit": 1e-3, "peft": 1e-3, "lorakit-nf4": 1e-3, "lorakit-pooler": 1e-3,
-      "lorakit-attention": 1e-3}
+      "lorakit-attention": 1e-3, "lorakit-linear": 1e-3}
 BATCH, SEED, TARGETS = 32, 0, ("query", "value")
 
 
@@ -65,6 +65,9 @@ def build(variant: str, num_labels: int):
         return lorakit.inject(model, lora_config(modules_to_save=("classifier", "pooler")))
     if variant == "lorakit-attention":
         return lorakit.inject(model, lora_config(targets=("query", "key", "value", "attention.output.dense")))
+    if variant == "lorakit-linear":  # "output.dense" is both the attention output and the MLP's second layer
+        return lorakit.inject(model, lora_config(targets=("query", "key", "value", "output.dense",
+                                                          "intermediate.dense")))
     if variant != "peft":
         return lorakit.inject(model, lora_config("nf4" if variant == "lorakit-nf4" else None))
     import peft
