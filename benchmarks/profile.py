@@ -74,7 +74,7 @@ def layer_variants(d_in: int, d_out: int, dropout: float) -> dict[str, nn.Module
     frozen = nn.Sequential(nn.Linear(d_in, d_out)).requires_grad_(False)
     frozen.load_state_dict(nn.Sequential(base).state_dict())
     lk = LoraLayer(nn.Linear(d_in, d_out).requires_grad_(False))
-    lk.base_layer.load_state_dict(base.state_dict())
+    lk.load_state_dict(base.state_dict(), strict=False)  # the LoRA layer holds the base's weight and bias
     lk.add_adapter("default", RANK, ALPHA / RANK, dropout, "kaiming")
     lk.set_active(("default",))
     pf = peft.get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), peft.LoraConfig(

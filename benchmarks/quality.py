@@ -84,14 +84,10 @@ def build(variant: str, num_labels: int):
 
 def frozen_weight_bytes(model) -> tuple[int, int]:
     """(bytes the quantized layers' frozen weights take, bytes they would take in fp32)."""
-    from lorakit.inject import lora_layers
+    from lorakit.inject import quantized_weights
 
-    stored = fp32 = 0
-    for layer in lora_layers(model).values():
-        if layer.weight_nf4 is not None:
-            stored += layer.weight_nf4.nbytes
-            fp32 += math.prod(layer.weight_nf4.shape) * 4
-    return stored, fp32
+    weights = quantized_weights(model)
+    return sum(w.nbytes for w in weights), sum(w.shape.numel() * 4 for w in weights)
 
 
 def load(name: str, rows: int | None, dev_rows: int | None, tokenizer):

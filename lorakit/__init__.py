@@ -2,9 +2,10 @@
 
 from .config import LoraConfig
 from .files import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
-from .inject import (active_adapters, configs, count_parameters, default_targets, delete_adapter, disable_adapters,
-                     enable_input_grads, inject, is_merged, merge, set_adapter, unload, unmerge)
+from .inject import count_parameters, delete_adapter, enable_input_grads, inject, set_adapter
 from .layers import LoraLayer, SavedModule
+from .merging import disable_adapters, is_merged, merge, unload, unmerge
+from .parts import active_adapters, configs, default_targets
 from .optim import optimizer
 
 __version__ = "0.1.0"

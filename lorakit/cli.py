@@ -189,7 +189,7 @@ def merge(
 ):
     """Fold the adapter into the base weights and save a plain Hugging Face model (loads with from_pretrained)."""
     from .files import atomic_directory
-    from .inject import unload
+    from .merging import unload
 
     with user_errors():
         out = Path(output)

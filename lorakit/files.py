@@ -1,8 +1,9 @@
 """Adapter files in Hugging Face PEFT's layout: adapter_config.json + adapter_model.safetensors.
 
 In the model, lorakit keeps the base model's own parameter names (`<path>.weight`) and the adapters beside them
-(`<path>.lora_A.<name>`). PEFT's file names differ (`base_model.model.<path>.lora_A.weight`, adapter name dropped);
-`_file_key` and `_parse_file_key` are the one translation each way.
+(`<path>.lora_A.<name>`). PEFT's file names differ (`base_model.model.<path>.lora_A.weight`, adapter name dropped).
+`adapter_tensors` lists one adapter's tensors under PEFT's names (without the prefix), found by type; it serves both
+saving and loading, and `_file_key` / `_parse_file_key` add and drop the prefix.
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
-from .inject import _add, _mark_trainable, check_new_name, configs, delete_adapter, lora_layers, plan_saved_modules, plan_targets
-from .inject import saved_modules, set_adapter, unwrap
-from .layers import SavedModule, layer_dims, layer_kind
+from .inject import add_adapter_layers, check_new_name, delete_adapter, mark_trainable, set_adapter
+from .kinds import CONV1D, kind_of
+from .layers import LoraLayer, SavedModule
+from .parts import base_biases, configs, lora_layers, plan_saved_modules, plan_targets, saved_modules, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_LORA_SUFFIXES = {"linear": ("lora_A.weight", "lora_B.weight"), "conv1d": ("lora_A.weight", "lora_B.weight"),
-                  "conv2d": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
 
 
-def _file_key(path: str, tensor: str) -> str:
-    return f"{PREFIX}{path}.{tensor}"
+def _file_key(key: str) -> str:
+    return PREFIX + key
 
 
 def _parse_file_key(key: str) -> str:
@@ -40,41 +40,54 @@ def _parse_file_key(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
 
 
+# ---- one adapter's tensors under PEFT's names ----
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """{file key without PEFT's prefix: live tensor} for adapter `name`: LoRA A/B (and DoRA magnitudes), its
+    modules_to_save copies, and the biases its config's bias setting trains."""
+    root = unwrap(model)
+    out = {}
+    for path, layer in lora_layers(root).items():
+        if name in layer.adapters:
+            key_a, key_b = layer.kind.file_keys
+            out[f"{path}.{key_a}"], out[f"{path}.{key_b}"] = layer.lora_A[name], layer.lora_B[name]
+            if name in layer.lora_magnitude_vector:
+                out[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+    for path, wrapper in saved_modules(root).items():
+        if name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
+                out[f"{path}.{key}"] = value
+    adapted = {path for path, layer in lora_layers(root).items() if name in layer.adapters}
+    return {**out, **bias_tensors(root, configs(root)[name].bias, adapted)}
+
+
+def bias_tensors(model: nn.Module, bias: str, adapted: set[str]) -> dict[str, torch.Tensor]:
+    """{file key: bias} of the base biases an adapter saves: none; those of the layers it adapts (`adapted`) for
+    "lora_only"; every base bias for "all". An adapted layer's bias is PEFT's `<path>.base_layer.bias`."""
+    if bias == "none":
+        return {}
+    biases = base_biases(model)
+    if bias == "lora_only":
+        return {f"{path}.base_layer.bias": biases[path] for path in adapted if path in biases}
+    return {f"{path}.base_layer.bias" if path in adapted else f"{path}.bias": b for path, b in biases.items()}
+
+
 # ---- saving ----
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under PEFT's file keys: LoRA A/B, modules_to_save copies, trained biases."""
+    """Adapter `name`'s tensors under PEFT's file keys: LoRA A/B, modules_to_save copies, trained biases. A PiSSA
+    adapter is written as the plain LoRA it amounts to on the original weight (`_pissa_as_plain_lora`)."""
     root = unwrap(model)
     if name not in configs(root):
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(configs(root))}")
-    bias = configs(root)[name].bias
-    out = {}
+    out = {_file_key(key): t.detach() for key, t in adapter_tensors(root, name).items()}
     for path, layer in lora_layers(root).items():
-        if name not in layer.lora_A:
-            continue
-        key_a, key_b = _LORA_SUFFIXES[layer.kind]
-        a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-        if name in layer.pissa_init:  # ΔW = s·(BA − B0A0) on the original W: a rank-2r LoRA [B, −B0] @ [A; A0]
-            a0, b0 = layer.pissa_init[name]
-            a, b = torch.cat([a, a0.to(a)]), torch.cat([b, -b0.to(b)], dim=1)
-        out[_file_key(path, key_a)] = a
-        out[_file_key(path, key_b)] = b
-        if name in layer.lora_magnitude_vector:
-            out[_file_key(path, "lora_magnitude_vector")] = layer.lora_magnitude_vector[name]
-        if bias != "none" and layer.bias is not None:
-            out[_file_key(path, "base_layer.bias")] = layer.bias
-    for path, wrapper in saved_modules(root).items():
-        if name in wrapper.modules_to_save:
-            for key, value in wrapper.modules_to_save[name].state_dict().items():
-                out[_file_key(path, key)] = value
-    if bias == "all":
-        adapted = set(lora_layers(root))
-        inside_saved = tuple(p + "." for p in saved_modules(root))
-        for pname, p in root.named_parameters():
-            owner = pname.rsplit(".", 1)[0]
-            if pname.endswith("bias") and owner not in adapted and not pname.startswith(inside_saved):
-                out[PREFIX + pname] = p
-    return {k: v.detach().contiguous() for k, v in out.items()}
+        start = layer.adapters[name].pissa_start if name in layer.adapters else None
+        if start is not None:  # ΔW = s·(BA − B0A0) on the original W: a rank-2r LoRA [B, −B0] @ [A; A0]
+            key_a, key_b = (_file_key(f"{path}.{k}") for k in layer.kind.file_keys)
+            out[key_a] = torch.cat([out[key_a], start[0].to(out[key_a])])
+            out[key_b] = torch.cat([out[key_b], -start[1].to(out[key_b])], dim=1)
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _default_task_type(model: nn.Module) -> str | None:
@@ -100,10 +113,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     task = task_type or config.task_type or _default_task_type(root)
     targets = config.targets
     if targets is None or targets == "all-linear":  # PEFT writes the names it resolved; so do we
-        targets = sorted({p.rsplit(".", 1)[-1] for p, layer in lora_layers(root).items() if name in layer.lora_A})
+        targets = sorted({p.rsplit(".", 1)[-1] for p, layer in lora_layers(root).items() if name in layer.adapters})
     if config.init == "pissa":
         config = _pissa_as_plain_lora(config)
-    fan_in_fan_out = any(layer.kind == "conv1d" for layer in lora_layers(root).values() if name in layer.lora_A)
+    fan_in_fan_out = any(_stores_transposed(layer) for layer in lora_layers(root).values() if name in layer.adapters)
     data = to_peft_dict(replace(config, targets=targets, base_model_name_or_path=base, task_type=task),
                         fan_in_fan_out=fan_in_fan_out)
     out = Path(path)
@@ -111,6 +124,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
     return out
+
+
+def _stores_transposed(layer: LoraLayer) -> bool:
+    # PEFT's fan_in_fan_out: a GPT-2 Conv1D base (also when held in NF4, which remembers its source layout).
+    return layer.kind is CONV1D or getattr(layer.base_layer, "transposed", False)
 
 
 def _pissa_as_plain_lora(config: LoraConfig) -> LoraConfig:
@@ -178,26 +196,24 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _expected_tensors(root: nn.Module, config: LoraConfig, plan: dict, saved: list[str]) -> dict[str, tuple]:
-    # {in-model name under PEFT's file naming: expected shape} for everything `config` puts in a file.
+def _expected_shapes(root: nn.Module, config: LoraConfig, plan: dict, saved: list[str]) -> dict[str, tuple]:
+    # {file key without prefix: shape} for everything `config` puts in a file, from the model before it changes.
     expected = {}
     for path, (r, _) in plan.items():
-        layer = root.get_submodule(path)
-        d_in, d_out = layer_dims(layer)
-        key_a, key_b = _LORA_SUFFIXES[layer_kind(layer)]
-        if layer_kind(layer) == "conv2d":
-            expected[f"{path}.{key_a}"] = (r, *layer.weight.shape[1:])
-            expected[f"{path}.{key_b}"] = (d_out, r, 1, 1)
-        else:
-            expected[f"{path}.{key_a}"] = (r, d_in)
-            expected[f"{path}.{key_b}"] = (d_out, r)
+        module = root.get_submodule(path)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        kind = kind_of(base)
+        key_a, key_b = kind.file_keys
+        expected[f"{path}.{key_a}"], expected[f"{path}.{key_b}"] = kind.factor_shapes(base, r)
         if config.use_dora:
-            expected[f"{path}.lora_magnitude_vector"] = (d_out,)
+            expected[f"{path}.lora_magnitude_vector"] = (kind.dims(base)[1],)
     for path in saved:
         module = root.get_submodule(path)
         module = module.original_module if isinstance(module, SavedModule) else module
         for key, value in module.state_dict().items():
             expected[f"{path}.{key}"] = tuple(value.shape)
+    for key, bias in bias_tensors(root, config.bias, set(plan)).items():
+        expected[key] = tuple(bias.shape)
     return expected
 
 
@@ -218,42 +234,42 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     except ValueError as e:
         raise ValueError(f"adapter {str(path)!r} does not fit this model: {e}") from None
     saved = plan_saved_modules(root, config, strict=False)  # PEFT lists e.g. "score" beside "classifier"
-    expected = _expected_tensors(root, config, plan, saved)
-    biases = {k for k in tensors if k.endswith("bias") and k not in expected}
-    _check_tensors(path, expected, tensors, biases, root)
+    _check_tensors(path, _expected_shapes(root, config, plan, saved), tensors)
     first = not configs(root)
-    overwritten = []  # trained biases are base parameters: keep their old values to undo a failed load
-    try:
-        _add(root, replace(config, init="zeros"), name, plan, saved)
-        with torch.no_grad():
-            for key, value in tensors.items():
-                target = _param_for_key(root, key, name)
-                if key in biases:
-                    overwritten.append((target, target.detach().clone()))
-                target.copy_(value)
-    except BaseException:
-        with torch.no_grad():
-            for target, old in overwritten:
-                target.copy_(old)
-        if name in configs(root):
-            delete_adapter(root, name)
-        raise
+    _fill_new_adapter(root, replace(config, init="zeros"), name, plan, saved, tensors)
     if trainable:
-        _mark_trainable(root, name)
+        mark_trainable(root, name)
     else:
-        for key in tensors:
-            if key not in biases:
-                _param_for_key(root, key, name).requires_grad_(False)
+        for tensor in adapter_tensors(root, name).values():
+            tensor.requires_grad_(False)
         if first:
-            for p in root.parameters():
-                p.requires_grad_(False)
+            root.requires_grad_(False)
     set_adapter(root, getattr(root, "lora_active", None) or name)
     return model
 
 
-def _check_tensors(path, expected: dict, tensors: dict, biases: set, root: nn.Module) -> None:
+def _fill_new_adapter(root, config: LoraConfig, name: str, plan: dict, saved: list[str], tensors: dict) -> None:
+    # Inject adapter `name` and copy the file's tensors in; on any failure the model is put back as it was (trained
+    # biases are base parameters: their old values are kept to undo a failed load).
+    old_biases = {key: b.detach().clone() for key, b in bias_tensors(root, config.bias, set(plan)).items()}
+    try:
+        add_adapter_layers(root, config, name, plan, saved)
+        targets = adapter_tensors(root, name)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                targets[key].copy_(value)
+    except BaseException:
+        with torch.no_grad():
+            for key, old in old_biases.items():
+                bias_tensors(root, config.bias, set(plan))[key].copy_(old)
+        if name in configs(root):
+            delete_adapter(root, name)
+        raise
+
+
+def _check_tensors(path, expected: dict, tensors: dict) -> None:
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(k for k in set(tensors) - set(expected) - biases)
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter {str(path)!r} does not fit this model: "
                          + (f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}; " if missing else "")
@@ -261,26 +277,5 @@ def _check_tensors(path, expected: dict, tensors: dict, biases: set, root: nn.Mo
     for key, shape in expected.items():
         found = tuple(tensors[key].shape)
         if found != shape:
-            module = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0]
             raise ValueError(f"adapter {str(path)!r} does not fit this model: {key} has shape {found}, "
-                             f"module {module!r} expects {shape}")
-    params = dict(root.named_parameters())
-    for key in biases:
-        target = key.replace(".base_layer.bias", ".bias")
-        if target not in params or tuple(params[target].shape) != tuple(tensors[key].shape):
-            raise ValueError(f"adapter {str(path)!r} does not fit this model: bias {key} matches no parameter of shape "
-                             f"{tuple(tensors[key].shape)}")
-
-
-def _param_for_key(root: nn.Module, key: str, name: str) -> torch.Tensor:
-    # Inverse of adapter_state_dict's naming, once the layers exist.
-    for suffix, attr in (("lora_A.weight", "lora_A"), ("lora_B.weight", "lora_B"), ("lora_embedding_A", "lora_A"),
-                         ("lora_embedding_B", "lora_B"), ("lora_magnitude_vector", "lora_magnitude_vector")):
-        if key.endswith("." + suffix):
-            return getattr(root.get_submodule(key[: -len(suffix) - 1]), attr)[name]
-    if key.endswith(".base_layer.bias"):
-        return root.get_submodule(key[: -len(".base_layer.bias")]).bias
-    for path, wrapper in saved_modules(root).items():
-        if key.startswith(path + ".") and name in wrapper.modules_to_save:
-            return wrapper.modules_to_save[name].state_dict(keep_vars=True)[key[len(path) + 1:]]
-    return root.get_parameter(key)
+                             f"this model expects {shape}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import lora_layers
+from .parts import lora_layers
 
 
 def optimizer(model: nn.Module, lr: float, lr_ratio: float = 1.0, weight_decay: float = 0.0,

@@ -158,3 +158,47 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
         with torch.autocast(device_type, enabled=False):
             return _NF4Linear.apply(x.to(dtype), q, None if bias is None else bias.to(dtype))
     return _NF4Linear.apply(x, q, None if bias is None else bias.to(x.dtype))
+
+
+class NF4Linear(nn.Module):
+    """A frozen Linear whose (out, in) weight is held as NF4 codes: y = x · dequantize(weight_nf4)ᵀ + bias.
+
+    `transposed` records a GPT-2 Conv1D source (W stored as (in, out)), so that `to_dense` gives that layer back.
+    """
+
+    def __init__(self, weight_nf4: NF4Weight, bias: torch.Tensor | None = None, transposed: bool = False):
+        super().__init__()
+        self.weight_nf4 = weight_nf4
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.out_features, self.in_features = weight_nf4.shape
+        self.transposed = transposed
+
+    @classmethod
+    def from_linear(cls, module: nn.Module) -> "NF4Linear":
+        """Quantize an nn.Linear, or a GPT-2 Conv1D (which stores W as (in, out))."""
+        transposed = not isinstance(module, nn.Linear)
+        weight = module.weight.detach()
+        return cls(quantize_nf4(weight.t() if transposed else weight), module.bias, transposed)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The layer this was quantized from (nn.Linear or Conv1D), holding the dequantized weight in `dtype`
+        (default: the original dtype)."""
+        weight = dequantize_nf4(self.weight_nf4, dtype)
+        with torch.device("meta"):  # the skeleton only: its weights are replaced below
+            if self.transposed:
+                from transformers.pytorch_utils import Conv1D
+
+                dense = Conv1D(self.out_features, self.in_features)
+                weight = weight.t().contiguous()
+            else:
+                dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        dense.bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(weight.dtype),
+                                                                 requires_grad=self.bias.requires_grad)
+        return dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_linear(x, self.weight_nf4, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from . import data as D
 from .config import LoraConfig
 from .files import atomic_directory, atomic_write, load_adapter, read_adapter_config, save_adapter
-from .inject import count_parameters, default_targets, inject, unwrap
+from .inject import count_parameters, inject
+from .parts import default_targets, unwrap
 from .optim import optimizer as make_optimizer
 
 TASKS = ("classify", "causal-lm")

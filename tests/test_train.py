@@ -160,7 +160,8 @@ def test_sigkill_mid_training_then_resume_ends_identical(bert_dir, topics_csv, t
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(bert_dir, topics_csv, tmp_path, monkeypatch):
-    from lorakit.inject import inject, saved_modules
+    from lorakit.inject import inject
+    from lorakit.parts import saved_modules
 
     out, injected = tmp_path / "run", []
     monkeypatch.setattr(T, "inject", lambda model, cfg: injected.append(model) or inject(model, cfg))

@@ -38,7 +38,7 @@ def test_dora_matches_peft_both_ways(make, targets, tmp_path):
     model = lorakit.inject(make(), lorakit.LoraConfig(r=4, alpha=8, targets=targets, use_dora=True))
     assert torch.allclose(_logits(model, ids), _logits(make(), ids), atol=1e-5)  # m = ||W|| at init
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
-    assert layer.lora_magnitude_vector["default"].shape == (layer.dense_weight().shape[0],)
+    assert layer.lora_magnitude_vector["default"].shape == (layer.base_matrix().shape[0],)
     _randomize(model)
     ours = _logits(model, ids)
     lorakit.save_adapter(model, tmp_path / "ours")
@@ -100,8 +100,8 @@ def test_pissa_init_residual_and_conversion(tmp_path):
     w0 = tiny_llama().model.layers[0].self_attn.q_proj.weight
     u, s, vh = torch.linalg.svd(w0)
     top = (u[:, :4] * s[:4]) @ vh[:4]
-    assert torch.allclose(q.weight + q.delta_weight("default"), w0, atol=1e-5)
-    assert torch.allclose(q.delta_weight("default"), top, atol=1e-5)  # B0 A0 is W's best rank-4 part
+    assert torch.allclose(q.weight + q.delta("default"), w0, atol=1e-5)
+    assert torch.allclose(q.delta("default"), top, atol=1e-5)  # B0 A0 is W's best rank-4 part
     with lorakit.disable_adapters(model):
         assert torch.allclose(_logits(model, ids), base_out, atol=1e-5)  # the base, not the residual
     _randomize(model)
@@ -156,4 +156,4 @@ def test_gaussian_init_std_and_rslora_scale():
     lorakit.inject(layer, lorakit.LoraConfig(r=16, alpha=32, targets=["0"], init="gaussian", use_rslora=True))
     a = layer[0].lora_A["default"]
     assert a.std().item() == pytest.approx(1 / 16, rel=0.05)
-    assert layer[0].scaling["default"] == pytest.approx(32 / 4)
+    assert layer[0].adapters["default"].scale == pytest.approx(32 / 4)

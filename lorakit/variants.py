@@ -1,0 +1,216 @@
+"""What differs between LoRA variants, one small unit each: how an adapter's factors start (`Init`) and how it acts
+on the layer (`Variant`: its extra parameters, ΔW, its share of the output, merge and unmerge).
+
+With W the layer's (d_out, d_in) matrix, s the adapter's scale and x the input:
+
+    LoRA    y = x Wᵀ + s · x Aᵀ Bᵀ                         ΔW = s · B A
+    DoRA    y = m / ‖W + s·BA‖ ⊙ (x Wᵀ + s · x Aᵀ Bᵀ)      ΔW = m / ‖W + s·BA‖ ⊙ (W + s·BA) − W
+            (Liu et al., 2024; m a trainable magnitude per output row, the row norm a constant in backward)
+    PiSSA   an Init: A0, B0 from W's top-r singular vectors (Meng et al., 2024), W replaced by its residual
+            W − s · B0 A0, so the output is unchanged and training starts on the principal directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .layers import LoraLayer
+
+
+@dataclass
+class Adapter:
+    """One adapter's settings in one layer (its tensors live in the layer's lora_A / lora_B ParameterDicts)."""
+
+    scale: float
+    dropout: float  # on the LoRA branch's input, in training only
+    variant: "Variant"
+    pissa_start: tuple[torch.Tensor, torch.Tensor] | None = None  # PiSSA's (A0, B0): W holds W0 − s · B0 A0
+    merge_state: torch.Tensor | None = None  # what merge keeps to undo itself exactly (DoRA: the row norms)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How an adapter acts on its layer. Each hook takes (layer, adapter name, ...)."""
+
+    name: str
+    create: Callable[["LoraLayer", str], None]  # extra parameters, once A and B exist
+    delta: Callable[["LoraLayer", str], torch.Tensor]  # ΔW, (d_out, d_in) float32: what merging adds to W
+    output: Callable[["LoraLayer", str, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, base y) -> what it adds to y
+    merge: Callable[["LoraLayer", str], float]  # W ← W + ΔW in place; returns the rounding error of W's dtype
+    unmerge: Callable[["LoraLayer", str], None]
+    trainable: Callable[["LoraLayer", str], list[nn.Parameter]]  # parameters beyond A and B
+    merge_is_finite: Callable[["LoraLayer", str], bool]  # checked before anything merges
+    fusable: bool = False  # forward may use the layer kind's fused path (fused.py)
+
+
+def lowrank(layer: "LoraLayer", name: str) -> torch.Tensor:
+    """s · B A as a (d_out, d_in) float32 matrix."""
+    a, b = layer.lora_A[name].detach().flatten(1), layer.lora_B[name].detach().flatten(1)
+    return (b.float() @ a.float()) * layer.adapters[name].scale
+
+
+def dropped(layer: "LoraLayer", name: str, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA branch's input: x with the adapter's dropout in training."""
+    p = layer.adapters[name].dropout if layer.training else 0.0
+    return F.dropout(x, p, training=True) if p > 0 else x
+
+
+def finite_after_merge(layer: "LoraLayer", name: str) -> bool:
+    """Whether W + ΔW is finite everywhere, computed in full."""
+    return bool(torch.isfinite(layer.base_matrix().float() + layer.delta(name)).all())
+
+
+def _copy_into(matrix: torch.Tensor, exact: torch.Tensor) -> float:
+    # Write the float32 result into W's view and report what W's dtype rounded away.
+    matrix.copy_(exact)
+    return 0.0 if matrix.dtype == torch.float32 else (matrix.float() - exact).abs().max().item()
+
+
+# ---- plain LoRA ----
+
+def _lora_output(layer, name, x, y):
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    return layer.kind.update(layer, dropped(layer, name, x), a, b) * layer.adapters[name].scale
+
+
+def _lora_merge(layer, name) -> float:
+    if layer.base_matrix().dtype == torch.float32:  # in place with addmm_: no full-size temporary, no rounding
+        layer.add_lowrank(layer.lora_A[name], layer.lora_B[name], layer.adapters[name].scale)
+        return 0.0
+    return _copy_into(layer.base_matrix(), layer.base_matrix().float() + lowrank(layer, name))
+
+
+def _lora_merge_is_finite(layer, name) -> bool:
+    # A cheap sufficient test first: |(B A)_ij| <= ‖B_i‖ · ‖A_:j‖, so max|W| + |s| · max‖B_i‖ · max‖A_:j‖ below the
+    # dtype's largest value cannot overflow (NaN or inf in A or B makes the bound non-finite). Only where the bound
+    # fails is the merged weight itself checked.
+    if not layer.kind.quantized:
+        a = layer.lora_A[name].detach().flatten(1).float()
+        b = layer.lora_B[name].detach().flatten(1).float()
+        low, high = layer.base_matrix().detach().aminmax()
+        bound = torch.maximum(high, -low).float() + abs(layer.adapters[name].scale) * b.norm(dim=1).max() * a.norm(dim=0).max()
+        value = bound.item()  # one sync for the whole test
+        if math.isfinite(value) and value < torch.finfo(layer.base_matrix().dtype).max:
+            return True
+    return finite_after_merge(layer, name)
+
+
+LORA = Variant(
+    "lora", create=lambda layer, name: None, delta=lowrank, output=_lora_output, merge=_lora_merge,
+    unmerge=lambda layer, name: layer.add_lowrank(layer.lora_A[name], layer.lora_B[name], -layer.adapters[name].scale),
+    trainable=lambda layer, name: [], merge_is_finite=_lora_merge_is_finite, fusable=True)
+
+
+# ---- DoRA ----
+
+@torch.no_grad()
+def row_norms(layer: "LoraLayer", name: str) -> torch.Tensor:
+    """‖W + s · B A‖ per output row, float32 (d_out,)."""
+    return (layer.base_matrix().float() + lowrank(layer, name)).norm(dim=1)
+
+
+def _dora_create(layer, name):
+    magnitude = row_norms(layer, name).to(layer.lora_A[name].dtype)  # m = ‖W‖ at init (B = 0): output unchanged
+    layer.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+
+
+def _dora_delta(layer, name):
+    w = layer.base_matrix().float()
+    factor = layer.lora_magnitude_vector[name].detach().float() / row_norms(layer, name)
+    return (w + lowrank(layer, name)) * factor.unsqueeze(1) - w
+
+
+def _dora_output(layer, name, x, y):
+    # As PEFT computes it: with f = m / ‖W + s·BA‖ (norm detached), the layer gives f ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + bias
+    # = y + (f − 1) ⊙ x Wᵀ + f ⊙ s · x Aᵀ Bᵀ.
+    a, b, scale = layer.lora_A[name], layer.lora_B[name], layer.adapters[name].scale
+    weight = layer.base_matrix()
+    xd = dropped(layer, name, x)
+    if xd is not x:
+        base = F.linear(xd, weight)
+    else:
+        base = y if layer.bias is None else y - layer.bias
+    lora = F.linear(F.linear(xd, a.to(xd.dtype)), b.to(xd.dtype))
+    norm = (weight + (b @ a).to(weight.dtype) * scale).norm(dim=1).detach()
+    factor = (layer.lora_magnitude_vector[name] / norm).to(y.dtype)
+    return (factor - 1) * base + factor * lora * scale
+
+
+def _dora_merge(layer, name) -> float:
+    norm = row_norms(layer, name)
+    layer.adapters[name].merge_state = norm
+    factor = layer.lora_magnitude_vector[name].detach().float() / norm
+    matrix = layer.base_matrix()
+    return _copy_into(matrix, (matrix.float() + lowrank(layer, name)) * factor.unsqueeze(1))
+
+
+def _dora_unmerge(layer, name):
+    factor = layer.lora_magnitude_vector[name].detach().float() / layer.adapters[name].merge_state
+    layer.adapters[name].merge_state = None
+    matrix = layer.base_matrix()
+    matrix.copy_(matrix.float() / factor.unsqueeze(1))
+    LORA.unmerge(layer, name)
+
+
+DORA = Variant("dora", create=_dora_create, delta=_dora_delta, output=_dora_output, merge=_dora_merge,
+               unmerge=_dora_unmerge, trainable=lambda layer, name: [layer.lora_magnitude_vector[name]],
+               merge_is_finite=finite_after_merge)
+
+
+def variant_for(use_dora: bool) -> Variant:
+    """DORA or LORA."""
+    return DORA if use_dora else LORA
+
+
+# ---- how A and B start ----
+
+@dataclass(frozen=True)
+class Init:
+    """Starting factors (A, B) for a layer; `residual`: W gives up s · B0 A0 so that the output is unchanged."""
+
+    factors: Callable[["LoraLayer", tuple, tuple, float, dict], tuple[torch.Tensor, torch.Tensor]]
+    residual: bool = False
+
+
+def _kaiming(layer, shape_a, shape_b, scale, kw):
+    a = torch.empty(shape_a, **kw)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's own init, as in loralib and PEFT
+    return a, torch.zeros(shape_b, **kw)
+
+
+def _gaussian(layer, shape_a, shape_b, scale, kw):
+    a = torch.empty(shape_a, **kw)
+    nn.init.normal_(a, std=1.0 / shape_a[0])
+    return a, torch.zeros(shape_b, **kw)
+
+
+def _random(layer, shape_a, shape_b, scale, kw):
+    # For tests: B random too, so the adapter changes the output from the start.
+    a, b = _kaiming(layer, shape_a, shape_b, scale, kw)
+    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    return a, b
+
+
+def _pissa(layer, shape_a, shape_b, scale, kw):
+    # W ≈ U_r S_r V_rᵀ; with the scale folded out, B0 = U_r √(S_r/s), A0 = √(S_r/s) V_rᵀ, so s · B0 A0 is W's best
+    # rank-r approximation.
+    u, s, vh = torch.linalg.svd(layer.base_matrix().to(kw["dtype"]), full_matrices=False)
+    r = shape_a[0]
+    root = (s[:r] / scale).sqrt()
+    return (root.unsqueeze(1) * vh[:r]).contiguous(), (u[:, :r] * root).contiguous()
+
+
+INITS = {
+    "kaiming": Init(_kaiming),
+    "gaussian": Init(_gaussian),
+    "zeros": Init(lambda layer, sa, sb, scale, kw: (torch.zeros(sa, **kw), torch.zeros(sb, **kw))),
+    "random": Init(_random),
+    "pissa": Init(_pissa, residual=True),
+}
