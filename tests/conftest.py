@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                                                     reason="needs a CUDA GPU"))
 TOPICS = {
     "World": ["election", "embassy", "minister", "border", "summit", "ceasefire", "parliament", "treaty"],
     "Sports": ["striker", "coach", "tournament", "league", "marathon", "playoffs", "stadium", "medal"],
@@ -30,6 +32,17 @@ def topic_table(rows_per_label: int = 20, seed: int = 0) -> pd.DataFrame:
             for label, words in TOPICS.items() for _ in range(rows_per_label)]
     rng.shuffle(rows)
     return pd.DataFrame(rows, columns=["text", "label"])
+
+
+@pytest.fixture(params=["cpu", CUDA])
+def device(request):
+    """Each test that takes `device` runs on the CPU, and on CUDA where a GPU is present (skipped elsewhere). TF32 is
+    off so that CUDA results are compared at float32 precision."""
+    import torch
+
+    if request.param == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

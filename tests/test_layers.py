@@ -42,14 +42,15 @@ KINDS = ["linear", "conv1d", "embedding", "conv2d"]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("init", ["kaiming", "gaussian"])
-def test_output_unchanged_at_init(kind, init):
-    base = _layer(kind)
-    x = _input(kind)
+def test_output_unchanged_at_init(kind, init, device):
+    base = _layer(kind).to(device)
+    x = _input(kind).to(device)
     expected = base(x)
     model = nn.Sequential(base)
     lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"], init=init, dropout=0.1))
     model.train()
-    assert torch.equal(model(x), expected)
+    exact = device.type == "cpu"  # a GPU may pick another kernel for the same product: equal within rounding
+    torch.testing.assert_close(model(x), expected, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
     assert lorakit.count_parameters(model)[0] > 0
     assert model[0].lora_A["default"].abs().sum() > 0  # A random, B zero
     assert model[0].lora_B["default"].abs().sum() == 0
@@ -67,10 +68,10 @@ def _expected_delta(kind: str, a: torch.Tensor, b: torch.Tensor, scale: float) -
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_invariants(kind):
-    model = nn.Sequential(_layer(kind))
+def test_merge_invariants(kind, device):
+    model = nn.Sequential(_layer(kind)).to(device)
     lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=6, targets=["0"], init="random"))
-    layer, x = model[0], _input(kind)
+    layer, x = model[0], _input(kind).to(device)
     w0 = layer.weight.detach().clone()
     expected = w0 + _expected_delta(kind, layer.lora_A["default"].detach(), layer.lora_B["default"].detach(), 2.0)
     y = model(x)
@@ -103,15 +104,16 @@ def _reference(x, w, bias, a, b, scale, mask, keep_scale):
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fused_function_matches_autograd(p, with_bias, monkeypatch):
+def test_fused_function_matches_autograd(p, with_bias, monkeypatch, device):
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(10, 12, dtype=torch.float64)
-    bias = torch.randn(10, dtype=torch.float64) if with_bias else None
-    a = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
-    gout = torch.randn(2, 5, 10, dtype=torch.float64)
-    mask = torch.rand(10, 12) > p if p > 0 else None
+    kw = dict(dtype=torch.float64, device=device)
+    x = torch.randn(2, 5, 12, **kw).requires_grad_()
+    w = torch.randn(10, 12, **kw)
+    bias = torch.randn(10, **kw) if with_bias else None
+    a = torch.randn(3, 12, **kw).requires_grad_()
+    b = torch.randn(10, 3, **kw).requires_grad_()
+    gout = torch.randn(2, 5, 10, **kw)
+    mask = torch.rand(10, 12, device=device) > p if p > 0 else None
     monkeypatch.setattr(lorakit.fused, "drop_mask", lambda x2, p: (~mask, 1 / (1 - p)))
     ref = _reference(x, w, bias, a, b, 0.7, None if mask is None else mask.view(2, 5, 12), 1 / (1 - p))
     ref_grads = torch.autograd.grad(ref, (x, a, b), gout)
@@ -178,12 +180,12 @@ def test_fused_path_saves_no_full_size_dropout_copy():
     assert any(t.dtype == torch.bool for t in saved)
 
 
-def test_several_active_adapters_sum():
+def test_several_active_adapters_sum(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8))
+    model = nn.Sequential(nn.Linear(8, 8)).to(device)
     lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"], init="random"), name="a")
     lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"], init="random"), name="b")
-    x = torch.randn(3, 8)
+    x = torch.randn(3, 8, device=device)
     with lorakit.disable_adapters(model):
         base = model(x)
     outs = {}
@@ -194,18 +196,18 @@ def test_several_active_adapters_sum():
     assert torch.allclose(model(x) - base, outs["a"] + outs["b"], atol=1e-6)
 
 
-def test_bf16_autocast_and_bf16_base():
+def test_bf16_autocast_and_bf16_base(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16))
+    model = nn.Sequential(nn.Linear(16, 16)).to(device)
     lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["0"], init="random"))
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16, device=device)
     ref = model(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = model(x)
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref, atol=0.1)
     y.float().sum().backward()
     assert model[0].lora_A["default"].grad.dtype == torch.float32  # fp32 master weights
-    model_bf16 = nn.Sequential(nn.Linear(16, 16).to(torch.bfloat16))
+    model_bf16 = nn.Sequential(nn.Linear(16, 16).to(device, torch.bfloat16))
     lorakit.inject(model_bf16, lorakit.LoraConfig(r=4, targets=["0"]))
     assert model_bf16[0].lora_A["default"].dtype == torch.float32
     assert model_bf16(x.to(torch.bfloat16)).dtype == torch.bfloat16

@@ -52,11 +52,12 @@ def test_every_frozen_linear_is_nf4_and_nothing_else():
     assert isinstance(classifier.bert.pooler.dense, NF4Linear)  # the pooler is part of the frozen base
 
 
-def test_qlora_on_llama_trains_saves_loads_and_merges(tmp_path, caplog):
-    ids = _ids()
-    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], quantize="nf4"))
+def test_qlora_on_llama_trains_saves_loads_and_merges(tmp_path, caplog, device):
+    ids = _ids().to(device)
+    model = lorakit.inject(tiny_llama().to(device), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], quantize="nf4"))
     with torch.no_grad():
-        assert torch.allclose(model(input_ids=ids).logits, _dequantized_base(tiny_llama)(input_ids=ids).logits,
+        assert torch.allclose(model(input_ids=ids).logits,
+                              _dequantized_base(tiny_llama).to(device)(input_ids=ids).logits,
                               atol=1e-5)  # B = 0: exactly the dequantized base
     q = model.model.layers[0].self_attn.q_proj
     model.train()
@@ -69,7 +70,7 @@ def test_qlora_on_llama_trains_saves_loads_and_merges(tmp_path, caplog):
         trained = model(input_ids=ids).logits
     lorakit.save_adapter(model, tmp_path)
     assert lorakit.read_adapter_config(tmp_path).quantize == "nf4"
-    again = lorakit.load_adapter(tiny_llama(), tmp_path)  # quantizes the same way: same outputs
+    again = lorakit.load_adapter(tiny_llama().to(device), tmp_path)  # quantizes the same way: same outputs
     assert isinstance(again.model.layers[0].mlp.up_proj, NF4Linear)
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, trained, atol=1e-5)
@@ -77,7 +78,7 @@ def test_qlora_on_llama_trains_saves_loads_and_merges(tmp_path, caplog):
         warnings.simplefilter("ignore")
         import peft
 
-        theirs = peft.PeftModel.from_pretrained(_dequantized_base(tiny_llama), tmp_path).eval()
+        theirs = peft.PeftModel.from_pretrained(_dequantized_base(tiny_llama).to(device), tmp_path).eval()
         with torch.no_grad():
             assert torch.allclose(theirs(input_ids=ids).logits, trained, atol=1e-5)
     with caplog.at_level(logging.INFO, logger="lorakit"), torch.no_grad():

@@ -33,10 +33,10 @@ def _randomize(model):
 
 
 @pytest.mark.parametrize("make, targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])])
-def test_dora_matches_peft_both_ways(make, targets, tmp_path):
-    ids = _ids()
-    model = lorakit.inject(make(), lorakit.LoraConfig(r=4, alpha=8, targets=targets, use_dora=True))
-    assert torch.allclose(_logits(model, ids), _logits(make(), ids), atol=1e-5)  # m = ||W|| at init
+def test_dora_matches_peft_both_ways(make, targets, tmp_path, device):
+    ids = _ids().to(device)
+    model = lorakit.inject(make().to(device), lorakit.LoraConfig(r=4, alpha=8, targets=targets, use_dora=True))
+    assert torch.allclose(_logits(model, ids), _logits(make().to(device), ids), atol=1e-5)  # m = ||W|| at init
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
     assert layer.lora_magnitude_vector["default"].shape == (layer.base_matrix().shape[0],)
     _randomize(model)
@@ -44,10 +44,10 @@ def test_dora_matches_peft_both_ways(make, targets, tmp_path):
     lorakit.save_adapter(model, tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+        theirs = peft.PeftModel.from_pretrained(make().to(device), tmp_path / "ours").eval()
     assert torch.allclose(_logits(theirs, ids), ours, atol=1e-5)
     theirs.save_pretrained(tmp_path / "theirs")
-    again = lorakit.load_adapter(make(), tmp_path / "theirs")
+    again = lorakit.load_adapter(make().to(device), tmp_path / "theirs")
     assert torch.allclose(_logits(again, ids), ours, atol=1e-5)
 
 
@@ -72,10 +72,11 @@ def test_dora_training_gradients_match_peft():
                           their_layer.lora_magnitude_vector["default"].weight.grad, atol=1e-5)
 
 
-def test_dora_merge_unmerge():
-    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=4, targets=["c_attn"], use_dora=True, init="random"))
+def test_dora_merge_unmerge(device):
+    model = lorakit.inject(tiny_gpt2().to(device), lorakit.LoraConfig(r=4, targets=["c_attn"], use_dora=True,
+                                                                      init="random"))
     _randomize(model)
-    ids = _ids()
+    ids = _ids().to(device)
     out = _logits(model, ids)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     lorakit.merge(model)
