@@ -150,10 +150,11 @@ class LoraLayer(nn.Module):
         self._swap_base(NF4Linear.from_linear(self.release()))
 
     @torch.no_grad()
-    def dequantize_base(self) -> None:
-        """Back to a full-precision frozen weight holding the dequantized NF4 values (merging needs one)."""
+    def dequantize_base(self, dtype: torch.dtype | None = None) -> None:
+        """Back to a full-precision frozen weight holding the dequantized NF4 values (merging needs one), in `dtype`
+        (default: the dtype it was quantized from)."""
         if self.kind.quantized:
-            self._swap_base(self.release().to_dense())
+            self._swap_base(self.release().to_dense(dtype))
 
     @torch.no_grad()
     def merge_stays_finite(self, name: str) -> bool:

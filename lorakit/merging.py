@@ -22,10 +22,7 @@ def merge(model: nn.Module) -> None:
     """Fold ΔW of the active adapters into the base weights (idempotent). Forward then costs what the base model
     costs. Raises, with nothing merged, if an adapter would make a weight non-finite or shares a tied weight."""
     root = unwrap(model)
-    pending = [(path, layer, name) for path, layer in lora_layers(root).items()
-               for name in layer.active if name not in layer.merged]
-    _check_mergeable(root, pending)
-    for path, layer, name in pending:
+    for path, layer, name in check_mergeable(root):
         quantized = layer.kind.quantized
         error = layer.merge(name)
         if quantized:
@@ -36,8 +33,12 @@ def merge(model: nn.Module) -> None:
 merge_active = merge  # unload's `merge` flag shadows the function there
 
 
-def _check_mergeable(root: nn.Module, pending: list) -> None:
-    # Everything is checked first, so that a refusal changes nothing.
+def check_mergeable(model: nn.Module) -> list[tuple[str, "LoraLayer", str]]:
+    """The (path, layer, adapter) merges that merging the active adapters would do, each checked first (tied weights,
+    non-finite results), so that a refusal changes nothing. Raises ValueError naming the layer and adapter."""
+    root = unwrap(model)
+    pending = [(path, layer, name) for path, layer in lora_layers(root).items()
+               for name in layer.active if name not in layer.merged]
     owners = {}  # parameter id -> every module holding it (more than one: tied weights)
     for param_name, p in root.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(param_name.rpartition(".")[0])
@@ -48,6 +49,7 @@ def _check_mergeable(root: nn.Module, pending: list) -> None:
                              f"(tied weights), which would change too; keep it unmerged")
         if not layer.merge_stays_finite(name):
             raise ValueError(f"merging adapter {name!r} into {path!r} gives non-finite weights; the adapter is broken")
+    return pending
 
 
 def unmerge(model: nn.Module) -> None:
