@@ -1,0 +1,58 @@
+"""Which dtypes a run stores and computes in.
+
+Storage: `--dtype auto|bf16|fp16|fp32` is the dtype the base model's weights are held in (auto: the checkpoint's
+own, as transformers' dtype="auto"); never an fp32 copy of a bf16 checkpoint unless asked for.
+Compute: `--precision auto|fp32|bf16` is the dtype the matrix multiplies run in. auto picks bf16 where the device
+multiplies bf16 fast (CUDA GPUs with bf16 support; CPUs with AVX-512 BF16 or AMX, which PyTorch's oneDNN kernels
+use) and fp32 elsewhere: on a CPU without those instructions a bf16 matmul falls back to a scalar reference loop
+that is many times slower than fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISIONS = ("auto", "fp32", "bf16")
+NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bf16 matrices fast (see the module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The compute dtype of `--precision` on `device`; bf16 asked for where it is slow gives a warning saying why."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if precision == "bf16" and not fast_bf16(device):
+        warnings.warn(f"--precision bf16 on {torch.device(device).type} without fast bf16 matrix multiplies (no "
+                      f"AVX-512 BF16 or AMX on this CPU): PyTorch falls back to a reference bf16 kernel many times "
+                      f"slower than fp32; --precision auto picks fp32 here", stacklevel=2)
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def storage_dtype(dtype: str, device: torch.device | str) -> torch.dtype | str:
+    """The torch dtype of `--dtype` ("auto" stays "auto": transformers resolves it to the checkpoint's own). Raises
+    ValueError for a dtype `device` cannot compute in (bf16 on a GPU without bf16 support)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    device = torch.device(device)
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp16 or fp32")
+    return DTYPES[dtype] or "auto"
