@@ -47,7 +47,8 @@ def test_sharegpt_and_alpaca_files_and_a_dataframe(tmp_path):
     share = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "hello there"},
                                                                   {"from": "gpt", "value": "fine thanks"}]}])
     alpaca = tmp_path / "a.csv"
-    pd.DataFrame({"instruction": ["hello there"], "input": [None], "output": ["fine thanks"]}).to_csv(alpaca, index=False)
+    table = pd.DataFrame({"instruction": ["hello there"], "input": [None], "output": ["fine thanks"]})
+    table.to_csv(alpaca, index=False)
     frame = pd.DataFrame({"messages": [ROWS[0]]})
     want = C.chat_labels(tok, ROWS[0], 1)
     for source, name in ((share, "sharegpt"), (alpaca, "alpaca"), (frame, "openai")):
