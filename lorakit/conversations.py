@@ -27,6 +27,7 @@ Row numbers in errors count data rows from 1 (row 3 is the third line of a JSON 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -72,6 +73,8 @@ def _sharegpt(record: dict, row: int) -> list[dict]:
 
 def _alpaca(record: dict, row: int) -> list[dict]:
     instruction, extra, output = record["instruction"], record.get("input"), record["output"]
+    if isinstance(extra, float) and math.isnan(extra):  # pandas' empty cell in a column with no text at all
+        extra = None
     for name, value in (("instruction", instruction), ("output", output)):
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"row {row}: {name} must be non-empty text, got {value!r:.80}")

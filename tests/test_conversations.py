@@ -29,7 +29,9 @@ def test_sharegpt_and_alpaca_rows_become_conversations():
     alpaca = C.FORMAT_NAMES["alpaca"]
     assert C.conversation(alpaca, {"instruction": "Name the topic.", "input": "striker coach", "output": "sports"}, 1) \
         == [{"role": "user", "content": "Name the topic.\n\nstriker coach"}, {"role": "assistant", "content": "sports"}]
-    assert C.conversation(alpaca, {"instruction": "Say hi.", "input": "", "output": "hi"}, 1)[0]["content"] == "Say hi."
+    for empty in ("", None, float("nan")):
+        assert C.conversation(alpaca, {"instruction": "Say hi.", "input": empty, "output": "hi"}, 1)[0] == {
+            "role": "user", "content": "Say hi."}
 
 
 def test_openai_messages_drop_keys_that_arrow_filled_with_none():
