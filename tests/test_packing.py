@@ -146,3 +146,28 @@ def test_attention_mode_by_implementation():
 def test_padding_stats_by_hand():
     assert K.padding_stats([2, 4, 3, 1, 5], batch_size=2) == {"tokens": 15, "slots": 8 + 6 + 5, "waste": 1 - 15 / 19}
     assert K.padding_stats([], 2) == {"tokens": 0, "slots": 0, "waste": 0.0}
+
+
+def test_prepared_chat_data_packs_to_the_same_loss():
+    # The whole route: conversations -> prepare (datasets) -> pack (datasets) -> collator -> a tiny Llama.
+    import pandas as pd
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chat_tokenizers import CHATML, chat_tokenizer
+    from lorakit import prepare as P
+
+    tok = chat_tokenizer(CHATML)
+    talks = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in [("hello there", "fine thanks"), ("what is the topic", "sports"), ("how are you", "fine"),
+                          ("be brief", "world news"), ("hi", "hello there, how are you")]]
+    prepared = P.prepare(pd.DataFrame({"messages": talks}), tok, max_length=64).dataset
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok))).eval()
+    unpacked = [summed_loss(model, {k: torch.tensor([row[k]]) for k in ("input_ids", "labels")}) for row in prepared]
+    packed_ds = K.pack(prepared, max_length=64)
+    assert len(packed_ds) < len(prepared)
+    batch = K.PackedCollator(tok.pad_token_id, K.attention_mode(model))(packed_ds.to_list())
+    total, count = summed_loss(model, batch)
+    assert count == sum(c for _, c in unpacked)
+    assert total == pytest.approx(sum(s for s, _ in unpacked), rel=1e-5)
