@@ -172,6 +172,8 @@ def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text
     elif prompt_column:
         raise DataError(f"{name} holds {fmt.name} data (columns {', '.join(fmt.columns)}); its prompts come from "
                         f"the conversation, so --prompt-column {prompt_column} has no use")
+    else:
+        C.set_chat_template(tokenizer)  # no template, or one unfit for training: said once, before any row
     fmt_name = fmt.name if fmt else "text"
     settings = {"format": fmt_name, "max_length": max_length, "text_columns": text_columns,
                 "prompt_column": prompt_column}

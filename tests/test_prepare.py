@@ -115,6 +115,11 @@ def test_list_or_dict_columns_are_no_plain_text(tmp_path):
         P.prepare(pd.DataFrame({"messages": [ROWS[0]], "system": ["x"]}), tok, max_length=64, prompt_column="system")
 
 
+def test_chat_data_needs_a_usable_chat_template():
+    with pytest.raises(DataError, match="the tokenizer has no chat template"):
+        P.prepare(pd.DataFrame({"messages": [ROWS[0]]}), chat_tokenizer(None), max_length=64)
+
+
 def test_unreadable_sources(tmp_path):
     tok = chat_tokenizer(CHATML)
     with pytest.raises(DataError, match="data file not found"):
