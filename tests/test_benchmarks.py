@@ -86,3 +86,16 @@ def test_quality_script_runs_on_a_few_rows(tmp_path):
     assert {r["variant"]: r["lr"] for r in rerun} == {"lorakit": 2e-3, "lorakit-nf4": quality.LR["lorakit-nf4"]}
     text = report._quality_section(tmp_path / "quality.json")
     assert "| ag_news | lorakit-nf4 | 16 / 8 |" in text and "QLoRA (NF4) within 1.5 points of fp32 LoRA" in text
+
+
+def test_packing_benchmark_runs(tmp_path):
+    from benchmarks import packing
+
+    packing.main(["--size", "tiny", "--device", "cpu", "--out", str(tmp_path / "packing.json")])
+    saved = json.loads((tmp_path / "packing.json").read_text())
+    assert set(saved["modes"]) == {"padded", "packed"} and saved["tokens"] > 0
+    for mode in saved["modes"].values():
+        assert {"steps", "seconds", "tokens_per_s", "waste"} <= set(mode)
+    assert set(saved["waste"]) == {"padded", "packed-best-fit", "packed-sequential"}
+    # Waste is arithmetic on seeded lengths, not a timing: best-fit packing wastes less than padding.
+    assert saved["waste"]["packed-best-fit"]["waste"] < saved["waste"]["padded"]["waste"]
