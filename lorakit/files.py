@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
 from .inject import _add, _mark_trainable, check_new_name, configs, delete_adapter, lora_layers, plan_saved_modules, plan_targets
-from .inject import saved_modules, set_adapter, unwrap
+from .inject import default_task_type, saved_modules, set_adapter, task_heads, unwrap
 from .layers import SavedModule, layer_dims, layer_kind
 
 CONFIG_NAME = "adapter_config.json"
@@ -77,27 +77,20 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _default_task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
-                         ("LMHeadModel", "CAUSAL_LM"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
-        if cls.endswith(suffix):
-            return task
-    return None
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
                  base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
     """Write adapter `name` to directory `path` as adapter_config.json + adapter_model.safetensors (PEFT's layout,
     loadable with `peft.PeftModel.from_pretrained`). Each file is written to a temp file, then renamed into place.
-    Saving a merged model is fine: the merge changes W, never A or B."""
+    Saving a merged model is fine: the merge changes W, never A or B. task_type (given, the config's, or the model
+    class's) is written only when the file holds the head that PEFT's task expects (TASK_HEADS); else null."""
     root = unwrap(model)
     tensors = adapter_state_dict(root, name)
     config = configs(root)[name]
     base = base_model_name_or_path or config.base_model_name_or_path or getattr(
         getattr(root, "config", None), "_name_or_path", None) or None
-    task = task_type or config.task_type or _default_task_type(root)
+    task = task_type or config.task_type or default_task_type(root)
+    if not set(task_heads(root, task)) <= {p for p, w in saved_modules(root).items() if name in w.modules_to_save}:
+        task = None  # head not saved: PEFT's task model would expect its tensors; with no task PEFT keeps it as is
     targets = config.targets
     if targets is None or targets == "all-linear":  # PEFT writes the names it resolved; so do we
         targets = sorted({p.rsplit(".", 1)[-1] for p, layer in lora_layers(root).items() if name in layer.lora_A})

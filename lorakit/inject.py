@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from .config import DEFAULT_TARGETS, LoraConfig, layer_index_ok, name_matches
+from .config import DEFAULT_TARGETS, LoraConfig, layer_index_ok, name_matches, replace
 from .layers import LoraLayer, SavedModule, layer_dims, layer_kind
 
 log = logging.getLogger("lorakit")
@@ -39,6 +39,27 @@ def default_targets(model: nn.Module) -> list[str]:
         raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass targets=[...] "
                          f"(module names or suffixes) or targets='all-linear'")
     return list(DEFAULT_TARGETS[model_type])
+
+
+# PEFT's task models add these names to modules_to_save (peft_model.py, PeftModelForSequenceClassification and
+# friends): the task head is trained in full and saved with the adapter, and PEFT expects it in the file.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def default_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a Hugging Face model class ("SEQ_CLS" for *ForSequenceClassification, ...), else None."""
+    cls = type(unwrap(model)).__name__
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                         ("LMHeadModel", "CAUSAL_LM"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def task_heads(model: nn.Module, task_type: str | None) -> list[str]:
+    """The heads PEFT's `task_type` trains and saves: those of its TASK_HEADS names that are modules of `model`."""
+    return [n for n in TASK_HEADS.get(task_type, ()) if isinstance(getattr(unwrap(model), n, None), nn.Module)]
 
 
 def configs(model: nn.Module) -> dict[str, LoraConfig]:
@@ -146,10 +167,15 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
     """Add adapter `name` to the layers `config` targets, freeze every other parameter, make it the active
-    adapter, and return the model (changed in place). The output is unchanged until B is trained (B = 0)."""
+    adapter, and return the model (changed in place). The output is unchanged until B is trained (B = 0).
+    With modules_to_save=None a task model's head (TASK_HEADS) trains too, as in PEFT; [] keeps it frozen."""
     root = unwrap(model)
     check_new_name(root, name)
     plan = plan_targets(root, config)
+    if config.modules_to_save is None:  # as in PEFT, a task model's head trains and is saved (unless a LoRA target)
+        heads = task_heads(root, config.task_type or default_task_type(root))
+        heads = [h for h in heads if not any(p == h or p.startswith(h + ".") for p in plan)]
+        config = replace(config, modules_to_save=heads or None)
     saved = plan_saved_modules(root, config)
     overlap = [p for p in plan if any(p == s or p.startswith(s + ".") for s in saved)]
     if overlap:
