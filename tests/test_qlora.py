@@ -1,7 +1,6 @@
-"""QLoRA: LoRA on an NF4-quantized base (the quantizer itself is tested in test_quant.py)."""
+"""QLoRA: LoRA on an NF4-quantized base (the quantizer: test_quant.py; PEFT on the dequantized base: test_interop.py)."""
 
 import logging
-import warnings
 
 import pytest
 import torch
@@ -37,13 +36,6 @@ def test_qlora_on_llama_trains_saves_loads_and_merges(tmp_path, caplog):
     assert again.model.layers[0].self_attn.q_proj.weight_nf4 is not None
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, trained, atol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import peft
-
-        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()  # full-precision base in PEFT
-        with torch.no_grad():
-            assert (theirs(input_ids=ids).logits - trained).abs().max() < 0.1 * trained.abs().max()
     with caplog.at_level(logging.INFO, logger="lorakit"), torch.no_grad():
         lorakit.merge(model)
         assert "merged adapter 'default' into NF4 layer 'model.layers.0.self_attn.q_proj'" in caplog.text
