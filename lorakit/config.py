@@ -59,7 +59,9 @@ class LoraConfig:
     targets: list[str] | str | None = None
     exclude: list[str] | str | None = None  # same matching rules as targets; wins over them
     bias: str = "none"  # "none" | "all" (every bias trains) | "lora_only" (biases of adapted layers train)
-    modules_to_save: list[str] | None = None  # full trainable copies saved with the adapter (e.g. "classifier")
+    # Modules trained in full and saved with the adapter. None: a task model's head, as PEFT does (see inject);
+    # []: none, the head stays frozen and the file carries no task_type.
+    modules_to_save: list[str] | None = None
     init: str = "kaiming"  # A: kaiming-uniform | gaussian (std 1/r) | zeros; B = 0. "random": B random too (tests)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # {regex on module name: r}
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # {regex on module name: alpha}
@@ -93,6 +95,8 @@ class LoraConfig:
             _check(ok and value != [], f"{name} must be a list of module names, a regex string or None, got {value!r}")
             if isinstance(value, str) and value != "all-linear":
                 _check_regex(value, name)
+        _check(self.modules_to_save is None or all(isinstance(m, str) and m for m in self.modules_to_save),
+               f"modules_to_save must be a list of module names ([] for none) or None, got {self.modules_to_save!r}")
         for key, rank in self.rank_pattern.items():
             _check_regex(key, "rank_pattern")
             _check(isinstance(rank, int) and rank >= 1, f"rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}")

@@ -24,7 +24,8 @@ from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
 from .inject import add_adapter_layers, check_new_name, delete_adapter, mark_trainable, set_adapter
 from .kinds import CONV1D, kind_of
 from .layers import LoraLayer, SavedModule
-from .parts import base_biases, configs, lora_layers, plan_saved_modules, plan_targets, saved_modules, unwrap
+from .parts import base_biases, configs, default_task_type, lora_layers, plan_saved_modules, plan_targets, saved_modules
+from .parts import task_heads, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -90,27 +91,20 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _default_task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
-                         ("LMHeadModel", "CAUSAL_LM"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
-        if cls.endswith(suffix):
-            return task
-    return None
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
                  base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
     """Write adapter `name` to directory `path` as adapter_config.json + adapter_model.safetensors (PEFT's layout,
     loadable with `peft.PeftModel.from_pretrained`). Each file is written to a temp file, then renamed into place.
-    Saving a merged model is fine: the merge changes W, never A or B."""
+    Saving a merged model is fine: the merge changes W, never A or B. task_type (given, the config's, or the model
+    class's) is written only when the file holds the head that PEFT's task expects (parts.TASK_HEADS); else null."""
     root = unwrap(model)
     tensors = adapter_state_dict(root, name)
     config = configs(root)[name]
     base = base_model_name_or_path or config.base_model_name_or_path or getattr(
         getattr(root, "config", None), "_name_or_path", None) or None
-    task = task_type or config.task_type or _default_task_type(root)
+    task = task_type or config.task_type or default_task_type(root)
+    if not set(task_heads(root, task)) <= {p for p, w in saved_modules(root).items() if name in w.modules_to_save}:
+        task = None  # head not saved: PEFT's task model would expect its tensors; with no task PEFT keeps it as is
     targets = config.targets
     if targets is None or targets == "all-linear":  # PEFT writes the names it resolved; so do we
         targets = sorted({p.rsplit(".", 1)[-1] for p, layer in lora_layers(root).items() if name in layer.adapters})
@@ -205,6 +199,8 @@ def _expected_shapes(root: nn.Module, config: LoraConfig, plan: dict, saved: lis
         kind = kind_of(base)
         key_a, key_b = kind.file_keys
         expected[f"{path}.{key_a}"], expected[f"{path}.{key_b}"] = kind.factor_shapes(base, r)
+        if config.use_dora and not kind.linear:  # e.g. PEFT's Conv2d DoRA: say so, not "wrong shape"
+            raise ValueError(f"DoRA supports Linear and Conv1D layers, not {kind.name} ({path!r})")
         if config.use_dora:
             expected[f"{path}.lora_magnitude_vector"] = (kind.dims(base)[1],)
     for path in saved:
@@ -234,7 +230,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     except ValueError as e:
         raise ValueError(f"adapter {str(path)!r} does not fit this model: {e}") from None
     saved = plan_saved_modules(root, config, strict=False)  # PEFT lists e.g. "score" beside "classifier"
-    _check_tensors(path, _expected_shapes(root, config, plan, saved), tensors)
+    try:
+        expected = _expected_shapes(root, config, plan, saved)
+    except ValueError as e:
+        raise ValueError(f"adapter {str(path)!r} does not fit this model: {e}") from None
+    _check_tensors(path, expected, tensors)
     first = not configs(root)
     _fill_new_adapter(root, replace(config, init="zeros"), name, plan, saved, tensors)
     if trainable:

@@ -12,21 +12,23 @@ import warnings
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import LoraConfig, replace
 from .layers import LoraLayer, SavedModule
 from .merging import is_merged, merge, unmerge
-from .parts import active_adapters, base_biases, configs, lora_layers, plan_saved_modules, plan_targets, replace_module
-from .parts import saved_modules, unwrap
+from .parts import active_adapters, base_biases, configs, default_task_type, lora_layers, plan_saved_modules, plan_targets
+from .parts import replace_module, saved_modules, task_heads, unwrap
 from .qlora import plan_quantized, quantize_layers
 from .quant import NF4Weight
 
 
 def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
     """Add adapter `name` to the layers `config` targets, freeze every other parameter, make it the active
-    adapter, and return the model (changed in place). The output is unchanged until B is trained (B = 0)."""
+    adapter, and return the model (changed in place). The output is unchanged until B is trained (B = 0).
+    With modules_to_save=None a task model's head (parts.TASK_HEADS) trains too, as in PEFT; [] keeps it frozen."""
     root = unwrap(model)
     check_new_name(root, name)
     plan = plan_targets(root, config)
+    config = with_task_head(root, config, plan)
     saved = plan_saved_modules(root, config)
     overlap = [p for p in plan if any(p == s or p.startswith(s + ".") for s in saved)]
     if overlap:
@@ -35,6 +37,15 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     set_adapter(root, name)
     mark_trainable(root, name)
     return model
+
+
+def with_task_head(model: nn.Module, config: LoraConfig, plan: dict) -> LoraConfig:
+    """`config` with modules_to_save=None resolved as PEFT resolves it: the task model's head, unless LoRA adapts it."""
+    if config.modules_to_save is not None:
+        return config
+    heads = task_heads(model, config.task_type or default_task_type(model))
+    heads = [h for h in heads if not any(p == h or p.startswith(h + ".") for p in plan)]
+    return replace(config, modules_to_save=heads or None)
 
 
 def check_new_name(model: nn.Module, name: str) -> None:

@@ -15,6 +15,12 @@ from .kinds import kind_of
 from .layers import LoraLayer, SavedModule
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")  # transformers' names for task heads
+# PEFT's task models add these names to modules_to_save (peft_model.py, PeftModelForSequenceClassification and
+# friends): the task head is trained in full and saved with the adapter, and PEFT expects it in the file.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+TASK_TYPES = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+              ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+              ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))  # Hugging Face class-name endings -> PEFT task type
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -34,6 +40,17 @@ def default_targets(model: nn.Module) -> list[str]:
         raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass targets=[...] "
                          f"(module names or suffixes) or targets='all-linear'")
     return list(DEFAULT_TARGETS[model_type])
+
+
+def default_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a Hugging Face model class ("SEQ_CLS" for *ForSequenceClassification, ...), else None."""
+    cls = type(unwrap(model)).__name__
+    return next((task for suffix, task in TASK_TYPES if cls.endswith(suffix)), None)
+
+
+def task_heads(model: nn.Module, task_type: str | None) -> list[str]:
+    """The heads PEFT's `task_type` trains and saves: those of its TASK_HEADS names that are modules of `model`."""
+    return [n for n in TASK_HEADS.get(task_type, ()) if isinstance(getattr(unwrap(model), n, None), nn.Module)]
 
 
 def configs(model: nn.Module) -> dict[str, LoraConfig]:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.inject import saved_modules
 from lorakit.layers import LoraLayer, SavedModule
 from tiny_models import minilm_classifier, small_cnn, tiny_gpt2, tiny_llama
 
@@ -41,6 +42,15 @@ def test_default_targets_query_value_and_head(minilm):
     keys = set(model.state_dict())
     assert "bert.encoder.layer.0.attention.self.query.weight" in keys
     assert "classifier.original_module.weight" in keys and "classifier.modules_to_save.default.weight" in keys
+
+
+@pytest.mark.parametrize("modules_to_save, saved", [(None, ["classifier"]), ([], []), (["pooler"], ["bert.pooler"])])
+def test_classifier_head_trains_unless_modules_to_save_says_otherwise(minilm, modules_to_save, saved):
+    # None: the head trains and is saved, as with PEFT's SEQ_CLS; a list is taken as it is ([]: nothing).
+    config = lorakit.LoraConfig(r=2, targets=["query"], modules_to_save=modules_to_save)
+    model = lorakit.inject(copy.deepcopy(minilm), config)
+    assert sorted(saved_modules(model)) == saved
+    assert model.classifier.weight.requires_grad == ("classifier" in saved)
 
 
 def test_target_forms(minilm):
@@ -81,6 +91,7 @@ def test_rank_and_alpha_patterns_and_rslora():
     (dict(init="xavier"), "init must be one of"),
     (dict(targets="("), "not a valid regex"),
     (dict(rank_pattern={"q": 0}), "rank_pattern['q'] must be an integer >= 1"),
+    (dict(modules_to_save=[""]), "modules_to_save must be a list of module names ([] for none) or None"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -107,7 +118,8 @@ def test_bad_targets_name_the_problem(minilm):
 
 def test_bias_modes(minilm):
     def trainable(bias):
-        model = lorakit.inject(copy.deepcopy(minilm), lorakit.LoraConfig(r=2, targets=["query"], bias=bias))
+        config = lorakit.LoraConfig(r=2, targets=["query"], bias=bias, modules_to_save=[])  # no head: biases only
+        model = lorakit.inject(copy.deepcopy(minilm), config)
         return {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
 
     assert trainable("none") == set()

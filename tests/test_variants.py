@@ -33,22 +33,12 @@ def _randomize(model):
 
 
 @pytest.mark.parametrize("make, targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])])
-def test_dora_matches_peft_both_ways(make, targets, tmp_path, device):
+def test_dora_starts_as_the_base_model(make, targets, device):
     ids = _ids().to(device)
     model = lorakit.inject(make().to(device), lorakit.LoraConfig(r=4, alpha=8, targets=targets, use_dora=True))
     assert torch.allclose(_logits(model, ids), _logits(make().to(device), ids), atol=1e-5)  # m = ||W|| at init
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
     assert layer.lora_magnitude_vector["default"].shape == (layer.base_matrix().shape[0],)
-    _randomize(model)
-    ours = _logits(model, ids)
-    lorakit.save_adapter(model, tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(make().to(device), tmp_path / "ours").eval()
-    assert torch.allclose(_logits(theirs, ids), ours, atol=1e-5)
-    theirs.save_pretrained(tmp_path / "theirs")
-    again = lorakit.load_adapter(make().to(device), tmp_path / "theirs")
-    assert torch.allclose(_logits(again, ids), ours, atol=1e-5)
 
 
 def test_dora_training_gradients_match_peft():
@@ -110,17 +100,13 @@ def test_pissa_init_residual_and_conversion(tmp_path):
     lorakit.save_adapter(model, tmp_path)
     config = lorakit.read_adapter_config(tmp_path)
     assert config.r == 8 and config.init == "kaiming"
-    fresh = lorakit.load_adapter(tiny_llama(), tmp_path)  # the untouched base model
+    fresh = lorakit.load_adapter(tiny_llama(), tmp_path)  # the untouched base model (PEFT too: test_interop.py)
     assert torch.allclose(_logits(fresh, ids), trained, atol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    assert torch.allclose(_logits(theirs, ids), trained, atol=1e-5)
     lorakit.delete_adapter(model, "default")  # gives the original weights back
     assert torch.allclose(_logits(model, ids), base_out, atol=1e-5)
 
 
-def test_pissa_unload_and_unconverted_peft_file(tmp_path):
+def test_pissa_unload():
     ids = _ids()
     model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, targets=["q_proj"], init="pissa"))
     _randomize(model)
@@ -129,12 +115,6 @@ def test_pissa_unload_and_unconverted_peft_file(tmp_path):
     assert torch.allclose(_logits(merged, ids), out, atol=1e-4)
     restored = lorakit.unload(model, merge=False)
     assert torch.allclose(_logits(restored, ids), _logits(tiny_llama(), ids), atol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
-    theirs.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="PiSSA adapter saved without conversion"):
-        lorakit.load_adapter(tiny_llama(), tmp_path)
 
 
 def test_lora_plus_parameter_groups():
