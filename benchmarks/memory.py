@@ -26,9 +26,10 @@ import torch
 from . import train
 from .common import MAKERS, base_model, batch, model_bytes, set_threads, sync
 
-ROWS = {"mem-cls": "cls", "mem-cls-bf16": "cls-bf16", "mem-gpt2": "gpt2", "mem-llama": "llama"}  # -> train.ROWS
-DEFAULT = list(ROWS)
-STEPS = {"full": 3, "quick": 2, "tiny": 1}
+ROWS = {"mem-cls": "cls", "mem-cls-bf16": "cls-bf16", "mem-gpt2": "gpt2", "mem-llama": "llama",  # -> train.ROWS
+        "mem-gpt2-bf16": "gpt2-bf16", "mem-llama-bf16": "llama-bf16"}
+DEFAULT = ["mem-cls", "mem-cls-bf16", "mem-gpt2", "mem-llama"]
+STEPS = {"full": 3, "quick": 2, "tiny": 1, "gpu": 3}
 TARGET_VS_PEFT = 0.90
 
 

@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, run the chosen workloads (a failing row is recorded, the rest still run), write the
     report; returns the results dict."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    parser.add_argument("--size", choices=["full", "quick", "tiny"], default="full",
-                        help="full: the sizes BENCHMARKS.md reports; quick: real models, small batches; tiny: tests")
+    parser.add_argument("--size", choices=["full", "quick", "tiny", "gpu"], default="full",
+                        help="full: the sizes BENCHMARKS.md reports; quick: real models, small batches; tiny: tests; "
+                             "gpu: the CUDA run's sizes (benchmarks/gpu.sh)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="groups (train infer memory adapters quality) or rows")
     parser.add_argument("--quality", action="store_true", help="also run benchmarks/quality.py")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
