@@ -6,12 +6,12 @@
 At entry, each LoRA layer stacks the adapters the call uses, once: ranks zero-padded to the largest r (R), each
 adapter's scale folded into B, slot 0 all zeros for the base model. With idx (N,) the slot of each row:
 
-    Aᵀ: (k+1, d_in, R)    Bᵀ: (k+1, R, d_out)    F: (k+1, d_out) DoRA's m / ‖W + s·BA‖ (1 for LoRA and the base)
+    A: (k+1, R, d_in)    B: (k+1, d_out, R)    F: (k+1, d_out) DoRA's m / ‖W + s·BA‖ (1 for LoRA and the base)
 
 and each row gathers its own factors, applied with batched matmuls (bmm) instead of a Python loop over adapters:
 
-    LoRA    y[n] = base(x[n]) + x[n] Aᵀ[idx[n]] Bᵀ[idx[n]]
-    DoRA    y[n] = base(x[n]) + (F[idx[n]] − 1) ⊙ x[n] Wᵀ + F[idx[n]] ⊙ x[n] Aᵀ[idx[n]] Bᵀ[idx[n]]
+    LoRA    y[n] = base(x[n]) + x[n] A[idx[n]]ᵀ B[idx[n]]ᵀ
+    DoRA    y[n] = base(x[n]) + (F[idx[n]] − 1) ⊙ x[n] Wᵀ + F[idx[n]] ⊙ x[n] A[idx[n]]ᵀ B[idx[n]]ᵀ
 
 x[n] is everything of row n: (T, d_in) tokens for a sequence, also when a model flattens its input to (N·T, d_in)
 or generate() repeats each row for beams; any leading dimension that is a multiple of N is read as N groups of
@@ -66,12 +66,13 @@ def route(model: nn.Module, names: Sequence[str | None]):
 
 def routes(root: nn.Module, names: list[str | None]) -> dict[nn.Module, callable]:
     """{LoRA layer or saved module: its routed forward} for rows routed to `names`; checks first."""
-    _check(root, names)
+    layers = list(lora_layers(root).values())
+    _check(root, names, layers)
     used = list(dict.fromkeys(n for n in names if n is not None))  # distinct adapters, in order of first use
-    device = next(root.parameters()).device
-    idx = torch.tensor([0 if n is None else 1 + used.index(n) for n in names], device=device)
+    slot = {n: i for i, n in enumerate([None] + used)}
+    idx = torch.tensor([slot[n] for n in names], device=next(root.parameters()).device)
     table = {}
-    for layer in lora_layers(root).values():
+    for layer in layers:
         table[layer] = functools.partial(_FORWARDS.get(layer.kind, _linear_rows), layer, stack(layer, used), idx)
     for wrapper in saved_modules(root).values():
         copies = [wrapper.original_module] + [wrapper.modules_to_save[n] if n in wrapper.modules_to_save
@@ -80,7 +81,7 @@ def routes(root: nn.Module, names: list[str | None]) -> dict[nn.Module, callable
     return table
 
 
-def _check(root: nn.Module, names: list) -> None:
+def _check(root: nn.Module, names: list, layers: list[LoraLayer]) -> None:
     if not names:
         raise ValueError("route(): no rows (names is empty)")
     known = configs(root)
@@ -89,53 +90,60 @@ def _check(root: nn.Module, names: list) -> None:
         raise ValueError(f"route(): unknown adapter(s) {unknown}; this model has {sorted(known)}")
     if root.training:
         raise ValueError("route() is for inference: call model.eval() first (adapter dropout is not routed)")
-    layers = lora_layers(root)
-    merged = sorted({n for layer in layers.values() for n in layer.merged})
+    merged = sorted({n for layer in layers for n in layer.merged})
     if merged:
         raise ValueError(f"route() needs the unmerged base model, but adapter(s) {merged} are merged into it: "
                          f"unmerge(model) first")
-    if any(a.pissa_start is not None for layer in layers.values() for a in layer.adapters.values()):
+    if any(a.pissa_start is not None for layer in layers for a in layer.adapters.values()):
         raise ValueError("route(): a PiSSA adapter changes the base weight for every row; save and load it "
                          "(as the plain LoRA lorakit saves) to route it")
-    if any(layer.kind is EMBEDDING and layer.base_layer.max_norm is not None for layer in layers.values()):
+    if any(layer.kind is EMBEDDING and layer.base_layer.max_norm is not None for layer in layers):
         raise ValueError("route(): Embedding layers with max_norm are not supported")
 
 
 @dataclass
 class Stack:
-    """One layer's adapters for one routed call; slot 0 is the base model (zeros). Shapes in the module docstring;
-    Embedding's a is (k+1, num_embeddings, R), Conv2d's (k+1, R, C_in, kh, kw)."""
+    """One layer's adapters for one routed call; slot 0 is the base model (zeros). Shapes as the layer holds them,
+    one more dimension in front: a (k+1, R, d_in) (Conv2d: (k+1, R, C_in, kh, kw); Embedding: (k+1, R, vocab))."""
 
-    a: torch.Tensor
-    b: torch.Tensor  # (k+1, R, d_out), the scale folded in
+    a: torch.Tensor | None
+    b: torch.Tensor | None  # (k+1, d_out, R), each adapter's scale folded in
     factor: torch.Tensor | None  # DoRA's (k+1, d_out); None when no adapter here is DoRA
-    rank: int
+    rank: int  # R; 0 when no routed adapter is in this layer (the layer runs its base alone)
 
 
 @torch.no_grad()
 def stack(layer: LoraLayer, used: list[str]) -> Stack:
     """The adapters `used` of `layer` stacked (adapters this layer lacks get zeros: those rows add nothing)."""
-    here = [n for n in used if n in layer.adapters]
-    rank = max((layer.lora_A[n].shape[0] for n in here), default=0)
-    template = next(iter(layer.lora_A.values()))
-    d_out = layer.kind.dims(layer.base_layer)[1]
-    a = template.new_zeros(len(used) + 1, rank, *template.shape[1:])
-    b = template.new_zeros(len(used) + 1, d_out, rank)
+    a_of = {n: layer.lora_A[n] for n in used if n in layer.adapters}
+    if not a_of:
+        return Stack(None, None, None, 0)
+    b_of = {n: layer.lora_B[n].flatten(1) for n in a_of}  # (d_out, r)
+    rank = max(a.shape[0] for a in a_of.values())
+    first = next(iter(a_of.values()))
+    d_out = next(iter(b_of.values())).shape[0]
+    zero_a, zero_b = first.new_zeros(rank, *first.shape[1:]), first.new_zeros(d_out, rank)
+    a = torch.stack([zero_a] + [_padded(a_of[n], rank, 0) if n in a_of else zero_a for n in used])
+    b = torch.stack([zero_b] + [_padded(b_of[n], rank, 1) if n in b_of else zero_b for n in used])
+    scales = [0.0] + [layer.adapters[n].scale if n in a_of else 0.0 for n in used]
+    b = b * torch.tensor(scales, dtype=b.dtype, device=b.device).view(-1, 1, 1)
+    dora = [(slot, n) for slot, n in enumerate(used, start=1) if n in a_of and layer.adapters[n].variant is DORA]
     factor = None
-    for slot, name in enumerate(used, start=1):  # once per call and layer, never per row or per forward
-        if name not in layer.adapters:
-            continue
-        r, adapter = layer.lora_A[name].shape[0], layer.adapters[name]
-        a[slot, :r] = layer.lora_A[name]
-        b[slot, :, :r] = layer.lora_B[name].flatten(1) * adapter.scale
-        if adapter.variant is DORA:
-            factor = template.new_ones(len(used) + 1, d_out) if factor is None else factor
+    if dora:
+        factor = first.new_ones(len(used) + 1, d_out)
+        for slot, name in dora:  # DoRA's row norms depend on W and on each adapter: one per DoRA adapter
             factor[slot] = _dora_factor(layer, name)
-    if layer.kind is EMBEDDING:
-        a = a.transpose(1, 2)  # (k+1, num_embeddings, R): rows looked up by token id
-    elif layer.kind is not CONV2D:
-        a = a.transpose(1, 2)  # (k+1, d_in, R)
-    return Stack(a.contiguous(), b.transpose(1, 2).contiguous(), factor, rank)
+    return Stack(a, b, factor, rank)
+
+
+def _padded(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    # Zero rank components up to `rank` along `dim`: they add nothing to x Aᵀ Bᵀ.
+    missing = rank - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def _dora_factor(layer: LoraLayer, name: str) -> torch.Tensor:
@@ -162,7 +170,8 @@ def _linear_rows(layer: LoraLayer, s: Stack, idx: torch.Tensor, x: torch.Tensor)
         return y
     groups(idx, x)
     rows = x.reshape(idx.shape[0], -1, x.shape[-1])
-    lora = torch.bmm(torch.bmm(rows, s.a[idx].to(x.dtype)), s.b[idx].to(x.dtype))  # (N, M, d_out)
+    a, b = s.a[idx].to(x.dtype), s.b[idx].to(x.dtype)  # (N, R, d_in), (N, d_out, R)
+    lora = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))  # (N, M, d_out)
     if s.factor is None:
         return y + lora.view(y.shape)
     base = y if layer.bias is None else y - layer.bias  # x Wᵀ
@@ -177,8 +186,8 @@ def _embedding_rows(layer: LoraLayer, s: Stack, idx: torch.Tensor, x: torch.Tens
         return y
     groups(idx, x)
     ids = x.reshape(idx.shape[0], -1)
-    h = s.a[idx.unsqueeze(1), ids]  # (N, M, R)
-    return y + torch.bmm(h.to(y.dtype), s.b[idx].to(y.dtype)).view(y.shape)
+    h = s.a.transpose(1, 2)[idx.unsqueeze(1), ids]  # A's columns looked up by id: (N, M, R)
+    return y + torch.bmm(h.to(y.dtype), s.b[idx].to(y.dtype).transpose(1, 2)).view(y.shape)
 
 
 def _conv2d_rows(layer: LoraLayer, s: Stack, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +199,7 @@ def _conv2d_rows(layer: LoraLayer, s: Stack, idx: torch.Tensor, x: torch.Tensor)
     per = idx.repeat_interleave(groups(idx, x))  # (L,) slot of each image
     a = s.a[per].to(x.dtype).flatten(0, 1)  # (L·R, C, kh, kw)
     h = F.conv2d(x.reshape(1, -1, *x.shape[2:]), a, None, c.stride, c.padding, c.dilation, groups=n)
-    lora = torch.bmm(s.b[per].to(x.dtype).transpose(1, 2), h.view(n, s.rank, -1))  # (L, d_out, H'·W')
+    lora = torch.bmm(s.b[per].to(x.dtype), h.view(n, s.rank, -1))  # (L, d_out, H'·W')
     return y + lora.view(y.shape)
 
 
