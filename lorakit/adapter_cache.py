@@ -43,7 +43,7 @@ class Settings:
     batching: bool = True  # False: one request at a time with set_adapter (the benchmark's baseline)
 
 
-class ServeError(Exception):
+class ServeError(ValueError):
     """An error the client sees as {"error": message} with HTTP `status`."""
 
     def __init__(self, status: int, message: str):
@@ -148,8 +148,8 @@ def load(state: State, name: str, path: Path, pinned: bool = False, keep: set = 
     make_room(state, weights.stat().st_size if weights.is_file() else 0, keep={name, *keep})
     try:
         load_adapter_with_head(state.model, path, name)
-    except ValueError as e:
-        raise ServeError(400, str(e)) from None
+    except (ValueError, FileNotFoundError) as e:
+        raise ServeError(400, f"adapter {name!r} could not be loaded: {e}") from None
     size = sum(t.numel() * t.element_size() for t in adapter_tensors(state.model, name).values())
     entry = state.loaded[name] = Entry(path, pinned, _labels(state, name, path), size)
     return entry

@@ -66,6 +66,13 @@ def create_app(state: State) -> FastAPI:
     app = FastAPI(title="lorakit serve", lifespan=lifespan,
                   description="One base model, many LoRA adapters; concurrent requests share mixed-adapter batches.")
     _error_handlers(app)
+    _adapter_routes(app, state, batcher)
+    _task_routes(app, state, batcher)
+    return app
+
+
+def _adapter_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
+    """/health and /v1/adapters: status, and loading and unloading adapters on the worker thread."""
     limits = state.settings
 
     @app.get("/health")
@@ -75,10 +82,10 @@ def create_app(state: State) -> FastAPI:
 
     @app.get("/v1/adapters")
     async def adapters():
-        return {"adapters": [{"name": n, "pinned": e.pinned, "bytes": e.bytes, "labels": e.labels}
-                             for n, e in state.loaded.items()],
+        loaded = list(state.loaded.items())  # one atomic copy: the worker thread may load or evict meanwhile
+        return {"adapters": [{"name": n, "pinned": e.pinned, "bytes": e.bytes, "labels": e.labels} for n, e in loaded],
                 "memory_budget_bytes": int(limits.adapter_memory_mb * 2**20),
-                "memory_used_bytes": sum(e.bytes for e in state.loaded.values())}
+                "memory_used_bytes": sum(e.bytes for _, e in loaded)}
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(body: LoadRequest):
@@ -96,6 +103,11 @@ def create_app(state: State) -> FastAPI:
         await batcher.call(unload, state, name)
         state.paths.pop(name, None)
         return {"unloaded": name}
+
+
+def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
+    """/v1/classify and /v1/generate: checked, tokenized here, batched and run by the batcher."""
+    limits = state.settings
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest):
@@ -116,8 +128,6 @@ def create_app(state: State) -> FastAPI:
         _check_tokens(len(ids) + body.max_new_tokens, limits, "prompt tokens + max_new_tokens")
         rows = await batcher.submit(Item("generate", body.adapter, [ids], (body.max_new_tokens, body.temperature)))
         return {"generation": state.tokenizer.decode(rows[0], skip_special_tokens=True)}
-
-    return app
 
 
 def _check_adapter(state: State, name: str, task: str) -> None:

@@ -203,3 +203,10 @@ def test_generate_gives_the_generation_lorakit_predict_gives(gpt2_dir, tmp_path)
         assert running.call("POST", "/v1/generate", {"adapter": "qa", "prompt": "summit", "max_new_tokens": 2})[0] == 200
     finally:
         running.stop()
+
+
+def test_serve_command_checks_its_adapters_before_serving(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", "--adapter", "news"])
+    assert result.exit_code == 1 and "expected NAME=DIR" in result.output
+    result = CliRunner().invoke(cli, ["serve", "--model", "x", "--adapter", "../news=" + str(tmp_path)])
+    assert result.exit_code == 1 and "refused" in result.output
