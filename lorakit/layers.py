@@ -26,6 +26,7 @@ from .variants import INITS, Adapter, variant_for
 # {module: its routed forward} while a `routing.route()` call runs in this thread (or asyncio task); None otherwise.
 # A context variable, not a layer attribute, so that other threads using the same model are not routed.
 ROUTES: ContextVar[dict | None] = ContextVar("lorakit_routes", default=None)
+routing = 0  # route() calls running in any thread; while 0, forward does not read ROUTES (which torch.compile cannot trace)
 
 
 class LoraLayer(nn.Module):
@@ -188,8 +189,8 @@ class LoraLayer(nn.Module):
     # ---- forward ----
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routes = ROUTES.get()
-        if routes is not None and self in routes:
+        routes = ROUTES.get() if routing else None
+        if routes and self in routes:
             return routes[self](x)  # a mixed-adapter batch: each row through its own adapter (routing.py)
         running = self.running()
         if not running:
@@ -223,8 +224,8 @@ class SavedModule(nn.Module):
         return self.modules_to_save[self.active]
 
     def forward(self, *args, **kwargs):
-        routes = ROUTES.get()
-        if routes is not None and self in routes:
+        routes = ROUTES.get() if routing else None
+        if routes and self in routes:
             return routes[self](*args, **kwargs)  # each row through its own adapter's copy (routing.py)
         return self.current()(*args, **kwargs)
 

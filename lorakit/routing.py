@@ -33,8 +33,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .files import WEIGHTS_NAME, _parse_file_key, load_adapter, read_adapter_config
+from . import layers
 from .kinds import CONV2D, EMBEDDING
 from .layers import ROUTES, LoraLayer, SavedModule
 from .locks import model_lock
@@ -58,13 +60,24 @@ def route(model: nn.Module, names: Sequence[str | None]):
     with model_lock(root):
         table = routes(root, list(names))
         token = ROUTES.set({**(ROUTES.get() or {}), **table})  # a route of another model may be running around it
+        _count_routing(+1)
         try:
             yield
         finally:
+            _count_routing(-1)
             ROUTES.reset(token)
 
 
-def routes(root: nn.Module, names: list[str | None]) -> dict[nn.Module, callable]:
+_COUNTING = threading.Lock()
+
+
+def _count_routing(step: int) -> None:
+    # layers.routing counts the route() calls running in all threads, so that forward reads ROUTES only when one is.
+    with _COUNTING:
+        layers.routing += step
+
+
+def routes(root: nn.Module, names: list[str | None]) -> dict[nn.Module, Callable]:
     """{LoRA layer or saved module: its routed forward} for rows routed to `names`; checks first."""
     layers = list(lora_layers(root).values())
     _check(root, names, layers)
