@@ -6,6 +6,7 @@ from .inject import count_parameters, delete_adapter, enable_input_grads, inject
 from .layers import LoraLayer, SavedModule
 from .merging import disable_adapters, is_merged, merge, unload, unmerge
 from .parts import active_adapters, configs, default_targets
+from .routing import load_adapter_with_head, route
 from .optim import optimizer
 
 __version__ = "0.1.0"
@@ -14,5 +15,5 @@ __all__ = [
     "LoraConfig", "LoraLayer", "SavedModule", "__version__",
     "inject", "count_parameters", "default_targets", "save_adapter", "load_adapter", "read_adapter_config",
     "adapter_state_dict", "set_adapter", "active_adapters", "configs", "disable_adapters", "merge", "unmerge",
-    "is_merged", "unload", "delete_adapter", "enable_input_grads", "optimizer",
+    "is_merged", "unload", "delete_adapter", "enable_input_grads", "optimizer", "route", "load_adapter_with_head",
 ]

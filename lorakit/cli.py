@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, predict, merge, info."""
+"""The `lorakit` command line: train, eval, predict, merge, info, serve."""
 
 from __future__ import annotations
 
@@ -251,3 +251,42 @@ def _human(key: str, value) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, help="Base model (default: the first adapter's base model)"),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=DIR, repeatable: adapters loaded at "
+                                                "start and never evicted (a run directory or an adapter directory)"),
+    adapter_dir: Optional[str] = typer.Option(None, help="Adapters loaded by name on first use, the least recently "
+                                              "used evicted; nothing outside this directory is read."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapters or model)"),
+    max_wait_ms: float = typer.Option(5.0, help="How long a batch waits for more requests."),
+    max_batch_tokens: int = typer.Option(8192, help="Padded tokens in one batch (and the most one request may use)."),
+    max_texts: int = typer.Option(64, help="Texts in one classify request."),
+    max_length: int = typer.Option(128, help="Tokens per text (longer ones truncated, as predict does)."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens one generate request may ask for."),
+    adapter_memory_mb: float = typer.Option(1024.0, help="Memory budget of the loaded adapters, MiB."),
+    no_batching: bool = typer.Option(False, "--no-batching", help="One request at a time with set_adapter "
+                                     "(the baseline the serving benchmark compares with)."),
+):
+    """Serve one base model with many adapters over HTTP; concurrent requests share mixed-adapter batches."""
+    with user_errors():
+        try:
+            from .adapter_cache import Settings
+            from .serve import run
+        except ImportError as e:
+            raise T.ConfigError(f"lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]' ({e})") from None
+        pinned = {}
+        for item in adapter or []:
+            name, sep, directory = item.partition("=")
+            if not sep or not name or not directory:
+                raise T.ConfigError(f"--adapter {item!r}: expected NAME=DIR")
+            pinned[name] = directory
+        settings = Settings(model=model, adapters=pinned, adapter_dir=adapter_dir, task=task, max_wait_ms=max_wait_ms,
+                            max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_length=max_length,
+                            max_new_tokens=max_new_tokens, adapter_memory_mb=adapter_memory_mb,
+                            batching=not no_batching)
+        run(settings, host, port)

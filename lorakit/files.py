@@ -24,6 +24,7 @@ from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
 from .inject import add_adapter_layers, check_new_name, delete_adapter, mark_trainable, set_adapter
 from .kinds import CONV1D, kind_of
 from .layers import LoraLayer, SavedModule
+from .locks import exclusive
 from .parts import base_biases, configs, default_task_type, lora_layers, plan_saved_modules, plan_targets, saved_modules
 from .parts import task_heads, unwrap
 
@@ -213,6 +214,7 @@ def _expected_shapes(root: nn.Module, config: LoraConfig, plan: dict, saved: lis
     return expected
 
 
+@exclusive
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
     """Load the adapter in directory `path` (written by lorakit or PEFT) as adapter `name`, injecting LoRA layers
     where needed. It becomes active if no adapter was active. Everything is checked before the model changes;

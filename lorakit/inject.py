@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import LoraConfig, replace
 from .layers import LoraLayer, SavedModule
+from .locks import exclusive
 from .merging import is_merged, merge, unmerge
 from .parts import active_adapters, base_biases, configs, default_task_type, lora_layers, plan_saved_modules, plan_targets
 from .parts import replace_module, saved_modules, task_heads, unwrap
@@ -21,6 +22,7 @@ from .qlora import plan_quantized, quantize_layers
 from .quant import NF4Weight
 
 
+@exclusive
 def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
     """Add adapter `name` to the layers `config` targets, freeze every other parameter, make it the active
     adapter, and return the model (changed in place). The output is unchanged until B is trained (B = 0).
@@ -129,6 +131,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
         merge(root)
 
 
+@exclusive
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere (unmerging it first). Layers left with no adapter become plain layers again."""
     root = unwrap(model)

@@ -8,10 +8,13 @@ and it holds any number of named adapters:
     lora_A[name]: (r, d_in)     lora_B[name]: (d_out, r)        (Conv2d: (r, C_in, kh, kw) and (C_out, r, 1, 1))
     adapters[name]: scale, dropout, variant (LoRA or DoRA; variants.py), PiSSA's starting factors
 
-Forward: y = base(x) + Σ over active, unmerged adapters of what each adds (a variant's `output`).
+Forward: y = base(x) + Σ over active, unmerged adapters of what each adds (a variant's `output`). Inside
+`lorakit.route(model, names)` each row goes through its own adapter instead (routing.py).
 """
 
 from __future__ import annotations
+
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -19,6 +22,11 @@ from torch import nn
 from .kinds import CONV1D, EMBEDDING, LINEAR, Kind, check_supported
 from .quant import NF4Linear
 from .variants import INITS, Adapter, variant_for
+
+# {module: its routed forward} while a `routing.route()` call runs in this thread (or asyncio task); None otherwise.
+# A context variable, not a layer attribute, so that other threads using the same model are not routed.
+ROUTES: ContextVar[dict | None] = ContextVar("lorakit_routes", default=None)
+routing = 0  # route() calls running in any thread; while 0, forward does not read ROUTES (which torch.compile cannot trace)
 
 
 class LoraLayer(nn.Module):
@@ -182,6 +190,9 @@ class LoraLayer(nn.Module):
     # ---- forward ----
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routes = ROUTES.get() if routing else None
+        if routes and self in routes:
+            return routes[self](x)  # a mixed-adapter batch: each row through its own adapter (routing.py)
         running = self.running()
         if not running:
             return self.kind.base(self, x)
@@ -214,6 +225,9 @@ class SavedModule(nn.Module):
         return self.modules_to_save[self.active]
 
     def forward(self, *args, **kwargs):
+        routes = ROUTES.get() if routing else None
+        if routes and self in routes:
+            return routes[self](*args, **kwargs)  # each row through its own adapter's copy (routing.py)
         return self.current()(*args, **kwargs)
 
     def __getattr__(self, name: str):

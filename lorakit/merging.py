@@ -7,6 +7,7 @@ import logging
 
 from torch import nn
 
+from .locks import exclusive
 from .parts import lora_layers, replace_module, saved_modules, unwrap
 from .qlora import dequantize_model
 
@@ -18,6 +19,7 @@ def is_merged(model: nn.Module) -> bool:
     return any(layer.merged for layer in lora_layers(model).values())
 
 
+@exclusive
 def merge(model: nn.Module) -> None:
     """Fold ΔW of the active adapters into the base weights (idempotent). Forward then costs what the base model
     costs. Raises, with nothing merged, if an adapter would make a weight non-finite or shares a tied weight."""
@@ -52,6 +54,7 @@ def check_mergeable(model: nn.Module) -> list[tuple[str, "LoraLayer", str]]:
     return pending
 
 
+@exclusive
 def unmerge(model: nn.Module) -> None:
     """Take every merged adapter back out of the base weights, the last merged first."""
     for layer in lora_layers(model).values():
@@ -84,6 +87,7 @@ def disable_adapters(model: nn.Module):
             merge(root)
 
 
+@exclusive
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every lorakit module and return a plain model. merge=True folds the active adapters into the weights
     and keeps their modules_to_save copies (the trained heads); merge=False restores the base model (merged adapters

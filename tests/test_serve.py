@@ -1,0 +1,212 @@
+"""`lorakit serve` over real HTTP on 127.0.0.1: the labels `lorakit predict` gives, bad input answered with JSON
+errors while correct requests keep working, concurrent requests batched, adapters loaded, unloaded and evicted."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lorakit
+from lorakit import train as T
+from lorakit.adapter_cache import ServeError, Settings, ensure, open_state
+from lorakit.cli import app as cli
+from lorakit.parts import saved_modules
+from lorakit.serve import create_app
+
+LABELS = {"news": ["World", "Sports", "Business"], "sentiment": ["negative", "positive"], "extra": ["a", "b", "c", "d"]}
+TEXTS = ["striker scores in the league final", "shares fall as investors fret", "summit ends without a treaty"]
+
+
+def _train_like(model_dir, task, out, labels=None, seed=0, targets=("query", "value")):
+    """An adapter saved as `lorakit train` saves one: random B and head, so that it changes the output."""
+    net, _ = T.load_model(str(model_dir), task, labels)
+    config = lorakit.LoraConfig(r=4, alpha=8, targets=list(targets), init="random",
+                                modules_to_save=T.head_modules(net) if task == "classify" else None)
+    torch.manual_seed(seed)
+    lorakit.inject(net, config)
+    with torch.no_grad():
+        for wrapper in saved_modules(net).values():
+            for p in wrapper.modules_to_save["default"].parameters():
+                p.normal_()
+    lorakit.save_adapter(net, out)
+    if labels:
+        T.write_json(out / T.LABELS_FILE, labels)
+    return out
+
+
+@pytest.fixture(scope="module")
+def classify_dirs(bert_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    _train_like(bert_dir, "classify", root / "pinned" / "news", LABELS["news"], seed=1)
+    _train_like(bert_dir, "classify", root / "dir" / "sentiment", LABELS["sentiment"], seed=2)
+    _train_like(bert_dir, "classify", root / "dir" / "extra", LABELS["extra"], seed=3)
+    (root / "outside").mkdir()
+    return root
+
+
+class Server:
+    """uvicorn serving `app` in a thread on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def call(self, method: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(bert_dir, classify_dirs):
+    settings = Settings(model=str(bert_dir), adapters={"news": str(classify_dirs / "pinned" / "news")},
+                        adapter_dir=str(classify_dirs / "dir"), max_texts=8, max_batch_tokens=512, max_wait_ms=20)
+    running = Server(create_app(open_state(settings)))
+    yield running
+    running.stop()
+
+
+def _predict(bert_dir, adapter_dir, texts) -> list[dict]:
+    result = CliRunner().invoke(cli, ["predict", "--model", str(bert_dir), "--adapter", str(adapter_dir), "--json",
+                                      *texts])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+
+
+def test_classify_gives_the_labels_lorakit_predict_gives(server, bert_dir, classify_dirs):
+    for name, directory in [("news", classify_dirs / "pinned" / "news"), ("sentiment", classify_dirs / "dir" / "sentiment")]:
+        status, body = server.call("POST", "/v1/classify", {"adapter": name, "texts": TEXTS})
+        assert status == 200, body
+        expected = _predict(bert_dir, directory, TEXTS)
+        for got, want in zip(body["results"], expected):
+            assert got["label"] == want["label"]
+            assert list(got["probabilities"]) == list(want["probabilities"])  # the adapter's own labels, ranked
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    assert {r["label"] for r in body["results"]} <= set(LABELS["sentiment"])
+
+
+BAD = [  # (method, path, JSON body or raw bytes, status, words the message must hold)
+    ("POST", "/v1/classify", {"adapter": "nope", "texts": ["x"]}, 404, "unknown adapter"),
+    ("POST", "/v1/classify", {"adapter": "../pinned/news", "texts": ["x"]}, 400, "refused"),
+    ("POST", "/v1/classify", {"adapter": "a/b", "texts": ["x"]}, 400, "refused"),
+    ("POST", "/v1/classify", b'{"adapter": "news", "texts": [', 422, "invalid request"),
+    ("POST", "/v1/classify", {"adapter": "news", "texts": "one string"}, 422, "texts"),
+    ("POST", "/v1/classify", {"adapter": 3, "texts": ["x"]}, 422, "adapter"),
+    ("POST", "/v1/classify", {"adapter": "news"}, 422, "texts"),
+    ("POST", "/v1/classify", {"adapter": "news", "texts": ["x"] * 9}, 413, "--max-texts 8"),
+    ("POST", "/v1/classify", {"adapter": "news", "texts": [" ".join(["stocks"] * 120)] * 5}, 413, "--max-batch-tokens 512"),
+    ("POST", "/v1/generate", {"adapter": "news", "prompt": "hello"}, 400, "/v1/classify"),
+    ("POST", "/v1/adapters", {"name": "x", "path": "../pinned/news"}, 400, "outside --adapter-dir"),
+    ("POST", "/v1/adapters", {"name": "x", "path": "/etc"}, 400, "outside --adapter-dir"),
+    ("POST", "/v1/adapters", {"name": "..", "path": "extra"}, 400, "refused"),
+    ("POST", "/v1/adapters", {"name": "news", "path": "extra"}, 409, "already loaded"),
+    ("DELETE", "/v1/adapters/nope", None, 404, "not loaded"),
+    ("GET", "/v1/nothing", None, 404, "Not Found"),
+]
+
+
+def test_bad_input_is_a_json_error_and_the_server_keeps_serving(server):
+    for method, path, body, status, words in BAD:
+        raw = body if isinstance(body, bytes) else None
+        got, answer = server.call(method, path, None if raw else body, raw)
+        assert (got, words in answer.get("error", "")) == (status, True), (method, path, body, answer)
+    status, body = server.call("POST", "/v1/classify", {"adapter": "news", "texts": TEXTS[:1]})
+    assert status == 200 and body["results"][0]["label"] in LABELS["news"]
+    assert server.call("GET", "/health")[1]["status"] == "ok"
+
+
+def test_concurrent_requests_share_mixed_batches(server):
+    requests = [("news" if i % 3 else "sentiment", TEXTS[: 1 + i % 3]) for i in range(18)]
+    alone = {name: server.call("POST", "/v1/classify", {"adapter": name, "texts": TEXTS})[1]["results"]
+             for name in ("news", "sentiment")}
+    before = server.call("GET", "/health")[1]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda r: server.call("POST", "/v1/classify", {"adapter": r[0], "texts": r[1]}),
+                                requests))
+    for (name, texts), (status, body) in zip(requests, answers):
+        assert status == 200, body
+        for got, want in zip(body["results"], alone[name]):
+            assert got["label"] == want["label"]
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    after = server.call("GET", "/health")[1]
+    assert after["requests"] - before["requests"] == len(requests)
+    assert after["batches"] - before["batches"] < len(requests)  # some requests shared a forward
+
+
+def test_adapters_load_list_unload_and_load_on_first_use(server):
+    status, body = server.call("POST", "/v1/adapters", {"name": "other", "path": "extra"})
+    assert status == 201 and body["labels"] == LABELS["extra"]
+    listed = {a["name"]: a for a in server.call("GET", "/v1/adapters")[1]["adapters"]}
+    assert listed["news"]["pinned"] and not listed["other"]["pinned"] and listed["other"]["bytes"] > 0
+    assert server.call("POST", "/v1/classify", {"adapter": "other", "texts": TEXTS})[1]["results"][0]["label"] in "abcd"
+    assert server.call("DELETE", "/v1/adapters/other") == (200, {"unloaded": "other"})
+    assert server.call("POST", "/v1/classify", {"adapter": "other", "texts": TEXTS})[0] == 404  # forgotten
+    status, body = server.call("POST", "/v1/classify", {"adapter": "extra", "texts": TEXTS})  # --adapter-dir/extra
+    assert status == 200 and body["results"][0]["label"] in LABELS["extra"]
+    assert "extra" in {a["name"] for a in server.call("GET", "/v1/adapters")[1]["adapters"]}
+    request = urllib.request.urlopen(server.url + "/docs", timeout=10)
+    assert request.status == 200 and b"swagger" in request.read().lower()
+    assert "/v1/classify" in server.call("GET", "/openapi.json")[1]["paths"]
+
+
+def test_least_recently_used_adapters_are_evicted_pinned_stay(bert_dir, classify_dirs):
+    settings = Settings(model=str(bert_dir), adapters={"news": str(classify_dirs / "pinned" / "news")},
+                        adapter_dir=str(classify_dirs / "dir"))
+    state = open_state(settings)
+    assert ensure(state, {"sentiment"}) == {}
+    one = state.loaded["sentiment"].bytes
+    state.settings.adapter_memory_mb = (state.loaded["news"].bytes + one * 1.9) / 2**20  # room for one more only
+    assert ensure(state, {"extra"}) == {}
+    assert list(state.loaded) == ["news", "extra"] and state.stats["evictions"] == 1
+    assert ensure(state, {"sentiment"}) == {} and list(state.loaded) == ["news", "sentiment"]
+    failed = ensure(state, {"sentiment", "extra"})  # both needed by one batch and only one fits
+    assert isinstance(failed.get("extra") or failed.get("sentiment"), ServeError)
+    assert "news" in state.loaded and sorted(lorakit.configs(state.model)) == sorted(state.loaded)
+
+
+def test_generate_gives_the_generation_lorakit_predict_gives(gpt2_dir, tmp_path):
+    adapter = _train_like(gpt2_dir, "causal-lm", tmp_path / "qa", targets=("c_attn",))
+    settings = Settings(model=str(gpt2_dir), adapters={"qa": str(adapter)})
+    running = Server(create_app(open_state(settings)))
+    try:
+        status, body = running.call("POST", "/v1/generate", {"adapter": "qa", "prompt": "election summit",
+                                                             "max_new_tokens": 8})
+        assert status == 200, body
+        result = CliRunner().invoke(cli, ["predict", "--model", str(gpt2_dir), "--adapter", str(adapter), "--json",
+                                          "--max-new-tokens", "8", "election summit"])
+        assert body["generation"] == json.loads(result.output.splitlines()[-1])["generation"]
+        status, body = running.call("POST", "/v1/classify", {"adapter": "qa", "texts": ["x"]})
+        assert status == 400 and "causal-lm adapter" in body["error"]
+        status, body = running.call("POST", "/v1/generate", {"adapter": "qa", "prompt": "x", "max_new_tokens": 999})
+        assert status == 413 and "--max-new-tokens 256" in body["error"]
+        assert running.call("POST", "/v1/generate", {"adapter": "qa", "prompt": "summit", "max_new_tokens": 2})[0] == 200
+    finally:
+        running.stop()
+
+
+def test_serve_command_checks_its_adapters_before_serving(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", "--adapter", "news"])
+    assert result.exit_code == 1 and "expected NAME=DIR" in result.output
+    result = CliRunner().invoke(cli, ["serve", "--model", "x", "--adapter", "../news=" + str(tmp_path)])
+    assert result.exit_code == 1 and "refused" in result.output
