@@ -7,8 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lorakit import train as T
 from lorakit.cli import app
+from lorakit.models import load_trained
+from lorakit.settings import CONFIG_FILE, read_config_file
 
 runner = CliRunner()
 FAST = ["--max-length", "16", "--batch-size", "8", "--log-every", "1", "--dropout", "0"]
@@ -59,7 +60,7 @@ def test_eval_base_adapter_and_merged_export(classify_run, bert_dir, topics_csv,
 
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert plain.config.id2label == {0: "Business", 1: "Sports", 2: "World"}
-    adapted, tok, _, _ = T.load_trained(None, str(classify_run))
+    adapted, tok, _, _ = load_trained(None, str(classify_run))
     enc = AutoTokenizer.from_pretrained(tmp_path / "merged")(["shares profit merger"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(plain(**enc).logits, adapted(**enc).logits, atol=1e-5, rtol=1e-4)
@@ -94,7 +95,7 @@ def test_yaml_config_with_flags_winning(bert_dir, topics_csv, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {bert_dir}\ndata: {topics_csv}\nmax-steps: 5\nr: 4\nlr: 0.005\nmax_length: 16\n")
     ok("train", "--config", config, "--max-steps", "2", "--output", tmp_path / "run")
-    saved = T.saved_config(tmp_path / "run")
+    saved = read_config_file(tmp_path / "run" / CONFIG_FILE)
     assert saved["r"] == 4 and saved["max_steps"] == 2 and saved["max_length"] == 16
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
 
@@ -104,7 +105,7 @@ def test_qlora_rslora_and_lora_plus_flags(bert_dir, topics_csv, tmp_path):
        "--lr-ratio", "16", "--output", tmp_path / "run", *FAST)
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and config["lorakit_quantize"] == "nf4"
-    assert T.saved_config(tmp_path / "run")["lr_ratio"] == 16
+    assert read_config_file(tmp_path / "run" / CONFIG_FILE)["lr_ratio"] == 16
 
 
 @pytest.mark.parametrize("args, message", [
