@@ -267,17 +267,33 @@ def test_default_output_is_a_fresh_run_dir(bert_dir, topics_csv, tmp_path, monke
 
 # ---- distributed ----
 
-def test_torchrun_two_processes_match_one_with_double_batch(bert_dir, topics_csv, tmp_path):
-    common = ["--model", str(bert_dir), "--data", str(topics_csv), "--max-steps", "4", "--max-length", "16",
+def test_torchrun_as_documented_two_processes_match_one_with_double_batch(bert_dir, topics_csv, tmp_path):
+    # README's line shape, `torchrun --nproc_per_node=N -m lorakit -- train ...`, with --r among the flags.
+    common = ["--model", str(bert_dir), "--data", str(topics_csv), "--r", "4", "--max-steps", "4", "--max-length", "16",
               "--dropout", "0", "--lr", "5e-3", "--save-every", "2", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"]
-    subprocess.run(torchrun + ["train", *common, "--batch-size", "4", "--output", str(tmp_path / "ddp")],
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", "-m", "lorakit", "--", "train"]
+    subprocess.run(torchrun + [*common, "--batch-size", "4", "--output", str(tmp_path / "ddp")],
                    check=True, cwd=REPO, env=env, timeout=300)
-    train(run_cfg(bert_dir, topics_csv, tmp_path / "one", batch_size=8, max_steps=4), progress=False)
+    train(run_cfg(bert_dir, topics_csv, tmp_path / "one", r=4, batch_size=8, max_steps=4), progress=False)
     assert_same(adapter(tmp_path / "ddp"), adapter(tmp_path / "one"), atol=1e-5)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert json.loads((tmp_path / "ddp" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_every_train_flag_reaches_lorakit_through_torchrun():
+    from torch.distributed.run import get_args_parser
+    from typer.main import get_command
+
+    from lorakit.cli import app
+
+    flags = [opt for p in get_command(app).commands["train"].params for opt in p.opts if opt.startswith("--")]
+    args = ["train", *[x for flag in flags for x in (flag, "1")]]  # torchrun passes values through unread
+    parsed = get_args_parser().parse_args(["--nproc_per_node=2", "-m", "lorakit", "--", *args])
+    assert parsed.module and parsed.training_script == "lorakit" and parsed.training_script_args == args
+    with pytest.raises(SystemExit):  # without the `--`, torchrun reads --r as an abbreviation of its own options
+        get_args_parser().parse_args(["--nproc_per_node=2", "-m", "lorakit", "train", "--r", "8"])
 
 
 # ---- transformers.Trainer ----
