@@ -1,6 +1,7 @@
 """`lorakit.fit`: the loop alone, with no run directory: it takes micro-batches in the order given, continues from a
 RunState, reports one record shape per step, and stops on a non-finite loss and on Ctrl-C."""
 
+import copy
 import os
 import signal
 
@@ -51,6 +52,31 @@ def test_fit_takes_the_given_order_and_continues_from_a_run_state(setup):
     later = fit(model, Batches(rows, collate, order, 3), *parts(model), Loop(total_steps=3),
                 RunState(step=2, micro=4, seconds=1.5))
     assert seen == [[2]] and (later.step, later.micro) == (3, 5) and later.seconds > 1.5
+
+
+def test_fit_is_the_textbook_loop(bert_dir):
+    # One micro-batch per step and no hooks: forward, backward, clip, AdamW, schedule, with dropout seeded seed + 1.
+    # benchmarks/quality.py relies on this to keep its results.
+    torch.manual_seed(0)
+    model, tokenizer = load_model(str(bert_dir), "classify", ["a", "b"])
+    inject(model, LoraConfig(r=2, dropout=0.3, targets=["query", "value"], modules_to_save=["classifier"]))
+    rows = data.classification_examples(tokenizer, [f"word {i} " * (i + 1) for i in range(6)], [0, 1] * 3, 16)
+    collate, order = data.collator(tokenizer, "classify"), [[4, 1], [0, 5, 2], [3]]
+    twin = copy.deepcopy(model)
+    fit(model, Batches(rows, collate, lambda epoch: order, 3), *parts(model), Loop(total_steps=4, seed=7))
+
+    params = [p for p in twin.parameters() if p.requires_grad]
+    opt, sched = parts(twin)
+    torch.manual_seed(7 + 1)
+    twin.train()
+    for step in range(4):
+        twin(**collate([rows[i] for i in order[step % 3]])).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_lorakit_order_splits_each_global_batch_between_processes(setup):
