@@ -218,13 +218,6 @@ def summary(seconds: list[float]) -> dict:
     return {"median": statistics.median(seconds), "p25": q[0], "p75": q[2], "n": len(seconds)}
 
 
-def autocast(precision: str, device: str):
-    """torch.autocast for 'bf16', a no-op context for 'fp32'."""
-    if precision == "bf16":
-        return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ---- the machine ----
 
 def machine() -> dict:

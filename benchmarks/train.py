@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import MODELS, autocast, batch, interleave, summary, variants
+from lorakit.precision import autocast
+
+from .common import MODELS, batch, interleave, summary, variants
 
 # One row per entry: which model, LoRA dropout, precision. "cls" rows train the classifier head as well.
 ROWS = {

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from . import train as T
+from .models import load_model, resolve_model, task_of
+from .settings import ConfigError
 from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors, read_adapter_config
 from .inject import delete_adapter
 from .parts import saved_modules
@@ -80,17 +81,17 @@ def open_state(settings: Settings) -> State:
     first = next(iter(settings.adapters.values()), None)
     model = settings.model or (read_adapter_config(first).base_model_name_or_path if first else None)
     if model is None:
-        raise T.ConfigError("--model is needed (no --adapter names its base model)")
-    path = T.resolve_model(model)
-    task = T.task_of(path, first, settings.task)
-    net, tokenizer = T.load_model(path, task)
+        raise ConfigError("--model is needed (no --adapter names its base model)")
+    path = resolve_model(model)
+    task = task_of(path, first, settings.task)
+    net, tokenizer = load_model(path, task)
     state = State(settings, net.eval(), tokenizer, task, path)
     for name, directory in settings.adapters.items():
         state.paths[name] = Path(directory)
         try:
             load(state, name, Path(directory), pinned=True)
         except ServeError as e:
-            raise T.ConfigError(f"--adapter {name}={directory}: {e.message}") from None
+            raise ConfigError(f"--adapter {name}={directory}: {e.message}") from None
     return state
 
 

