@@ -2,7 +2,8 @@
 
 from .config import LoraConfig
 from .files import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
-from .inject import count_parameters, delete_adapter, enable_input_grads, inject, set_adapter
+from .inject import (count_parameters, delete_adapter, enable_gradient_checkpointing, enable_input_grads, inject,
+                     set_adapter)
 from .layers import LoraLayer, SavedModule
 from .merging import disable_adapters, is_merged, merge, unload, unmerge
 from .parts import active_adapters, configs, default_targets
@@ -15,5 +16,6 @@ __all__ = [
     "LoraConfig", "LoraLayer", "SavedModule", "__version__",
     "inject", "count_parameters", "default_targets", "save_adapter", "load_adapter", "read_adapter_config",
     "adapter_state_dict", "set_adapter", "active_adapters", "configs", "disable_adapters", "merge", "unmerge",
-    "is_merged", "unload", "delete_adapter", "enable_input_grads", "optimizer", "route", "load_adapter_with_head",
+    "is_merged", "unload", "delete_adapter", "enable_input_grads", "enable_gradient_checkpointing", "optimizer",
+    "route", "load_adapter_with_head",
 ]

@@ -59,8 +59,12 @@ def train(
                                           "all-linear (default: per architecture, e.g. query,value for BERT)"),
     rslora: bool = typer.Option(False, "--rslora", help="rsLoRA: scale alpha/sqrt(r) instead of alpha/r."),
     dora: bool = typer.Option(False, "--dora", help="DoRA: weight-decomposed LoRA (trainable magnitude per output)."),
-    quantize: Optional[str] = typer.Option(None, help="nf4: QLoRA, the targeted layers' frozen weights in 4-bit "
-                                           "NormalFloat (default: none)"),
+    quantize: Optional[str] = typer.Option(None, help="nf4: QLoRA, every frozen Linear of the base in 4-bit "
+                                           "NormalFloat, quantized while the checkpoint loads (default: none)"),
+    dtype: Optional[str] = typer.Option(None, help="The base's weights: auto (the checkpoint's own) | bf16 | fp16 | "
+                                        "fp32 (default: auto)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in "
+                                                "backward: far less memory, about a third more compute."),
     epochs: Optional[float] = typer.Option(None, help="Passes over the training data (default: 3)"),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps; wins over --epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Examples per step per process (default: 16)"),
@@ -81,7 +85,8 @@ def train(
     output: Optional[str] = typer.Option(None, help="Run directory (default: a new runs/<timestamp>)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output."),
-    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 (autocast) (default: fp32)"),
+    precision: Optional[str] = typer.Option(None, help="Compute: auto (bf16 where the device multiplies bf16 fast, "
+                                            "else fp32) | fp32 | bf16 (autocast) (default: auto)"),
 ):
     """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
     flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}
@@ -105,14 +110,16 @@ def evaluate(
     prompt_column: Optional[str] = typer.Option(None, help="Prompt column (causal-lm: loss on the completion only)."),
     max_length: int = typer.Option(128, help="Tokens per example."),
     batch_size: int = typer.Option(32, help="Examples per forward pass."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (as lorakit train)"),
+    dtype: str = typer.Option("auto", help="The base's weights: auto (the checkpoint's own) | bf16 | fp16 | fp32"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Accuracy and macro-F1 (classify) or loss and perplexity (causal-lm) of a model, with or without an adapter."""
     with user_errors():
         df = read_table(data)
         cols = split_columns(text_column)
-        net, tokenizer, task, labels = load_trained(model, adapter, task, labels=_data_labels(df, label_column, task))
+        net, tokenizer, task, labels = load_trained(model, adapter, task, _data_labels(df, label_column, task), dtype,
+                                                    precision)
         cfg = TrainConfig(task=task, label_column=label_column, prompt_column=prompt_column, max_length=max_length)
         check_columns(df, cols + other_columns(cfg), data)
         rows = examples(df, cols, cfg, tokenizer, labels, data)
@@ -188,11 +195,15 @@ def merge(
     output: str = typer.Option(..., help="Directory for the merged model (Hugging Face format)."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base model)"),
     task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapter)"),
+    dtype: str = typer.Option("auto", help="Dtype of the merged weights: auto (the base checkpoint's) | bf16 | fp16 | "
+                              "fp32"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
 ):
-    """Fold the adapter into the base weights and save a plain Hugging Face model (loads with from_pretrained)."""
+    """Fold the adapter into the base weights and save a plain Hugging Face model (loads with from_pretrained), shard
+    by shard: a QLoRA run's base is dequantized one layer at a time, never held in full precision."""
+    from .export import checkpoint_dtype, export_merged, save_merged_config
     from .files import atomic_directory
-    from .merging import unload
+    from .precision import DTYPES, NAMES, storage_dtype
 
     with user_errors():
         out = Path(output)
@@ -200,18 +211,21 @@ def merge(
             raise ConfigError(f"--output {out} is a file, not a directory")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise ConfigError(f"--output {out} is not empty; pass --overwrite to replace it")
-        net, tokenizer, task, labels = load_trained(model, adapter, task)
-        unload(net, merge=True)
+        storage_dtype(dtype, "cpu")  # an unknown --dtype is refused before the model loads
+        net, tokenizer, task, labels = load_trained(model, adapter, task, precision="fp32")
+        target = DTYPES[dtype] or checkpoint_dtype(net.config)
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def fill(tmp: Path) -> None:
-            net.save_pretrained(tmp)
+            export_merged(net, tmp, target)
+            save_merged_config(net, tmp, target)
             tokenizer.save_pretrained(tmp)
             if labels:
                 write_json(tmp / LABELS_FILE, labels)
 
         atomic_directory(out, fill)
-        typer.echo(f"merged model written to {out} ({task}); load it with transformers' from_pretrained")
+        typer.echo(f"merged model written to {out} ({task}, {NAMES.get(target, 'each tensor in its own dtype')}); "
+                   f"load it with transformers' from_pretrained")
 
 
 @app.command()
@@ -235,7 +249,7 @@ def info(
         metrics = Path(directory) / METRICS_FILE
         if metrics.is_file():
             m = json.loads(metrics.read_text())
-            result.update({"total_params": m.get("total_params"), "eval": m.get("eval")})
+            result.update({key: m.get(key) for key in ("total_params", "eval", "device", "compute_dtype", "weights")})
         if as_json:
             typer.echo(json.dumps(result))
             return

@@ -11,6 +11,7 @@ state dict that already exists in memory.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -107,6 +108,26 @@ def export_merged(model: nn.Module, out: Path, dtype: torch.dtype | None = None,
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [out / n for n in names]
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype a Hugging Face config says its checkpoint is in (None when it does not say)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def save_merged_config(model: nn.Module, out: Path, dtype: torch.dtype | None) -> None:
+    """config.json (saying `dtype`) and, for a generative model, generation_config.json, beside the merged weights."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # as save_pretrained records it: what from_pretrained builds
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(out)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and model.can_generate():
+        generation.save_pretrained(out)
 
 
 def _unique(model: nn.Module, entries: list) -> list:

@@ -153,6 +153,20 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     root.lora_active = tuple(a for a in active_adapters(root) if a != name)
 
 
+def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> None:
+    """Recompute each transformer block's activations in backward instead of keeping them (Hugging Face models'
+    own checkpointing, reentrant or not), with the input-gradient fix a frozen base needs (enable_input_grads)."""
+    root = unwrap(model)
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(root, "activation_checkpointing_enable"):  # transformers >= 5.x
+        root.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(root, "gradient_checkpointing_enable"):
+        root.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(root).__name__} has no gradient checkpointing of its own (a Hugging Face model has)")
+    enable_input_grads(root)
+
+
 def enable_input_grads(model: nn.Module) -> None:
     """Make the input embeddings' output require grad, so that gradient checkpointing with a frozen base still
     back-propagates into the adapters (the usual pitfall of checkpointing a model whose first layers are frozen)."""

@@ -140,7 +140,7 @@ def _place(model, name: str | None, tensor: torch.Tensor, pending: dict, dtype: 
     # A copy, never the tensor itself: safetensors' tensors live in the file's memory map, and one kept tensor would
     # keep the whole shard resident.
     value = tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
-    set_module_tensor_to_device(model, name, device, value=value)
+    set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)  # else: the skeleton's dtype
 
 
 def _quantized(linear: nn.Module, parts: dict, dtype: torch.dtype, device) -> NF4Linear:

@@ -1,8 +1,11 @@
-"""Models: find and load a Hugging Face model with its tokenizer, size its classification head, configure and add the
+"""Models: find and load a Hugging Face model with its tokenizer (in the checkpoint's own dtype, or for QLoRA with
+every frozen Linear quantized while its shards are read), size its classification head, configure and add the
 adapter of a run, and load a trained one (base model + adapter, or a merged export) for eval, predict and merge."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,7 +14,9 @@ from .config import LoraConfig
 from .data import ensure_pad_token, load_labels
 from .files import load_adapter, read_adapter_config
 from .inject import inject
+from .loading import CheckpointError, checkpoint_files, load_quantized, local_checkpoint
 from .parts import default_targets
+from .precision import compute_dtype, storage_dtype
 from .settings import PACKAGED_MODEL, ConfigError, TrainConfig, parse_targets
 
 # A PEFT task_type -> lorakit's task; architecture name endings -> task (for a model without an adapter).
@@ -45,33 +50,72 @@ def resolve_model(name: str | None) -> str:
     return name
 
 
-def load_model(path: str, task: str, labels: list[str] | None = None):
-    """(model, tokenizer) from a Hugging Face directory or id; a classification head sized for `labels`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers import logging as hf_logging
+def load_model(path: str, task: str, labels: list[str] | None = None, dtype: str = "auto",
+               quantize: str | None = None, compute: torch.dtype = torch.float32, device="cpu"):
+    """(model, tokenizer) from a Hugging Face directory or id; a classification head sized for `labels`. The weights
+    are held in `dtype` ("auto": the checkpoint's own). With quantize="nf4" every frozen Linear is quantized while
+    the shards are read (loading.py) and the rest is held in the compute dtype `compute`, on `device`."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier weights" is the point of fine-tuning
-    hf_logging.disable_progress_bar()
-    try:
-        if task == "classify":
-            kwargs = {}
-            if labels:
-                kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                              label2id={n: i for i, n in enumerate(labels)})
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    kwargs = _head_kwargs(task, labels)
+    with _quiet_transformers():
+        try:
+            model = _read_weights(path, task, dtype, quantize, compute, device, kwargs)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        except ValueError as e:  # a quantize request the model cannot take, say: no Linear layer at all
+            raise ConfigError(f"{path}: {e}") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         ensure_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token by it
     return model, tokenizer
+
+
+AUTO_CLASSES = {"classify": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+
+
+def _read_weights(path: str, task: str, dtype: str, quantize: str | None, compute, device, kwargs: dict):
+    import transformers
+
+    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    if quantize == "nf4":
+        directory = local_checkpoint(path)
+        if checkpoint_files(directory) is not None:  # a missing or truncated shard is named there
+            keep = [n for n in HEADS if task == "classify"]  # the task head trains in full: never quantized
+            return load_quantized(auto_class, directory, compute, keep, device, **kwargs)
+        warnings.warn(f"{path} has no safetensors weights: it is loaded in full, then quantized (peak memory: the "
+                      f"whole model in {dtype} precision)", stacklevel=3)
+    elif Path(path).is_dir():
+        checkpoint_files(Path(path))  # name a missing or truncated shard before transformers trips over it
+    return auto_class.from_pretrained(path, **{_DTYPE_ARG: storage_dtype(dtype, device)}, **kwargs)
+
+
+# transformers 5 calls it `dtype`, 4 `torch_dtype`; both accept "auto" (the checkpoint's own dtype).
+_DTYPE_ARG = "dtype" if int(__import__("transformers").__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def _head_kwargs(task: str, labels: list[str] | None) -> dict:
+    if task != "classify" or not labels:
+        return {}
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    # "Newly initialized classifier weights" is the point of fine-tuning: keep transformers quiet while loading.
+    from transformers import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def head_modules(model) -> list[str]:
@@ -80,11 +124,11 @@ def head_modules(model) -> list[str]:
 
 
 def lora_config(cfg: TrainConfig, model) -> LoraConfig:
-    """The LoraConfig of run `cfg` for `model`: targets resolved, the head as modules_to_save for classify."""
+    """The LoraConfig of run `cfg` for `model`: targets resolved; a classifier's head is trained and saved in full
+    (inject's default for a task model, as in PEFT)."""
     targets = parse_targets(cfg.targets) or default_targets(model)
-    saved = head_modules(model) if cfg.task == "classify" else None
-    return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets, modules_to_save=saved or None,
-                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, quantize=cfg.quantize)
+    return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets, use_rslora=cfg.use_rslora,
+                      use_dora=cfg.use_dora, quantize=cfg.quantize)
 
 
 def add_adapter(model, cfg: TrainConfig) -> LoraConfig:
@@ -128,9 +172,10 @@ def labels_of(model_path: str, adapter: str | None) -> list[str] | None:
 
 
 def load_trained(model: str | None, adapter: str | None, task: str | None = None,
-                 labels: list[str] | None = None):
-    """(model, tokenizer, task, labels) for eval/predict: base (`model`, by default the adapter's base model) plus
-    the adapter in `adapter` if given; a merged export loads as a plain model."""
+                 labels: list[str] | None = None, dtype: str = "auto", precision: str = "auto"):
+    """(model, tokenizer, task, labels) for eval, predict and merge, on the device training would use: base (`model`,
+    by default the adapter's base model) held in `dtype`, plus the adapter in `adapter` if given (a QLoRA adapter's
+    base quantized while loading, as in training); a merged export loads as a plain model."""
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter} is not an adapter directory: it has no adapter_config.json")
     if model is None:
@@ -143,10 +188,17 @@ def load_trained(model: str | None, adapter: str | None, task: str | None = None
     if task == "classify" and not labels:
         raise ConfigError("no label names known: pass an adapter trained by lorakit (it saves labels.json), "
                           "a merged export, or --data with a label column")
-    net, tokenizer = load_model(path, task, labels)
+    device = default_device()
+    quantize = read_adapter_config(adapter).quantize if adapter else None
+    net, tokenizer = load_model(path, task, labels, dtype, quantize, compute_dtype(precision, device), device)
     if adapter:
         try:
             load_adapter(net, adapter)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return net.eval(), tokenizer, task, labels
+    return net.to(device).eval(), tokenizer, task, labels
+
+
+def default_device() -> torch.device:
+    """The device a single-process run uses: the first GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

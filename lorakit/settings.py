@@ -12,7 +12,7 @@ import yaml
 
 from .config import LoraConfig
 from .data import split_columns
-from .precision import PRECISIONS
+from .precision import DTYPES, PRECISIONS
 
 TASKS = ("classify", "causal-lm")
 # --scheduler -> transformers' scheduler (each with warm-up)
@@ -45,7 +45,9 @@ class TrainConfig:
     targets: list[str] | str | None = None  # None: the architecture's default (query/value attention projections)
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed LoRA (a trainable magnitude per output)
-    quantize: str | None = None  # "nf4": QLoRA, the targeted layers' frozen weights in 4-bit NormalFloat
+    quantize: str | None = None  # "nf4": QLoRA, every frozen Linear of the base in 4-bit NormalFloat
+    dtype: str = "auto"  # the base model's weights: auto (the checkpoint's own) | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more time
     epochs: float = 3
     max_steps: int | None = None  # wins over epochs
     batch_size: int = 16  # per process
@@ -64,7 +66,7 @@ class TrainConfig:
     output: str | None = None  # None: a fresh runs/<timestamp>
     resume: bool = False
     overwrite: bool = False
-    precision: str = "fp32"
+    precision: str = "auto"  # compute: auto (bf16 where the device multiplies bf16 fast, else fp32) | fp32 | bf16
 
 
 # The shipped demo's settings: a minute or two on 2 CPU cores, long enough to learn the topics.
@@ -127,6 +129,7 @@ def check_values(cfg: TrainConfig) -> None:
         (cfg.task in TASKS, f"task must be one of {TASKS}, got {cfg.task!r}"),
         (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {tuple(SCHEDULERS)}, got {cfg.scheduler!r}"),
         (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {cfg.precision!r}"),
+        (cfg.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}"),
         (cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -18,9 +19,10 @@ from .distributed import World, barrier, from_main, init_distributed, peak_memor
 from .evaluation import describe, evaluate, main_metric
 from .files import save_adapter
 from .fit import Hooks, Interrupted, Loop, RunState, fit, seeded_batches
-from .inject import count_parameters
+from .inject import count_parameters, enable_gradient_checkpointing, quantized_weights
 from .models import add_adapter, load_model, resolve_model
 from .optim import optimizer as make_optimizer
+from .precision import NAMES, compute_dtype, fast_bf16, resolve
 from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log, check_output, clear_run,
                      first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
                      save_checkpoint, start_files, write_json)
@@ -63,7 +65,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     except Interrupted as e:
         raise Interrupted(f"{e}; continue with: lorakit train --output {out} --resume") from None
 
-    metrics = results(cfg, state, before, batches.per_epoch, params, world)
+    metrics = {**results(cfg, state, before, batches.per_epoch, params, world), **precisions(cfg, model, world)}
     if world.main:
         save_run(cfg, out, model, metrics)
         summary(say, metrics, cfg.task, out, demo=cfg.data is None)
@@ -73,12 +75,27 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
 
 def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
-    """(model with the run's adapter, on this process's device; tokenizer; the adapter's LoraConfig)."""
+    """(model with the run's adapter, on this process's device; tokenizer; the adapter's LoraConfig). The base is
+    held in --dtype (QLoRA: every frozen Linear quantized while loading, the rest in the compute dtype)."""
     path = resolve_model(cfg.model)
+    compute = compute_dtype(cfg.precision, world.device)  # warns when bf16 is asked for where it is slow
     torch.manual_seed(cfg.seed)  # the same head and LoRA A on every process and every resumed run
-    model, tokenizer = load_model(path, cfg.task, labels)
+    model, tokenizer = load_model(path, cfg.task, labels, cfg.dtype, cfg.quantize, compute, world.device)
+    warn_if_slow(model, compute, world.device)
     adapter = add_adapter(model, cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model.to(world.device), tokenizer, adapter
+
+
+def warn_if_slow(model, compute: torch.dtype, device: torch.device) -> None:
+    """Say so when the base is held in bf16 where bf16 multiplies are slow (its checkpoint's dtype with --dtype auto):
+    a CPU without AVX-512 BF16 or AMX computes them many times slower than fp32."""
+    stored = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.bfloat16 in stored and compute == torch.float32 and not fast_bf16(device):
+        warnings.warn(f"the model's weights are bf16 and this {device.type} has no fast bf16 matrix multiplies (no "
+                      f"AVX-512 BF16 or AMX): expect it to run many times slower than fp32; --dtype fp32 loads an fp32 "
+                      f"copy, --quantize nf4 holds the Linear layers in 4 bits and computes in fp32", stacklevel=2)
 
 
 def with_output(cfg: TrainConfig, world: World) -> TrainConfig:
@@ -143,6 +160,17 @@ def results(cfg: TrainConfig, state: RunState, before, micro_per_epoch: int, par
             "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
             "seconds": round(state.seconds, 2), "peak_memory_mb": round(peak_memory_mb(world.device), 1),
             "world_size": world.size}
+
+
+def precisions(cfg: TrainConfig, model, world: World) -> dict:
+    """Where and in what the run computed: the device, the compute dtype, and the dtypes the weights were held in."""
+    held = sorted({NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
+    if quantized_weights(model):
+        held.append("nf4")
+    # Activations run in autocast's dtype, else in the input embeddings' (a bf16 model computes in bf16).
+    flowing = model.get_input_embeddings().weight.dtype if hasattr(model, "get_input_embeddings") else torch.float32
+    compute = "bf16" if resolve(cfg.precision, world.device) == "bf16" else NAMES.get(flowing, str(flowing))
+    return {"device": str(world.device), "compute_dtype": compute, "weights": held}
 
 
 def save_run(cfg: TrainConfig, out: Path, model, metrics: dict) -> None:
