@@ -103,6 +103,28 @@ def test_bad_input_raises(bad):
         quantize_nf4(bad)
 
 
+def test_non_finite_weight_raises():
+    for bad in (float("inf"), float("nan")):
+        w = torch.randn(4, 64)
+        w[2, 5] = bad
+        with pytest.raises(ValueError, match="inf or NaN"):
+            quantize_nf4(w)
+
+
+def test_codes_at_the_rounding_boundaries():
+    # Every float32 within 200 ulps of each midpoint between NF4 values (where the nearest code changes) and of each
+    # edge of the lookup cells: the code is the count of midpoints strictly below s (ties go to the lower value).
+    mids = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    edges = torch.arange(1, 32) / 16 - 1
+    centres = torch.cat([mids, edges[edges != 0]])  # around 0 (where ulps step to NaN bit patterns): ±1e-45 below
+    near = (centres.view(torch.int32)[:, None] + torch.arange(-200, 201, dtype=torch.int32)).view(torch.float32)
+    s = torch.cat([near.view(-1).clamp(-1, 1), torch.tensor([-1.0, 0.0, 1.0, 1e-45, -1e-45])])
+    s = F.pad(s, (0, -s.numel() % 63)).view(-1, 63)
+    q = quantize_nf4(torch.cat([torch.ones(s.shape[0], 1), s], dim=1))  # absmax 1 per block: the scaled value is s
+    expected = torch.cat([torch.full((s.shape[0], 1), 15), (s[..., None] > mids).sum(-1)], dim=1)
+    assert torch.equal(codes_of(q), expected.view(-1).to(torch.uint8))
+
+
 def test_bad_block_size_raises():
     with pytest.raises(ValueError, match="block_size"):
         quantize_nf4(torch.randn(4, 64), block_size=63)
@@ -208,3 +230,4 @@ def test_matches_bitsandbytes(shape, dtype):
     # Given the same 8-bit codes, dequantization is bit for bit theirs.
     q.qscale[:q.n_blocks] = state.absmax
     assert torch.equal(dequantize_nf4(q), bnb_f.dequantize_4bit(packed, state))
+
