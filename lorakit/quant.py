@@ -215,3 +215,53 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
         with torch.autocast(device_type, enabled=False):
             return _NF4Linear.apply(x.to(dtype), q, None if bias is None else bias.to(dtype))
     return _NF4Linear.apply(x, q, None if bias is None else bias.to(x.dtype))
+
+class NF4Linear(nn.Module):
+    """A frozen Linear whose weight is stored in NF4: y = x · dequantize_nf4(weight_nf4)ᵀ + bias, x (..., in_features)
+    → (..., out_features), computed in x's dtype (autocast's under autocast). For every frozen Linear of a QLoRA base
+    model, not only the adapted ones. The weight is buffers only; bias, if any, is a frozen Parameter in its dtype.
+    State dict: weight_nf4.{packed, qscale, absmax2, offset} and bias.
+
+        NF4Linear(quantize_nf4(w), b)    from tensors (say, read from a checkpoint shard), no nn.Linear built
+        NF4Linear.from_linear(module)    from an nn.Linear or transformers' Conv1D (which stores W as (in, out))
+        layer.to_linear(dtype)           back to a plain nn.Linear holding the dequantized weight
+    """
+
+    def __init__(self, weight_nf4: NF4Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight_nf4, NF4Weight) or len(weight_nf4.shape) != 2:
+            raise TypeError(f"NF4Linear needs a 2-D NF4Weight, got {weight_nf4!r}")
+        self.out_features, self.in_features = weight_nf4.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} for {self.out_features} output features")
+        self.weight_nf4 = weight_nf4
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, block_size: int = 64) -> NF4Linear:
+        """Quantize an nn.Linear (weight (out, in)) or a GPT-2 Conv1D (weight (in, out), transposed here)."""
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(module, nn.Linear):
+            weight = module.weight
+        elif isinstance(module, Conv1D):
+            weight = module.weight.t()
+        else:
+            raise TypeError(f"NF4Linear.from_linear takes nn.Linear or Conv1D, got {type(module).__name__}")
+        return cls(quantize_nf4(weight.detach(), block_size), module.bias)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear with the dequantized weight in `dtype` (default: the weight's original dtype) and a copy
+        of the bias (in dtype too when given), on this module's device, frozen as here."""
+        weight = dequantize_nf4(self.weight_nf4, dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype or self.bias.dtype, copy=True), requires_grad=False)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_linear(x, self.weight_nf4, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

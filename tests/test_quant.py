@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.quant import DYNAMIC_CODE, NF4_CODE, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
+from lorakit.quant import DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
 
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                  -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -231,3 +231,78 @@ def test_matches_bitsandbytes(shape, dtype):
     q.qscale[:q.n_blocks] = state.absmax
     assert torch.equal(dequantize_nf4(q), bnb_f.dequantize_4bit(packed, state))
 
+def _linear(bias=True, seed=10):
+    torch.manual_seed(seed)
+    return nn.Linear(80, 48, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_module_is_linear_on_the_dequantized_weight(bias, dtype):
+    layer = NF4Linear.from_linear(_linear(bias))
+    assert (layer.in_features, layer.out_features) == (80, 48) and not any(p.requires_grad for p in layer.parameters())
+    assert set(layer.state_dict()) == {f"weight_nf4.{k}" for k in ("packed", "qscale", "absmax2", "offset")} | (
+        {"bias"} if bias else set())
+    x = torch.randn(2, 3, 80, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    b = None if layer.bias is None else layer.bias.to(dtype)
+    y, y_ref = layer(x), F.linear(x_ref, dequantize_nf4(layer.weight_nf4, dtype), b)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert layer.bias is None or layer.bias.grad is None  # frozen
+
+
+def test_nf4_linear_from_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(11)
+    conv = Conv1D(48, 80)  # nf = out, nx = in: weight (80, 48)
+    nn.init.normal_(conv.bias)
+    layer = NF4Linear.from_linear(conv)
+    assert (layer.in_features, layer.out_features) == (80, 48)
+    assert torch.equal(layer.weight_nf4.packed, quantize_nf4(conv.weight.t().contiguous()).packed)
+    x = torch.randn(5, 80)
+    assert torch.equal(layer(x), F.linear(x, dequantize_nf4(layer.weight_nf4), conv.bias.detach()))
+    with torch.no_grad():
+        assert (layer(x) - conv(x)).abs().max() < 0.1 * conv(x).abs().max()  # only the 4-bit error
+    with pytest.raises(TypeError, match="Embedding"):
+        NF4Linear.from_linear(nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match="bias of shape"):
+        NF4Linear(quantize_nf4(torch.randn(48, 80)), torch.zeros(80))
+
+
+def test_nf4_linear_to_linear_round_trip():
+    layer = NF4Linear.from_linear(_linear())
+    x = torch.randn(4, 80)
+    plain = layer.to_linear()
+    assert type(plain) is nn.Linear and plain.weight.dtype == torch.float32 and not plain.weight.requires_grad
+    assert torch.equal(plain.weight, dequantize_nf4(layer.weight_nf4)) and torch.equal(plain(x), layer(x))
+    assert plain.bias.data_ptr() != layer.bias.data_ptr()  # a copy: the plain layer lives on its own
+    half = layer.to_linear(torch.bfloat16)
+    assert half.weight.dtype == half.bias.dtype == torch.bfloat16
+    # Quantizing the dequantized weight again gives the same 4-bit codes: each block's largest value is exactly ±1.
+    again = NF4Linear.from_linear(plain)
+    assert torch.equal(again.weight_nf4.packed, layer.weight_nf4.packed)
+    torch.testing.assert_close(dequantize_nf4(again.weight_nf4), plain.weight, rtol=0, atol=1e-3)
+
+
+def test_nf4_linear_from_an_empty_state_and_parent_casts():
+    # The loader's path: an empty NF4Linear of the right shape, filled by load_state_dict, no nn.Linear anywhere.
+    layer = NF4Linear.from_linear(_linear())
+    empty = NF4Linear(NF4Weight((48, 80)), torch.zeros(48))
+    empty.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 80)
+    expected = layer(x)
+    assert torch.equal(empty(x), expected)
+    parent = nn.Sequential(empty)
+    parent.to(torch.bfloat16)  # casts the bias; the NF4 buffers (integers) and their float32 scales stay exact
+    assert empty.bias.dtype == torch.bfloat16
+    for key, value in layer.weight_nf4.state_dict().items():
+        assert torch.equal(empty.weight_nf4.state_dict()[key], value), key
+    assert torch.equal(dequantize_nf4(empty.weight_nf4), dequantize_nf4(layer.weight_nf4))
+    y = parent(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x.bfloat16(), dequantize_nf4(layer.weight_nf4, torch.bfloat16), layer.bias.bfloat16()))
