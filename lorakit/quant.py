@@ -28,11 +28,14 @@ both its values by one gather. Exactness is kept: the same codes and the same fl
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # The 16 NF4 values: quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero (bitsandbytes' table).
 NF4_CODE = torch.tensor([
@@ -173,8 +176,12 @@ def block_scales(q: NF4Weight) -> torch.Tensor:
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The (out, in) weight W[i] = NF4_CODE[code[i]] · scale[i // block_size] in `dtype` (default: the original
-    dtype): the float32 product, rounded once to dtype."""
-    return _dequantize_torch(q, dtype or q.dtype)
+    dtype): the float32 product, rounded once to dtype. On the CPU by `_dequantize_torch`; on CUDA by the fastest
+    path that reproduces it bit for bit there (bitsandbytes' kernel, else a torch.compile'd one)."""
+    dtype = dtype or q.dtype
+    if q.packed.is_cuda:
+        return _cuda_dequantizer(q.packed.device)(q, dtype)
+    return _dequantize_torch(q, dtype)
 
 
 def _dequantize_torch(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -189,6 +196,70 @@ def _dequantize_torch(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
         # Computed in float32 and rounded once into out's dtype, like (w * s).to(dtype), without the float32 copy.
         torch.mul(w, scales[start // size:end // size, None], out=out[start:end].view(-1, size))
     return out[:q.shape.numel()].view(q.shape)
+
+
+# ---- CUDA: fused paths (issue 14). Each must equal _dequantize_torch bit for bit; _cuda_dequantizer checks it. ----
+BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
+
+
+def to_bitsandbytes(q: NF4Weight, dtype: torch.dtype | None = None):
+    """q as the (packed, QuantState) pair of bitsandbytes' `quantize_4bit(W, blocksize, quant_type="nf4",
+    compress_statistics=True)`, sharing q's memory: packed = the first ceil(n / 2) bytes as (ceil(n / 2), 1);
+    absmax = qscale[:n_blocks] (uint8 indices into the nested code DYNAMIC_CODE); state2 = absmax2 as float32 in
+    groups of 256; offset = the float32 offset. `dtype` is what bitsandbytes dequantizes to (default q.dtype)."""
+    from bitsandbytes.functional import QuantState
+
+    tables = _tables(q.packed.device)
+    nested = QuantState(absmax=q.absmax2.view(torch.float32), code=tables[2], blocksize=GROUP, dtype=torch.float32)
+    state = QuantState(absmax=q.qscale[:q.n_blocks], shape=q.shape, code=tables[1], blocksize=q.block_size,
+                       quant_type="nf4", dtype=dtype or q.dtype, offset=q.offset.view(torch.float32), state2=nested)
+    return q.packed[:(q.shape.numel() + 1) // 2].view(-1, 1), state
+
+
+def _dequantize_bnb(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit kernel on q's bytes (no copy); the pure-torch path where it cannot."""
+    if q.block_size not in BNB_BLOCK_SIZES or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return _dequantize_torch(q, dtype)
+    import bitsandbytes.functional as bnb_f
+
+    return bnb_f.dequantize_4bit(*to_bitsandbytes(q, dtype)).reshape(q.shape)  # reshape: bnb transposes 1-row input
+
+
+def _decode(packed: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n_blocks · B,) values code[nibble] · scales[block] in dtype, nibbles high first: the whole-tensor form of
+    _dequantize_torch's loop, which torch.compile turns into one kernel (no multiply-add to contract)."""
+    nibbles = torch.stack((packed >> 4, packed & 15), dim=-1).view(scales.shape[0], -1).long()  # (n_blocks, B)
+    return (code[nibbles] * scales[:, None]).to(dtype).view(-1)
+
+
+@functools.cache
+def _compiled_decode():
+    return torch.compile(_decode, dynamic=True)
+
+
+def _dequantize_compiled(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    out = _compiled_decode()(q.packed, block_scales(q), _tables(q.packed.device)[1], dtype)
+    return out[:q.shape.numel()].view(q.shape)
+
+
+@functools.cache
+def _cuda_dequantizer(device: torch.device):
+    """The first of bitsandbytes' kernel and the torch.compile'd decode that runs on `device` and equals the
+    pure-torch path bit for bit on a probe weight (odd size: a padded last block; three output dtypes); else the
+    pure-torch path. Decided once per device."""
+    probe = quantize_nf4(torch.randn(67, 129, generator=torch.Generator().manual_seed(0)).to(device))
+    for name, fn in (("bitsandbytes", _dequantize_bnb), ("torch.compile", _dequantize_compiled)):
+        try:
+            same = all(torch.equal(fn(probe, dt), _dequantize_torch(probe, dt))
+                       for dt in (torch.float32, torch.bfloat16, torch.float16))
+        except Exception as e:  # not installed, no kernels for this GPU, no compiler: try the next
+            log.info("NF4 dequantize on %s: %s unavailable (%s: %s)", device, name, type(e).__name__, e)
+            continue
+        if same:
+            log.info("NF4 dequantize on %s: %s", device, name)
+            return fn
+        log.warning("NF4 dequantize on %s: %s differs from the pure-torch path; not used", device, name)
+    return _dequantize_torch
 
 
 class _NF4Linear(torch.autograd.Function):
@@ -215,6 +286,7 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
         with torch.autocast(device_type, enabled=False):
             return _NF4Linear.apply(x.to(dtype), q, None if bias is None else bias.to(dtype))
     return _NF4Linear.apply(x, q, None if bias is None else bias.to(x.dtype))
+
 
 class NF4Linear(nn.Module):
     """A frozen Linear whose weight is stored in NF4: y = x · dequantize_nf4(weight_nf4)ᵀ + bias, x (..., in_features)

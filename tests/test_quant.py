@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.quant import DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
+from lorakit import quant
+from lorakit.quant import (DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4,
+                           to_bitsandbytes)
 
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                  -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -230,6 +232,59 @@ def test_matches_bitsandbytes(shape, dtype):
     # Given the same 8-bit codes, dequantization is bit for bit theirs.
     q.qscale[:q.n_blocks] = state.absmax
     assert torch.equal(dequantize_nf4(q), bnb_f.dequantize_4bit(packed, state))
+
+
+def test_to_bitsandbytes_layout_dequantizes_with_bitsandbytes():
+    # The (packed, QuantState) mapping that the CUDA path hands to bitsandbytes' kernel, checked here with its CPU
+    # kernel: bit for bit our dequantization, for odd sizes (a padded last block) and every output dtype.
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(7)
+    for shape, dtype in [((300, 257), torch.bfloat16), ((64, 640), torch.float32), ((1, 3), torch.float16)]:
+        w = (torch.randn(shape) * torch.rand(shape[0], 1)).to(dtype)
+        q = quantize_nf4(w)
+        packed, state = to_bitsandbytes(q)
+        theirs_packed, theirs = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        assert packed.shape == theirs_packed.shape and state.absmax.shape == theirs.absmax.shape
+        assert (state.blocksize, state.state2.blocksize, state.dtype) == (theirs.blocksize, theirs.state2.blocksize, dtype)
+        assert state.shape == theirs.shape and state.nested and packed.data_ptr() == q.packed.data_ptr()  # no copy
+        for out in (torch.float32, torch.bfloat16, torch.float16):
+            expected = dequantize_nf4(q, out)
+            assert torch.equal(bnb_f.dequantize_4bit(*to_bitsandbytes(q, out)).reshape(shape), expected)
+            assert torch.equal(quant._dequantize_bnb(q, out), expected)
+
+
+def test_whole_tensor_decode_equals_the_sliced_path():
+    # _decode is what torch.compile fuses on CUDA: in eager mode on the CPU it must already be bit for bit the same.
+    torch.manual_seed(8)
+    q = quantize_nf4(torch.randn(70, 333))
+    for out in (torch.float32, torch.bfloat16):
+        decoded = quant._decode(q.packed, quant.block_scales(q), NF4_CODE, out)[:70 * 333].view(70, 333)
+        assert torch.equal(decoded, dequantize_nf4(q, out))
+
+
+CUDA_PATHS = ["bitsandbytes", "torch.compile"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_cuda_fused_dequantize_equals_pure_torch(path):
+    fn = {"bitsandbytes": quant._dequantize_bnb, "torch.compile": quant._dequantize_compiled}[path]
+    if path == "bitsandbytes":
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(9)
+    for shape in [(300, 257), (1, 2), (2048, 512)]:
+        q = quantize_nf4(torch.randn(shape, device="cuda"))
+        for out in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(fn(q, out), quant._dequantize_torch(q, out)), (path, shape, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dequantize_picks_an_exact_path():
+    q = quantize_nf4(torch.randn(515, 96))
+    chosen = quant._cuda_dequantizer(torch.device("cuda", torch.cuda.current_device()))
+    assert chosen in (quant._dequantize_bnb, quant._dequantize_compiled, quant._dequantize_torch)
+    assert torch.equal(dequantize_nf4(q.cuda(), torch.bfloat16).cpu(), dequantize_nf4(q.cpu(), torch.bfloat16))
+
 
 def _linear(bias=True, seed=10):
     torch.manual_seed(seed)
