@@ -290,8 +290,8 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
 
 class NF4Linear(nn.Module):
     """A frozen Linear whose weight is stored in NF4: y = x · dequantize_nf4(weight_nf4)ᵀ + bias, x (..., in_features)
-    → (..., out_features), computed in x's dtype (autocast's under autocast). For every frozen Linear of a QLoRA base
-    model, not only the adapted ones. The weight is buffers only; bias, if any, is a frozen Parameter in its dtype.
+    → (..., out_features), in x's dtype (autocast's under autocast). For every frozen Linear of a QLoRA base model,
+    not only the adapted ones. The weight is buffers only; bias, if any, is a frozen Parameter in its own dtype.
     State dict: weight_nf4.{packed, qscale, absmax2, offset} and bias.
 
         NF4Linear(quantize_nf4(w), b)    from tensors (say, read from a checkpoint shard), no nn.Linear built
