@@ -4,7 +4,7 @@ bfloat16), and nf4_linear forward + backward (input gradient only: the weight is
 dequantized weight, which is what the dequantization adds to every training step.
 
     python -m benchmarks.nf4 [--size full|tiny] [--threads 2] [--rounds 5] [--only quantize dequantize linear cuda]
-                             [--json out.json]
+                             [--dtypes fp32 bf16] [--json out.json]
 
 Times are the best of `rounds` runs after one warm-up (the least disturbed by other processes); `cpu_s` is the
 process CPU time of that run, a second view on a shared machine (wall ≈ cpu / threads when nothing else runs).
@@ -48,11 +48,12 @@ def bnb_quantizer():
     return lambda w: bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
 
 
-def quantize_rows(size: str, rounds: int) -> list[dict]:
+def quantize_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
     """Parameters/s of quantize_nf4 and of bitsandbytes per shape and input dtype."""
     bnb, rows = bnb_quantizer(), []
     for shape in SHAPES[size]:
-        for name, dtype in DTYPES.items():
+        for name in dtypes:
+            dtype = DTYPES[name]
             w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
             wall, cpu = timed(lambda: quantize_nf4(w), rounds)
             row = {"op": "quantize", "shape": list(shape), "dtype": name, "s": wall, "cpu_s": cpu,
@@ -66,25 +67,27 @@ def quantize_rows(size: str, rounds: int) -> list[dict]:
     return rows
 
 
-def dequantize_rows(size: str, rounds: int) -> list[dict]:
+def dequantize_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
     """Elements/s of dequantize_nf4 per shape and output dtype."""
     rows = []
     for shape in SHAPES[size]:
         q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-        for name, dtype in DTYPES.items():
+        for name in dtypes:
+            dtype = DTYPES[name]
             wall, cpu = timed(lambda: dequantize_nf4(q, dtype), rounds)
             rows.append({"op": "dequantize", "shape": list(shape), "dtype": name, "s": wall, "cpu_s": cpu,
                          "melems_per_s": q.shape.numel() / wall / 1e6})
     return rows
 
 
-def linear_rows(size: str, rounds: int) -> list[dict]:
+def linear_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
     """Seconds of y = x Wᵀ forward + backward to x through nf4_linear and through F.linear on the already
     dequantized W (no dequantization), x (tokens, in) requiring grad; their ratio is the cost of the 4-bit storage."""
     rows, tokens = [], TOKENS[size]
     for shape in SHAPES[size]:
         q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-        for name, dtype in DTYPES.items():
+        for name in dtypes:
+            dtype = DTYPES[name]
             w = dequantize_nf4(q, dtype)
             x = torch.randn(tokens, shape[1], dtype=dtype, requires_grad=True)
             g = torch.randn(tokens, shape[0], dtype=dtype)
@@ -96,9 +99,10 @@ def linear_rows(size: str, rounds: int) -> list[dict]:
     return rows
 
 
-def cuda_rows(size: str, rounds: int) -> list[dict]:
+def cuda_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
     """On CUDA: elements/s of each dequantize path (pure torch, torch.compile, bitsandbytes' kernel) to bf16, and
-    whether it equals the pure-torch output bit for bit; a path that cannot run gets its error instead."""
+    whether it equals the pure-torch output bit for bit; a path that cannot run gets its error instead. (dtypes:
+    unused, the rows are bf16.)"""
     from lorakit import quant
 
     paths = {"torch": quant._dequantize_torch, "torch.compile": quant._dequantize_compiled,
@@ -147,6 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=["quantize", "dequantize", "linear"],
                         choices=["quantize", "dequantize", "linear", "cuda"])
+    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES),
+                        help="weight / output / compute dtypes (bf16 matmuls crawl on CPUs without native bf16)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     makers = {"quantize": quantize_rows, "dequantize": dequantize_rows, "linear": linear_rows, "cuda": cuda_rows}
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     previous, rows = torch.get_num_threads(), []
     torch.set_num_threads(args.threads)
     for name in args.only:  # printed group by group: a slow group shows the earlier ones
-        group = makers[name](args.size, args.rounds)
+        group = makers[name](args.size, args.rounds, args.dtypes)
         print(table(group), flush=True)
         rows += group
     torch.set_num_threads(previous)
