@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.quant import DYNAMIC_CODE, NF4_CODE, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
+from lorakit import quant
+from lorakit.quant import (DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4,
+                           to_bitsandbytes)
 
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                  -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -101,6 +103,28 @@ def test_padding_of_odd_sizes():
 def test_bad_input_raises(bad):
     with pytest.raises(ValueError, match=rf"{tuple(bad.shape)}.*{bad.dtype}".replace("(", r"\(").replace(")", r"\)")):
         quantize_nf4(bad)
+
+
+def test_non_finite_weight_raises():
+    for bad in (float("inf"), float("nan")):
+        w = torch.randn(4, 64)
+        w[2, 5] = bad
+        with pytest.raises(ValueError, match="inf or NaN"):
+            quantize_nf4(w)
+
+
+def test_codes_at_the_rounding_boundaries():
+    # Every float32 within 200 ulps of each midpoint between NF4 values (where the nearest code changes) and of each
+    # edge of the lookup cells: the code is the count of midpoints strictly below s (ties go to the lower value).
+    mids = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    edges = torch.arange(1, 32) / 16 - 1
+    centres = torch.cat([mids, edges[edges != 0]])  # around 0 (where ulps step to NaN bit patterns): ±1e-45 below
+    near = (centres.view(torch.int32)[:, None] + torch.arange(-200, 201, dtype=torch.int32)).view(torch.float32)
+    s = torch.cat([near.view(-1).clamp(-1, 1), torch.tensor([-1.0, 0.0, 1.0, 1e-45, -1e-45])])
+    s = F.pad(s, (0, -s.numel() % 63)).view(-1, 63)
+    q = quantize_nf4(torch.cat([torch.ones(s.shape[0], 1), s], dim=1))  # absmax 1 per block: the scaled value is s
+    expected = torch.cat([torch.full((s.shape[0], 1), 15), (s[..., None] > mids).sum(-1)], dim=1)
+    assert torch.equal(codes_of(q), expected.view(-1).to(torch.uint8))
 
 
 def test_bad_block_size_raises():
@@ -208,3 +232,137 @@ def test_matches_bitsandbytes(shape, dtype):
     # Given the same 8-bit codes, dequantization is bit for bit theirs.
     q.qscale[:q.n_blocks] = state.absmax
     assert torch.equal(dequantize_nf4(q), bnb_f.dequantize_4bit(packed, state))
+
+
+def test_to_bitsandbytes_layout_dequantizes_with_bitsandbytes():
+    # The (packed, QuantState) mapping that the CUDA path hands to bitsandbytes' kernel, checked here with its CPU
+    # kernel: bit for bit our dequantization, for odd sizes (a padded last block) and every output dtype.
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(7)
+    for shape, dtype in [((300, 257), torch.bfloat16), ((64, 640), torch.float32), ((1, 3), torch.float16)]:
+        w = (torch.randn(shape) * torch.rand(shape[0], 1)).to(dtype)
+        q = quantize_nf4(w)
+        packed, state = to_bitsandbytes(q)
+        theirs_packed, theirs = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        assert packed.shape == theirs_packed.shape and state.absmax.shape == theirs.absmax.shape
+        assert (state.blocksize, state.state2.blocksize) == (theirs.blocksize, theirs.state2.blocksize)
+        assert state.dtype == dtype
+        assert state.shape == theirs.shape and state.nested and packed.data_ptr() == q.packed.data_ptr()  # no copy
+        for out in (torch.float32, torch.bfloat16, torch.float16):
+            expected = dequantize_nf4(q, out)
+            assert torch.equal(bnb_f.dequantize_4bit(*to_bitsandbytes(q, out)).reshape(shape), expected)
+            assert torch.equal(quant._dequantize_bnb(q, out), expected)
+
+
+def test_whole_tensor_decode_equals_the_sliced_path():
+    # _decode is what torch.compile fuses on CUDA: in eager mode on the CPU it must already be bit for bit the same.
+    torch.manual_seed(8)
+    q = quantize_nf4(torch.randn(70, 333))
+    for out in (torch.float32, torch.bfloat16):
+        decoded = quant._decode(q.packed, quant.block_scales(q), NF4_CODE, out)[:70 * 333].view(70, 333)
+        assert torch.equal(decoded, dequantize_nf4(q, out))
+
+
+CUDA_PATHS = ["bitsandbytes", "torch.compile"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_cuda_fused_dequantize_equals_pure_torch(path):
+    fn = {"bitsandbytes": quant._dequantize_bnb, "torch.compile": quant._dequantize_compiled}[path]
+    if path == "bitsandbytes":
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(9)
+    for shape in [(300, 257), (1, 2), (2048, 512)]:
+        q = quantize_nf4(torch.randn(shape, device="cuda"))
+        for out in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(fn(q, out), quant._dequantize_torch(q, out)), (path, shape, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dequantize_picks_an_exact_path():
+    q = quantize_nf4(torch.randn(515, 96))
+    chosen = quant._cuda_dequantizer(torch.device("cuda", torch.cuda.current_device()))
+    assert chosen in (quant._dequantize_bnb, quant._dequantize_compiled, quant._dequantize_torch)
+    assert torch.equal(dequantize_nf4(q.cuda(), torch.bfloat16).cpu(), dequantize_nf4(q.cpu(), torch.bfloat16))
+
+
+def _linear(bias=True, seed=10):
+    torch.manual_seed(seed)
+    return nn.Linear(80, 48, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_module_is_linear_on_the_dequantized_weight(bias, dtype):
+    layer = NF4Linear.from_linear(_linear(bias))
+    assert (layer.in_features, layer.out_features) == (80, 48) and not any(p.requires_grad for p in layer.parameters())
+    assert set(layer.state_dict()) == {f"weight_nf4.{k}" for k in ("packed", "qscale", "absmax2", "offset")} | (
+        {"bias"} if bias else set())
+    x = torch.randn(2, 3, 80, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    b = None if layer.bias is None else layer.bias.to(dtype)
+    y, y_ref = layer(x), F.linear(x_ref, dequantize_nf4(layer.weight_nf4, dtype), b)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert layer.bias is None or layer.bias.grad is None  # frozen
+
+
+def test_nf4_linear_from_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(11)
+    conv = Conv1D(48, 80)  # nf = out, nx = in: weight (80, 48)
+    nn.init.normal_(conv.bias)
+    layer = NF4Linear.from_linear(conv)
+    assert (layer.in_features, layer.out_features) == (80, 48)
+    assert torch.equal(layer.weight_nf4.packed, quantize_nf4(conv.weight.t().contiguous()).packed)
+    x = torch.randn(5, 80)
+    assert torch.equal(layer(x), F.linear(x, dequantize_nf4(layer.weight_nf4), conv.bias.detach()))
+    with torch.no_grad():
+        assert (layer(x) - conv(x)).abs().max() < 0.1 * conv(x).abs().max()  # only the 4-bit error
+    back = layer.to_dense()  # the Conv1D it came from, (in, out) again
+    assert type(back) is Conv1D and back.weight.shape == (80, 48)
+    torch.testing.assert_close(back(x), layer(x))  # addmm against linear: equal up to rounding
+    with pytest.raises(TypeError, match="Embedding"):
+        NF4Linear.from_linear(nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match="bias of shape"):
+        NF4Linear(quantize_nf4(torch.randn(48, 80)), torch.zeros(80))
+
+
+def test_nf4_linear_to_dense_round_trip():
+    layer = NF4Linear.from_linear(_linear())
+    x = torch.randn(4, 80)
+    plain = layer.to_dense()
+    assert type(plain) is nn.Linear and plain.weight.dtype == torch.float32 and not plain.weight.requires_grad
+    assert torch.equal(plain.weight, dequantize_nf4(layer.weight_nf4)) and torch.equal(plain(x), layer(x))
+    assert plain.bias.data_ptr() != layer.bias.data_ptr()  # a copy: the plain layer lives on its own
+    half = layer.to_dense(torch.bfloat16)
+    assert half.weight.dtype == half.bias.dtype == torch.bfloat16
+    # Quantizing the dequantized weight again gives the same 4-bit codes: each block's largest value is exactly ±1.
+    again = NF4Linear.from_linear(plain)
+    assert torch.equal(again.weight_nf4.packed, layer.weight_nf4.packed)
+    torch.testing.assert_close(dequantize_nf4(again.weight_nf4), plain.weight, rtol=0, atol=1e-3)
+
+
+def test_nf4_linear_from_an_empty_state_and_parent_casts():
+    # The loader's path: an empty NF4Linear of the right shape, filled by load_state_dict, no nn.Linear anywhere.
+    layer = NF4Linear.from_linear(_linear())
+    empty = NF4Linear(NF4Weight((48, 80)), torch.zeros(48))
+    empty.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 80)
+    expected = layer(x)
+    assert torch.equal(empty(x), expected)
+    parent = nn.Sequential(empty)
+    parent.to(torch.bfloat16)  # casts the bias; the NF4 buffers (integers) and their float32 scales stay exact
+    assert empty.bias.dtype == torch.bfloat16
+    for key, value in layer.weight_nf4.state_dict().items():
+        assert torch.equal(empty.weight_nf4.state_dict()[key], value), key
+    assert torch.equal(dequantize_nf4(empty.weight_nf4), dequantize_nf4(layer.weight_nf4))
+    y = parent(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    w = dequantize_nf4(layer.weight_nf4, torch.bfloat16)
+    assert torch.equal(y, F.linear(x.bfloat16(), w, layer.bias.bfloat16()))
