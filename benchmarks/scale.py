@@ -13,7 +13,7 @@ BPE tokenizer, written tensor by tensor (at most one tensor in memory; the model
 
 `run` launches `lorakit train --task causal-lm --quantize nf4 --max-steps 3` on 128-token rows, batch 1, r = 16, as a
 separate process, and reads its peak resident memory (VmHWM) while loading and while training, the seconds to load
-and per step, and tokens/s. Points still to complete once lorakit has the flags are marked TODO(lead).
+and per step, and tokens/s (also with --gradient-checkpointing; bf16 compute rows only where bf16 is fast).
 
 Found on the 2-core AMD EPYC (AVX2 only; torch 2.13 CPU; 2026-11-26, the machine shared with other jobs):
 bitsandbytes 0.50.2 runs PEFT's 4-bit LoRA on this CPU (Linear4bit layers, a training step with gradient
@@ -419,15 +419,11 @@ def watch(cmd: list[str]) -> dict:
 def lorakit_command(model: Path, data: Path, out: Path, targets: str, dtype: str | None, steps: int) -> list[str]:
     """The issue's command line, as far as lorakit train supports it today."""
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", str(model), "--task", "causal-lm", "--data", str(data),
-           "--quantize", "nf4", "--max-steps", str(steps), "--batch-size", "1", "--max-length", str(TOKENS),
-           "--r", str(RANK), "--targets", targets, "--log-every", "1", "--output", str(out), "--overwrite"]
-    # TODO(lead): append "--gradient-checkpointing" once lorakit train has it (the issue's command line).
-    # TODO(lead): append ["--dtype", dtype] (compute dtype) once it exists; until then dtype must be None (default).
-    # Note: today lorakit train loads these bf16 checkpoints in bf16 (transformers 5 follows config.json's dtype), and
-    # bf16 matmuls on an AVX2-only CPU run at 0.2-10 GFLOPS against fp32's ~40-100: the default must load fp32 here.
-    if dtype is not None:
-        raise NotImplementedError("lorakit train has no --dtype yet")
-    return cmd
+           "--quantize", "nf4", "--gradient-checkpointing", "--max-steps", str(steps), "--batch-size", "1",
+           "--max-length", str(TOKENS), "--r", str(RANK), "--targets", targets, "--log-every", "1",
+           "--output", str(out), "--overwrite"]
+    # The compute dtype: the default (--precision auto: bf16 only where bf16 multiplies are fast) or bf16 asked for.
+    return cmd + (["--precision", dtype] if dtype else [])
 
 
 def lorakit_row(model: Path, data: Path, out: Path, targets: str, dtype: str | None, steps: int = 3) -> dict:
@@ -439,8 +435,8 @@ def lorakit_row(model: Path, data: Path, out: Path, targets: str, dtype: str | N
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     metrics = json.loads((out / "metrics.json").read_text())
-    # TODO(lead): have lorakit train record the quantized model's bytes (parameters + buffers) in metrics.json.
-    return _row("lorakit", found, [TOKENS / r for r in rates], metrics.get("model_bytes"))
+    return {**_row("lorakit", found, [TOKENS / r for r in rates], metrics["model_bytes"]),
+            "compute_dtype": metrics["compute_dtype"]}
 
 
 def peft_row(model: Path, data: Path, targets: str, dtype: str, steps: int = 3) -> dict:
@@ -477,15 +473,15 @@ def run(size: str, targets: str = "q_proj,v_proj", dtype: str | None = None, ste
                     {"method": "peft+bitsandbytes", "error": f"cannot run here: {check.get('error')}"})
     for row in rows:
         row.update(size=size, targets=targets, dtype=dtype or "default")
-    # TODO(lead): checkpointing= the mode --gradient-checkpointing will use ("reentrant" or "non-reentrant").
-    flops = step_flops(cfg, targets=adapted(cfg, targets), checkpointing="reentrant")
+    # lorakit's --gradient-checkpointing is transformers' non-reentrant checkpointing (enable_gradient_checkpointing)
+    flops = step_flops(cfg, targets=adapted(cfg, targets), checkpointing="non-reentrant")
     return {"rows": rows, "estimates": memory_estimates(cfg, targets), "flops": flops}
 
 
 def report(result: dict, gflops: dict | None = None) -> str:
     """The rows of run() as a markdown table (GiB = 2^30 bytes), the computed alternatives below it; with
     measure_gflops' result, also each step's seconds over those of its FLOPs at the matmul limit (issue: ≤ 3×).
-    TODO(lead): a section of BENCHMARKS.md from these rows (benchmarks/report.py does not know them yet)."""
+    BENCHMARKS.md's "Large models" section is written from these tables by hand."""
     gib = lambda b: f"{b / 2**30:.2f}" if b else "—"  # noqa: E731
     lines = ["| size | targets | dtype | method | load s | load peak GiB | train peak GiB | model GiB | s/step "
              "| tokens/s | step / matmul limit |", "|" + " --- |" * 11]
@@ -548,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     dtypes = [args.dtype] if args.dtype else [None, "bf16"] if fast_bf16 else [None]
     torch.set_num_threads(args.threads)
     for t in [args.targets] if args.targets else list(TARGETS.values()):
-        for dtype in dtypes:  # TODO(lead): the bf16 rows need lorakit train --dtype (lorakit_command raises)
+        for dtype in dtypes:
             print(report(run(args.size, t, dtype, peft=not args.no_peft), gflops), flush=True)
 
 

@@ -163,14 +163,17 @@ def results(cfg: TrainConfig, state: RunState, before, micro_per_epoch: int, par
 
 
 def precisions(cfg: TrainConfig, model, world: World) -> dict:
-    """Where and in what the run computed: the device, the compute dtype, and the dtypes the weights were held in."""
+    """Where and in what the run computed: the device, the compute dtype, the dtypes the weights were held in and
+    the bytes the model takes."""
     held = sorted({NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
     if quantized_weights(model):
         held.append("nf4")
     # Activations run in autocast's dtype, else in the input embeddings' (a bf16 model computes in bf16).
     flowing = model.get_input_embeddings().weight.dtype if hasattr(model, "get_input_embeddings") else torch.float32
     compute = "bf16" if resolve(cfg.precision, world.device) == "bf16" else NAMES.get(flowing, str(flowing))
-    return {"device": str(world.device), "compute_dtype": compute, "weights": held}
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return {"device": str(world.device), "compute_dtype": compute, "weights": held,
+            "model_bytes": sum(tensors.values())}  # parameters and buffers (NF4 codes and scales), each counted once
 
 
 def save_run(cfg: TrainConfig, out: Path, model, metrics: dict) -> None:
