@@ -43,14 +43,13 @@ class TensorBoard:
 
 class WandB:
     """A Weights & Biases run named after the run directory, with its settings as the config, its files in
-    RUN/wandb. WANDB_PROJECT (default "lorakit"), WANDB_MODE (e.g. offline) and the other WANDB_* variables apply."""
+    RUN/wandb (wandb's own choice of subfolder under `dir`). WANDB_PROJECT (default "lorakit"), WANDB_MODE (e.g. offline) and the other WANDB_* variables apply."""
 
     def __init__(self, out: Path, settings: dict, resumed_at: int | None):
         import os
 
         import wandb
 
-        (out / WANDB_DIR).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lorakit"), name=out.name, dir=str(out),
                               config=settings)
 
