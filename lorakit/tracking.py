@@ -43,8 +43,8 @@ class TensorBoard:
 
 class WandB:
     """A Weights & Biases run named after the run directory, with its settings as the config, its files in
-    RUN/wandb (wandb's own choice of subfolder under `dir`). WANDB_PROJECT (default "lorakit"), WANDB_MODE (e.g. offline) and the other WANDB_* variables apply. A
-    resumed lorakit run reports to a new W&B run."""
+    RUN/wandb (wandb's own choice of subfolder under `dir`). WANDB_PROJECT (default "lorakit"), WANDB_MODE (e.g.
+    offline) and the other WANDB_* variables apply. A resumed lorakit run reports to a new W&B run."""
 
     def __init__(self, out: Path, settings: dict, resumed_at: int | None):
         import os
