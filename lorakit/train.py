@@ -14,19 +14,23 @@ from typing import Callable
 import torch
 
 from .data import collator
-from .dataset import load_tables, run_examples
+from .dataset import RunData, load_data, train_collator
 from .distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
 from .evaluation import describe, evaluate, main_metric
 from .files import save_adapter
-from .fit import Hooks, Interrupted, Loop, RunState, fit, seeded_batches
+from .fit import Hooks, Interrupted, Loop, RunState, examples, fit, seeded_batches, target_tokens
 from .inject import count_parameters, enable_gradient_checkpointing, quantized_weights
 from .models import add_adapter, load_model, resolve_model
 from .optim import optimizer as make_optimizer
 from .precision import NAMES, compute_dtype, fast_bf16, resolve
 from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log, check_output, clear_run,
                      first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
-                     save_checkpoint, start_files, write_json)
+                     restore_trainable, save_chat_template, save_checkpoint, start_files, write_json)
 from .settings import PACKAGED_MODEL, SCHEDULERS, TrainConfig, check_values, resolved
+from .tracking import open_reporter
+
+# What the loss of a step is a mean over, per task (fit.Loop.count).
+TARGETS = {"classify": examples, "causal-lm": target_tokens}
 
 
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
@@ -42,32 +46,41 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     cfg = with_output(cfg, world)
     check_output(cfg)
     out = Path(cfg.output)
-    tables = load_tables(cfg)  # every file, column and label checked before the model loads
+    run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
 
-    model, tokenizer, adapter = setup_model(cfg, tables.labels, world)
-    train_rows, eval_rows = run_examples(tables, cfg, tokenizer)
-    collate = collator(tokenizer, cfg.task)
-    batches = seeded_batches(train_rows, collate, cfg.batch_size, cfg.seed, world)
+    model, _, adapter = setup_model(cfg, run_data.labels, world)
+    batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
     loop = plan(cfg, batches.per_epoch)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
-    state = start(cfg, out, resolved(cfg, adapter.targets), tables.labels, (model, opt, sched), loop, world, say)
+    state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)
 
-    check = partial(evaluate, model, eval_rows, collate, cfg.task, cfg.batch_size, cfg.precision) if eval_rows else None
-    log = partial(append_log, out / LOG_FILE)
+    check = None
+    if len(run_data.eval):
+        check = partial(evaluate, model, run_data.eval, collator(run_data.tokenizer, cfg.task), cfg.task,
+                        cfg.batch_size, cfg.precision)
+    reporter = open_reporter(cfg.report_to, out, resolved(cfg, adapter.targets),
+                             state.step if cfg.resume else None) if world.main else None
+    log = partial(log_record, out / LOG_FILE, reporter)
     before = evaluate_before(check, state, log, world, say)
     params = count_parameters(model)
     say(f"training {params[0]:,} of {params[1]:,} parameters ({100 * params[0] / params[1]:.2f}%), {loop.total_steps} "
-        f"steps of {cfg.batch_size * world.size * cfg.grad_accum} examples, output {out}")
-    hooks = Hooks(evaluate=check, log=log, checkpoint=partial(save_checkpoint, out, model, opt, sched),
+        f"steps of {cfg.batch_size * world.size * cfg.grad_accum} {'rows' if cfg.packing else 'examples'}, "
+        f"output {out}")
+    keep = cfg.save_total_limit or 1
+    hooks = Hooks(evaluate=check, log=log, checkpoint=partial(save_checkpoint, out, model, opt, sched, keep=keep),
                   on_step=on_step, echo=say, progress=progress)
     try:
         state = fit(model, batches, opt, sched, loop, state, world=world, hooks=hooks)
     except Interrupted as e:
         raise Interrupted(f"{e}; continue with: lorakit train --output {out} --resume") from None
+    finally:
+        if reporter:
+            reporter.close()
 
-    metrics = {**results(cfg, state, before, batches.per_epoch, params, world), **precisions(cfg, model, world)}
+    metrics = {**results(cfg, state, before, batches.per_epoch, params, world), **precisions(cfg, model, world),
+               **selection(cfg, state, loop)}
     if world.main:
-        save_run(cfg, out, model, metrics)
+        save_run(cfg, out, model, metrics, state, run_data)
         summary(say, metrics, cfg.task, out, demo=cfg.data is None)
     barrier(world)
     shutdown(world)
@@ -106,12 +119,15 @@ def with_output(cfg: TrainConfig, world: World) -> TrainConfig:
 
 
 def plan(cfg: TrainConfig, micro_per_epoch: int) -> Loop:
-    """How run `cfg` trains: its number of optimizer steps (grad_accum micro-batches each), and when it logs,
-    evaluates (5 times by default) and checkpoints."""
+    """How run `cfg` trains: its number of optimizer steps (grad_accum micro-batches each), what its loss is a mean
+    over, when it logs, evaluates (5 times by default) and checkpoints, and how it picks its best step."""
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+    select = cfg.keep_best or cfg.early_stopping
     return Loop(total_steps=total, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                 precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every,
-                eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every)
+                eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every,
+                count=TARGETS[cfg.task], select_by=main_metric(cfg.task) if select else None,
+                keep_best=cfg.keep_best, early_stopping=cfg.early_stopping)
 
 
 def optimizer_and_scheduler(model, cfg: TrainConfig, total_steps: int):
@@ -176,13 +192,36 @@ def precisions(cfg: TrainConfig, model, world: World) -> dict:
             "model_bytes": sum(tensors.values())}  # parameters and buffers (NF4 codes and scales), each counted once
 
 
-def save_run(cfg: TrainConfig, out: Path, model, metrics: dict) -> None:
-    """The adapter, metrics.json and training.png; the checkpoints go (the adapter is the final state)."""
+def selection(cfg: TrainConfig, state: RunState, loop: Loop) -> dict:
+    """metrics.json's model-selection entries (with --keep-best or --early-stopping): the best step and its eval,
+    whether training stopped early; with --keep-best "eval" is the best step's, that of the adapter saved."""
+    if loop.select_by is None:
+        return {}
+    chosen = {"eval": state.best_eval, "last_eval": state.last_eval} if cfg.keep_best and state.best_eval else {}
+    return {"best_step": state.best_step, "best_eval": state.best_eval,
+            "early_stopped": state.step < loop.total_steps, **chosen}
+
+
+def log_record(path: Path, reporter, record: dict) -> None:
+    """One log record to log.jsonl, and to --report-to's reporter."""
+    append_log(path, record)
+    if reporter:
+        reporter.log(record)
+
+
+def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState, run_data: RunData) -> None:
+    """The adapter (with --keep-best, the best step's), its chat template if the run was trained on conversations,
+    metrics.json and training.png; the checkpoints go unless --keep-best or --save-total-limit keeps them."""
+    if cfg.keep_best and state.best_step is not None and state.best_step != state.step:
+        restore_trainable(out / CHECKPOINTS / f"step-{state.best_step}", model)
     save_adapter(model, out, base_model_name_or_path=cfg.model or PACKAGED_MODEL)
+    if run_data.chat:
+        save_chat_template(out, run_data.tokenizer.chat_template)
     metrics["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
     write_json(out / METRICS_FILE, metrics)
     plot(read_log(out / LOG_FILE), out / PLOT_FILE, main_metric(cfg.task))
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    if not (cfg.keep_best or cfg.save_total_limit):
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def summary(say, metrics: dict, task: str, out: Path, demo: bool) -> None:
@@ -195,6 +234,10 @@ def summary(say, metrics: dict, task: str, out: Path, demo: bool) -> None:
         else:
             say(f"eval loss before: {before['loss']:.4f}  after: {after['loss']:.4f}  "
                 f"(perplexity {after['perplexity']:.2f})")
+    if metrics.get("best_step") is not None:
+        kept = ": the adapter saved is that step's" if "last_eval" in metrics else ""
+        stopped = f"; stopped early at step {metrics['steps']}" if metrics["early_stopped"] else ""
+        say(f"best eval {main_metric(task)} at step {metrics['best_step']}{kept}{stopped}")
     say(f"trainable: {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters "
         f"({100 * metrics['trainable_share']:.2f}%); adapter file {metrics['adapter_bytes'] / 1024:.0f} KiB")
     say(f"{metrics['steps']} steps in {metrics['seconds']:.1f} s; run directory: {out}")

@@ -126,3 +126,24 @@ def qa_jsonl(tmp_path_factory) -> Path:
     pd.DataFrame({"prompt": table["text"] + " question answer:", "completion": " " + table["label"].str.lower()}
                  ).to_json(path, orient="records", lines=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and the chat test tokenizer (tests/chat_tokenizers.py: ChatML template,
+    <|im_start|> and <|im_end|> special tokens), saved in Hugging Face format. Weights drawn wide (std 0.2): with
+    0.02, the frozen output head keeps every next-token distribution close to uniform."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chat_tokenizers import chat_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    tokenizer = chat_tokenizer()
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                                 initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(path)
+    return path

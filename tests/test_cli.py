@@ -23,7 +23,7 @@ def ok(*args: str) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "merge", "info"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "chat", "merge", "info"])
 def test_every_command_has_help(command):
     text = ok(command, "--help")
     spec = get_command(app).commands[command]

@@ -127,3 +127,26 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(setup):
     with pytest.raises(Interrupted, match="interrupted at step 1 of 3: checkpoint saved to here"):
         fit(model, seeded_batches(rows, collate, 2, seed=0), *parts(model), Loop(total_steps=3), hooks=hooks)
     assert saved == [1]
+
+
+def test_fit_keeps_the_best_evaluation_checkpoints_it_and_stops_early(setup):
+    model, rows, collate, _ = setup
+    losses = iter([3.0, 2.0, 2.5, 1.5, 1.5, 1.6, 1.7, 1.0])  # best at steps 2 and 4; 5-7 none better
+    saved = []
+    hooks = Hooks(evaluate=lambda: {"loss": next(losses)}, echo=lambda message: None,
+                  checkpoint=lambda state: saved.append(state.saved()) or f"step-{state.step}")
+    loop = Loop(total_steps=20, eval_every=1, save_every=100, select_by="loss", keep_best=True, early_stopping=3)
+    state = fit(model, seeded_batches(rows, collate, 2, seed=0), *parts(model), loop, hooks=hooks)
+    assert state.step == 7 and (state.best_step, state.best_eval, state.stale_evals) == (4, {"loss": 1.5}, 3)
+    # A checkpoint at each new best (the first evaluation's included), holding the best so far for resume.
+    assert [(s["step"], s["best_step"], s["stale_evals"]) for s in saved] == [(1, 1, 0), (2, 2, 0), (4, 4, 0)]
+    assert RunState.restored(saved[-1]).best_eval == {"loss": 1.5}
+
+
+def test_fit_selects_by_accuracy_upwards(setup):
+    model, rows, collate, _ = setup
+    scores = iter([0.5, 0.75, 0.75, 0.5])
+    hooks = Hooks(evaluate=lambda: {"accuracy": next(scores)}, echo=lambda message: None)
+    state = fit(model, seeded_batches(rows, collate, 2, seed=0), *parts(model),
+                Loop(total_steps=4, eval_every=1, select_by="accuracy"), hooks=hooks)
+    assert (state.step, state.best_step, state.stale_evals) == (4, 2, 2)  # a tie is no improvement

@@ -318,3 +318,27 @@ def test_injected_model_trains_under_transformers_trainer(bert_dir, topics_csv, 
     assert any("lora_B" in n for n in changed) and any("classifier" in n for n in changed)
     lorakit.save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+# ---- on a GPU (run where one is lent: benchmarks/gpu.sh runs `pytest -k cuda`) ----
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_on_cuda_computes_in_bf16_and_fp32_matches_the_cpu(llama_dir, qa_jsonl, tmp_path, monkeypatch):
+    """A QLoRA run on CUDA: the default precision computes in bf16 there, the base is NF4, the trained adapter
+    loads back on CUDA with the eval loss of training; in fp32 the CUDA run trains the CPU run's adapter."""
+    kw = dict(task="causal-lm", text_column="completion", prompt_column="prompt", eval_data=str(qa_jsonl),
+              max_length=32, lr=2e-2, max_steps=4, eval_every=4, quantize="nf4", gradient_checkpointing=True)
+    metrics = train(run_cfg(llama_dir, qa_jsonl, tmp_path / "bf16", **kw), progress=False)
+    assert metrics["device"].startswith("cuda") and metrics["compute_dtype"] == "bf16" and "nf4" in metrics["weights"]
+    assert math.isfinite(metrics["eval"]["loss"]) and metrics["eval"]["loss"] < metrics["eval_before"]["loss"]
+    model, *_ = load_trained(None, str(tmp_path / "bf16"))
+    assert next(model.parameters()).device.type == "cuda"
+
+    cuda = train(run_cfg(llama_dir, qa_jsonl, tmp_path / "cuda", precision="fp32", **kw), progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = train(run_cfg(llama_dir, qa_jsonl, tmp_path / "cpu", precision="fp32", **kw), progress=False)
+    assert cpu["device"] == "cpu" and cuda["compute_dtype"] == cpu["compute_dtype"] == "fp32"
+    assert cuda["eval"]["loss"] == pytest.approx(cpu["eval"]["loss"], rel=1e-4)
+    # Mean, not max: Adam's first steps move a weight whose gradient is within rounding of 0 by about ±lr either way.
+    a, b = adapter(tmp_path / "cuda"), adapter(tmp_path / "cpu")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().mean() < 1e-4 for k in a)
