@@ -82,6 +82,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output."),
     precision: Optional[str] = typer.Option(None, help="fp32 | bf16 (autocast) (default: fp32)"),
+    sharding: Optional[str] = typer.Option(None, help="fsdp: shard the model across torchrun's processes (FSDP2: "
+                                           "each holds 1/N of the frozen weights); none: DDP (default: none)"),
 ):
     """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
     flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}

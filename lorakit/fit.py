@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .data import epoch_order, micro_batch
-from .distributed import World, any_rank, barrier, mean, wrap
+from .distributed import World, any_rank, barrier, gradient_sync, is_sharded, mean, wrap
 from .evaluation import describe
 from .precision import autocast
 
@@ -106,7 +106,8 @@ def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world:
 @dataclass
 class Hooks:
     """What fit() does besides training; by default nothing. Every process gets the same hooks: evaluate, log and
-    checkpoint run on the main process only (the others wait), on_step on every process."""
+    checkpoint run on the main process only (the others wait), on_step on every process. For a model sharded with
+    FSDP (sharding.shard), evaluate and checkpoint run on every process: its forward and gathers are collective."""
 
     evaluate: Callable[[], dict] | None = None  # metrics of the model now
     log: Callable[[dict], None] | None = None  # a log record: a logged step, or {"step", "eval"}
@@ -206,9 +207,10 @@ def _accumulate(run: _Run) -> tuple[torch.Tensor, int]:
     for a in range(loop.grad_accum):
         batch = run.batches.get(run.state.micro, device)
         tokens += int(batch["attention_mask"].sum())
-        # DDP averages gradients across processes on the last micro-batch only: one all-reduce per step.
+        # DDP averages gradients across processes on the last micro-batch only: one all-reduce per step (FSDP: one
+        # reduce-scatter).
         sync = a == loop.grad_accum - 1 or run.world.size == 1
-        with contextlib.nullcontext() if sync else run.net.no_sync():
+        with gradient_sync(run.net, sync):
             with autocast(loop.precision, device):
                 loss = run.net(**batch).loss
             (loss / loop.grad_accum).backward()
@@ -241,9 +243,13 @@ def _log(run: _Run, record: dict) -> None:
 
 
 def _evaluate(run: _Run) -> None:
-    """The evaluate hook on the main process, logged and shown; the other processes wait for it."""
-    if run.world.main:
+    """The evaluate hook on the main process (on every process when sharded), logged and shown; the other processes
+    wait for it."""
+    if run.world.main or is_sharded(run.net):
         run.state.last_eval = run.hooks.evaluate()
+    if is_sharded(run.net):
+        run.model.reshard()  # a forward without backward leaves the root unit's weights gathered
+    if run.world.main:
         if run.hooks.log:
             run.hooks.log({"step": run.state.step, "eval": run.state.last_eval})
         message = f"step {run.state.step}: eval {describe(run.state.last_eval)}"
@@ -254,7 +260,7 @@ def _evaluate(run: _Run) -> None:
 def _checkpoint(run: _Run) -> None:
     """The checkpoint hook on the main process, with the state as of now; the other processes wait for it."""
     run.state.seconds = run.elapsed()
-    if run.world.main:
+    if run.world.main or is_sharded(run.net):  # sharded: every process gathers its shards, the main one writes
         run.state.checkpoint = run.hooks.checkpoint(run.state)
     barrier(run.world)
 

@@ -9,6 +9,9 @@
     checkpoints/step-N/  trainable tensors (safetensors) + optimizer, scheduler, RNG state and the RunState
 
 Every file is written atomically (a temp file renamed into place), so a killed run leaves whole files only.
+A checkpoint always holds whole tensors, as one process holds them: a run sharded with FSDP gathers its shards to
+save (rank 0 writes) and cuts them again on resume, so one format serves every mode and a checkpoint resumes in any
+number of processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .distributed import is_main_process
 from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, atomic_write
 from .fit import RunState
 from .parts import unwrap
+from .sharding import full, gathered_optimizer_state, shard_like, sharded_optimizer_state
 from .settings import CONFIG_FILE, ConfigError, TrainConfig, check_resumable, saved_settings
 
 LOG_FILE, METRICS_FILE, PLOT_FILE, LABELS_FILE, CHECKPOINTS = (
@@ -152,18 +157,23 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, model, opt, sched, state: RunState) -> Path:
-    """checkpoints/step-<step>: built in a temp directory, then renamed into place; older checkpoints removed."""
+    """checkpoints/step-<step>: built in a temp directory, then renamed into place; older checkpoints removed.
+    Sharded with FSDP, every process must call this (the shards are gathered); only rank 0 writes."""
     root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
+    # Gathered before anything only the main process does: a collective under FSDP.
+    tensors = {n: full(p.detach()).cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    optimizer = gathered_optimizer_state(opt)
+    if not is_main_process():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
 
     def fill(tmp: Path) -> None:
-        tensors = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
         save_file(tensors, tmp / "trainable.safetensors")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, **state.saved()},
+        torch.save({"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": rng, **state.saved()},
                    tmp / "state.pt")
 
     atomic_directory(final, fill)
@@ -174,16 +184,17 @@ def save_checkpoint(out: Path, model, opt, sched, state: RunState) -> Path:
 
 
 def load_checkpoint(path: Path, model, opt, sched) -> RunState:
-    """Restore trainable tensors, optimizer, scheduler and RNG from checkpoint `path`; returns its RunState."""
+    """Restore trainable tensors, optimizer, scheduler and RNG from checkpoint `path`; returns its RunState. A model
+    sharded with FSDP takes its own shard of every tensor (each process reads the files; no communication)."""
     tensors = load_file(path / "trainable.safetensors")
-    expected = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
-    unwrap(model).load_state_dict(tensors, strict=False)
+    unwrap(model).load_state_dict({n: shard_like(t, params[n]) for n, t in tensors.items()}, strict=False)
     saved = torch.load(path / "state.pt", weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
+    opt.load_state_dict(sharded_optimizer_state(saved["optimizer"], opt))
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["cpu"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():

@@ -21,6 +21,8 @@ PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # served from the gt-
 CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --config reads it back
 # Settings that may change when a run is resumed: they do not change the trained weights.
 RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column"}
+RESUME_FREE |= {"sharding"}  # checkpoints hold whole tensors: a sharded run resumes unsharded and the reverse
+SHARDINGS = ("none", "fsdp")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     precision: str = "fp32"
+    sharding: str | None = None  # "fsdp": shard the model across torchrun's processes (FSDP2); None/"none": DDP
 
 
 # The shipped demo's settings: a minute or two on 2 CPU cores, long enough to learn the topics.
@@ -127,6 +130,7 @@ def check_values(cfg: TrainConfig) -> None:
         (cfg.task in TASKS, f"task must be one of {TASKS}, got {cfg.task!r}"),
         (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {tuple(SCHEDULERS)}, got {cfg.scheduler!r}"),
         (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {cfg.precision!r}"),
+        (cfg.sharding in (None, *SHARDINGS), f"sharding must be one of {SHARDINGS}, got {cfg.sharding!r}"),
         (cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),

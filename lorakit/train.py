@@ -25,6 +25,7 @@ from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log,
                      first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
                      save_checkpoint, start_files, write_json)
 from .settings import PACKAGED_MODEL, SCHEDULERS, TrainConfig, check_values, resolved
+from .sharding import check_launch, is_sharded, shard
 
 
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
@@ -35,7 +36,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     TrainingError on a non-finite loss, Interrupted after saving a checkpoint on Ctrl-C. `on_step(record)` gets each
     optimizer step's record (step, epoch, loss, lr, tokens, seconds). Under torchrun only rank 0 writes and prints."""
     check_values(cfg)
-    world = init_distributed()
+    check_launch(cfg.sharding)
+    world = init_distributed(sharded=cfg.sharding == "fsdp")
     say = echo if world.main else (lambda *_: None)
     cfg = with_output(cfg, world)
     check_output(cfg)
@@ -52,7 +54,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
     check = partial(evaluate, model, eval_rows, collate, cfg.task, cfg.batch_size, cfg.precision) if eval_rows else None
     log = partial(append_log, out / LOG_FILE)
-    before = evaluate_before(check, state, log, world, say)
+    before = evaluate_before(check, state, log, world, say, collective=is_sharded(model))
     params = count_parameters(model)
     say(f"training {params[0]:,} of {params[1]:,} parameters ({100 * params[0] / params[1]:.2f}%), {loop.total_steps} "
         f"steps of {cfg.batch_size * world.size * cfg.grad_accum} examples, output {out}")
@@ -64,8 +66,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
         raise Interrupted(f"{e}; continue with: lorakit train --output {out} --resume") from None
 
     metrics = results(cfg, state, before, batches.per_epoch, params, world)
+    save_run(cfg, out, model, metrics, world)
     if world.main:
-        save_run(cfg, out, model, metrics)
         summary(say, metrics, cfg.task, out, demo=cfg.data is None)
     barrier(world)
     shutdown(world)
@@ -73,11 +75,14 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
 
 def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
-    """(model with the run's adapter, on this process's device; tokenizer; the adapter's LoraConfig)."""
+    """(model with the run's adapter, on this process's device (sharded across the processes with --sharding fsdp);
+    tokenizer; the adapter's LoraConfig)."""
     path = resolve_model(cfg.model)
     torch.manual_seed(cfg.seed)  # the same head and LoRA A on every process and every resumed run
     model, tokenizer = load_model(path, cfg.task, labels)
     adapter = add_adapter(model, cfg)
+    if cfg.sharding == "fsdp":  # fully_shard moves each unit's shards to the device: the device never holds it all
+        return shard(model, world, cfg.precision), tokenizer, adapter
     return model.to(world.device), tokenizer, adapter
 
 
@@ -123,13 +128,15 @@ def start(cfg: TrainConfig, out: Path, settings: dict, labels, trained: tuple, l
     return state
 
 
-def evaluate_before(check, state: RunState, log, world: World, say) -> dict | None:
-    """A fresh run's evaluation before training (main process), logged as step 0."""
-    if check is None or state.step > 0 or not world.main:
+def evaluate_before(check, state: RunState, log, world: World, say, collective: bool = False) -> dict | None:
+    """A fresh run's evaluation before training (main process; every process if `collective`: a sharded model's
+    forward needs them all), logged as step 0."""
+    if check is None or state.step > 0 or not (world.main or collective):
         return None
     state.last_eval = check()
-    log({"step": 0, "eval": state.last_eval})
-    say(f"before training: eval {describe(state.last_eval)}")
+    if world.main:
+        log({"step": 0, "eval": state.last_eval})
+        say(f"before training: eval {describe(state.last_eval)}")
     return state.last_eval
 
 
@@ -145,9 +152,12 @@ def results(cfg: TrainConfig, state: RunState, before, micro_per_epoch: int, par
             "world_size": world.size}
 
 
-def save_run(cfg: TrainConfig, out: Path, model, metrics: dict) -> None:
-    """The adapter, metrics.json and training.png; the checkpoints go (the adapter is the final state)."""
+def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, world: World) -> None:
+    """The adapter, metrics.json and training.png; the checkpoints go (the adapter is the final state). Called on
+    every process: a sharded adapter is gathered by all of them; the main process writes."""
     save_adapter(model, out, base_model_name_or_path=cfg.model or PACKAGED_MODEL)
+    if not world.main:
+        return
     metrics["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
     write_json(out / METRICS_FILE, metrics)
     plot(read_log(out / LOG_FILE), out / PLOT_FILE, main_metric(cfg.task))
