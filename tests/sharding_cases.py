@@ -50,8 +50,9 @@ def build(case: dict) -> torch.nn.Module:
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B["default"].normal_(std=0.05)
-    if case.get("checkpointing"):
-        model.gradient_checkpointing_enable({"use_reentrant": case["checkpointing"] == "reentrant"})
+    if case.get("checkpointing"):  # transformers' name for it changed; the argument is the same
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": case["checkpointing"] == "reentrant"})
         lorakit.enable_input_grads(model)
     if case.get("no_blocks"):
         model._no_split_modules = None
@@ -80,12 +81,17 @@ def run_case(case: dict, world: World, out: Path) -> dict:
     loop = Loop(total_steps=case["steps"], grad_accum=case.get("accum", 1), precision=case.get("precision", "fp32"),
                 seed=0)
     state = load_checkpoint(Path(case["resume"]), model, opt, sched) if case.get("resume") else RunState()
+    seen = []  # the dtype a LoRA layer's frozen weight has inside forward (FSDP's mixed precision casts it)
+    next(iter(lora_layers(model).values())).register_forward_pre_hook(
+        lambda module, args: seen.append(str(getattr(module, "weight", None) is not None and module.weight.dtype)))
     state = fit(model, batches, opt, sched, loop, state, world=world)
     where = out / case["name"]
     if case.get("save"):
         save_checkpoint(where, model, opt, sched, state)
     lorakit.save_adapter(model, where)
-    return {"frozen_share": _local_share(p for p in model.parameters() if not p.requires_grad)}
+    return {"frozen_share": _local_share(p for p in model.parameters() if not p.requires_grad),
+            "forward_dtype": seen[0] if seen else None,
+            "tied": model.lm_head.weight is model.model.embed_tokens.weight}
 
 
 def _local_share(params) -> float:
