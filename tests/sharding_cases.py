@@ -110,4 +110,5 @@ if __name__ == "__main__":
     report = {case["name"]: run_case(case, world, out) for case in cases}
     if is_main_process():
         (out / "report.json").write_text(json.dumps(report))
+    torch.distributed.barrier()  # leave together: a group destroyed while a peer is mid-collective aborts the peer
     shutdown(world)
