@@ -143,6 +143,8 @@ def worker(mode: str, size: str, steps: int, report: Path) -> None:
         result["all_gather_gib_s"] = round(_all_gather_bandwidth(world), 2)
     if world.main:
         report.write_text(json.dumps(result))
+    del model
+    gc.collect()
     dist.barrier()  # leave together: a process group destroyed while a peer is mid-collective aborts the peer
     shutdown(world)
 

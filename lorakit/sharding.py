@@ -12,6 +12,10 @@ reduce-scattered to each process's shard, and the optimizer steps on shards.
 
 Call shard() before building the optimizer (it replaces the parameters by sharded ones). Under FSDP every forward
 is collective: evaluation, saving and checkpointing run on every process, and rank 0 writes.
+
+Nothing here must divide the number of processes, so nothing is checked: FSDP2 shards along dim 0 and pads uneven
+shards (what does fail, sharding another dim or an integer reshard_after_forward that does not divide the world,
+lorakit never asks for), and the data order pads every epoch to whole global batches (fit.seeded_batches).
 """
 
 from __future__ import annotations

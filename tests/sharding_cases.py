@@ -11,8 +11,10 @@ or in the test's own process through run_case (the one-process references). A ca
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -73,8 +75,10 @@ def run_case(case: dict, world: World, out: Path) -> dict:
     """Train `case` on this process's share of every global batch; write OUT/<name>/ (adapter, checkpoint) and
     return what the test checks besides the files."""
     model = build(case)
+    before = [weakref.ref(p) for p in model.parameters()]
     if case["mode"] == "fsdp":
         shard(model, world, case.get("precision", "fp32"))
+    gc.collect()
     opt = lorakit.optimizer(model, lr=1e-2, lr_ratio=4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
     batches = seeded_batches(examples(DIMS[case.get("dims", "small")]["vocab"]), collate, case["batch"], 0, world)
@@ -90,6 +94,7 @@ def run_case(case: dict, world: World, out: Path) -> dict:
         save_checkpoint(where, model, opt, sched, state)
     lorakit.save_adapter(model, where)
     return {"frozen_share": _local_share(p for p in model.parameters() if not p.requires_grad),
+            "full_tensors_alive": sum(ref() is not None for ref in before),  # sharded: none may stay behind
             "forward_dtype": seen[0] if seen else None,
             "tied": model.lm_head.weight is model.model.embed_tokens.weight}
 

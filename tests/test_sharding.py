@@ -87,6 +87,8 @@ def test_fsdp_equals_ddp_and_only_fsdp_shards_the_frozen_weights(two):
     out, report, _ = two
     assert largest_difference(adapter(out / "lora"), adapter(out / "ddp")) < 1e-7
     assert report["ddp"]["frozen_share"] == 1.0 and report["lora"]["frozen_share"] == 0.5
+    assert report["lora"]["full_tensors_alive"] == 0 and report["nf4"]["full_tensors_alive"] == 0  # freed once sharded
+    assert report["ddp"]["full_tensors_alive"] > 0
 
 
 def test_tied_embeddings_stay_tied_and_no_blocks_warns(two):
