@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from . import infer, memory, serving, train
+from . import fsdp, infer, memory, serving, train
 from .memory import __doc__ as MEMORY_METHOD
 
 ANALYSIS = Path(__file__).with_name("analysis.md")  # hand-written findings, appended verbatim when present
@@ -224,6 +224,7 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
             sections.append(f"{title}\n\n{body}")
     sections.append("## 6. Quality\n\n" + _quality_section(results_dir / "quality.json"))
     sections.append("## 7. Serving many adapters\n\n" + serving.section(results_dir / "serving.json"))
+    sections.append("## 8. Sharded training: DDP against FSDP\n\n" + fsdp.section(results_dir / "fsdp.json"))
     log = [[r["row"], r["log"]["date"], f"{r['log']['seconds']:.0f}", f"{100 * r['log']['other_load']:.0f}%"]
            for rows in groups.values() for r in rows.values() if "log" in r]
     sections.append("## Run log\n\nOther load: the share of the machine's cores that other processes kept busy while a "

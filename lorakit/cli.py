@@ -107,6 +107,8 @@ def train(
     early_stopping: Optional[int] = typer.Option(None, help="Stop after N evaluations without a better eval metric."),
     save_total_limit: Optional[int] = typer.Option(None, help="Keep the newest K checkpoints (and the best), also "
                                                    "after the run (default: only the newest, removed at the end)"),
+    sharding: Optional[str] = typer.Option(None, help="fsdp: shard the model across torchrun's processes (FSDP2: "
+                                           "each holds 1/N of the frozen weights); none: DDP (default: none)"),
 ):
     """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
     flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}

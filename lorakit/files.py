@@ -21,12 +21,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
+from .distributed import is_main_process
 from .inject import add_adapter_layers, check_new_name, delete_adapter, mark_trainable, set_adapter
 from .kinds import CONV1D, kind_of
 from .layers import LoraLayer, SavedModule
 from .locks import exclusive
 from .parts import base_biases, configs, default_task_type, lora_layers, plan_saved_modules, plan_targets, saved_modules
 from .parts import task_heads, unwrap
+from .sharding import full
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,11 +80,12 @@ def bias_tensors(model: nn.Module, bias: str, adapted: set[str]) -> dict[str, to
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's file keys: LoRA A/B, modules_to_save copies, trained biases. A PiSSA
-    adapter is written as the plain LoRA it amounts to on the original weight (`_pissa_as_plain_lora`)."""
+    adapter is written as the plain LoRA it amounts to on the original weight (`_pissa_as_plain_lora`). Tensors
+    of a model sharded with FSDP are gathered whole: then every process must call this, in the same order."""
     root = unwrap(model)
     if name not in configs(root):
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(configs(root))}")
-    out = {_file_key(key): t.detach() for key, t in adapter_tensors(root, name).items()}
+    out = {_file_key(key): full(t.detach()) for key, t in adapter_tensors(root, name).items()}
     for path, layer in lora_layers(root).items():
         start = layer.adapters[name].pissa_start if name in layer.adapters else None
         if start is not None:  # ΔW = s·(BA − B0A0) on the original W: a rank-2r LoRA [B, −B0] @ [A; A0]
@@ -97,9 +100,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """Write adapter `name` to directory `path` as adapter_config.json + adapter_model.safetensors (PEFT's layout,
     loadable with `peft.PeftModel.from_pretrained`). Each file is written to a temp file, then renamed into place.
     Saving a merged model is fine: the merge changes W, never A or B. task_type (given, the config's, or the model
-    class's) is written only when the file holds the head that PEFT's task expects (parts.TASK_HEADS); else null."""
+    class's) is written only when the file holds the head that PEFT's task expects (parts.TASK_HEADS); else null.
+    Under torchrun only rank 0 writes; a model sharded with FSDP is gathered whole first, so every process must
+    call this (the file is never empty or partial)."""
     root = unwrap(model)
-    tensors = adapter_state_dict(root, name)
+    tensors = adapter_state_dict(root, name)  # collective under FSDP: before anything a single process may skip
     config = configs(root)[name]
     base = base_model_name_or_path or config.base_model_name_or_path or getattr(
         getattr(root, "config", None), "_name_or_path", None) or None
@@ -115,6 +120,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     data = to_peft_dict(replace(config, targets=targets, base_model_name_or_path=base, task_type=task),
                         fan_in_fan_out=fan_in_fan_out)
     out = Path(path)
+    if not is_main_process():
+        return out
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .data import epoch_order, micro_batch
-from .distributed import World, any_rank, barrier, wrap
+from .distributed import World, any_rank, barrier, gradient_sync, is_sharded, wrap
 from .evaluation import better, describe
 from .precision import autocast
 
@@ -127,7 +127,8 @@ def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world:
 @dataclass
 class Hooks:
     """What fit() does besides training; by default nothing. Every process gets the same hooks: evaluate, log and
-    checkpoint run on the main process only (the others wait), on_step on every process."""
+    checkpoint run on the main process only (the others wait), on_step on every process. For a model sharded with
+    FSDP (sharding.shard), evaluate and checkpoint run on every process: its forward and gathers are collective."""
 
     evaluate: Callable[[], dict] | None = None  # metrics of the model now
     log: Callable[[dict], None] | None = None  # a log record: a logged step, or {"step", "eval"}
@@ -241,9 +242,10 @@ def _accumulate(run: _Run) -> tuple[float, int]:
     total = max(_sum_over_processes(torch.tensor(float(sum(counts)), device=world.device), world).item(), 1.0)
     loss_sum = torch.zeros((), device=world.device)
     for a, ((batch, _), n) in enumerate(zip(fetched, counts)):
-        # DDP averages gradients across processes on the last micro-batch only: one all-reduce per step.
+        # DDP averages gradients across processes on the last micro-batch only: one all-reduce per step (FSDP: one
+        # reduce-scatter, averaging as well).
         sync = a == loop.grad_accum - 1 or world.size == 1
-        with contextlib.nullcontext() if sync else run.net.no_sync():
+        with gradient_sync(run.net, sync):
             with autocast(loop.precision, world.device):
                 out = run.net(**batch)
             # A micro-batch with no target has a NaN mean; it still runs backward, with zeros, as DDP expects.
@@ -287,9 +289,13 @@ def _write_log(run: _Run) -> None:
 
 
 def _evaluate(run: _Run) -> None:
-    """The evaluate hook on the main process, logged and shown; the other processes wait for it."""
-    if run.world.main:
+    """The evaluate hook on the main process (on every process when sharded), logged and shown; the other processes
+    wait for it."""
+    if run.world.main or is_sharded(run.net):
         run.state.last_eval = run.hooks.evaluate()
+    if is_sharded(run.net):
+        run.model.reshard()  # a forward without backward leaves the root unit's weights gathered
+    if run.world.main:
         if run.hooks.log:
             run.hooks.log({"step": run.state.step, "eval": run.state.last_eval})
         message = f"step {run.state.step}: eval {describe(run.state.last_eval)}"
@@ -329,7 +335,7 @@ def _stop_early(run: _Run) -> None:
 def _checkpoint(run: _Run) -> None:
     """The checkpoint hook on the main process, with the state as of now; the other processes wait for it."""
     run.state.seconds = run.elapsed()
-    if run.world.main:
+    if run.world.main or is_sharded(run.net):  # sharded: every process gathers its shards, the main one writes
         run.state.checkpoint = run.hooks.checkpoint(run.state)
     barrier(run.world)
 

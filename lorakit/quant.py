@@ -128,8 +128,9 @@ class NF4Weight(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the quantized representation: codes and all scales (the shared code tables excluded)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes held by the quantized representation: codes and all scales (the shared code tables excluded); also
+        once sharding.shard made them frozen Parameters, so that FSDP shards them."""
+        return sum(t.numel() * t.element_size() for t in (*self.buffers(), *self.parameters()))
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, dtype={self.dtype}, block_size={self.block_size}, pad={self.pad}"

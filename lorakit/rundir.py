@@ -11,6 +11,9 @@
     tensorboard/, wandb/ --report-to's files
 
 Every file is written atomically (a temp file renamed into place), so a killed run leaves whole files only.
+A checkpoint always holds whole tensors, as one process holds them: a run sharded with FSDP gathers its shards to
+save (rank 0 writes) and cuts them again on resume, so one format serves every mode and a checkpoint resumes in any
+number of processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .distributed import is_main_process
 from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, atomic_write
 from .fit import RunState
 from .parts import unwrap
+from .sharding import full, gathered_optimizer_state, shard_like, sharded_optimizer_state
 from .settings import CONFIG_FILE, ConfigError, TrainConfig, check_resumable, saved_settings
 from .tracking import TENSORBOARD_DIR, WANDB_DIR
 
@@ -158,18 +163,23 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def save_checkpoint(out: Path, model, opt, sched, state: RunState, keep: int = 1) -> Path:
     """checkpoints/step-<step>: built in a temp directory, then renamed into place; then only the newest `keep`
-    checkpoints and the best one (state.best_step) are kept."""
+    checkpoints and the best one (state.best_step) are kept. Sharded with FSDP, every process must call this (the
+    shards are gathered); only rank 0 writes."""
     root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
+    # Gathered before anything only the main process does: a collective under FSDP.
+    tensors = {n: full(p.detach()).cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    optimizer = gathered_optimizer_state(opt)
+    if not is_main_process():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
 
     def fill(tmp: Path) -> None:
-        tensors = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
         save_file(tensors, tmp / "trainable.safetensors")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, **state.saved()},
+        torch.save({"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": rng, **state.saved()},
                    tmp / "state.pt")
 
     atomic_directory(final, fill)
@@ -187,8 +197,11 @@ def prune_checkpoints(root: Path, keep: int, best: int | None) -> None:
 
 
 def restore_trainable(path: Path, model) -> None:
-    """Put the trainable tensors of checkpoint `path` into `model` (--keep-best: the best step's adapter)."""
-    unwrap(model).load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+    """Put the trainable tensors of checkpoint `path` into `model` (--keep-best: the best step's adapter); a model
+    sharded with FSDP takes its own shard of each."""
+    params = dict(unwrap(model).named_parameters())
+    tensors = load_file(path / "trainable.safetensors")
+    unwrap(model).load_state_dict({n: shard_like(t, params[n]) for n, t in tensors.items()}, strict=False)
 
 
 # ---- the chat template of a run trained on conversations ----
@@ -205,16 +218,17 @@ def saved_chat_template(directory: str | Path | None) -> str | None:
 
 
 def load_checkpoint(path: Path, model, opt, sched) -> RunState:
-    """Restore trainable tensors, optimizer, scheduler and RNG from checkpoint `path`; returns its RunState."""
+    """Restore trainable tensors, optimizer, scheduler and RNG from checkpoint `path`; returns its RunState. A model
+    sharded with FSDP takes its own shard of every tensor (each process reads the files; no communication)."""
     tensors = load_file(path / "trainable.safetensors")
-    expected = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
-    unwrap(model).load_state_dict(tensors, strict=False)
+    unwrap(model).load_state_dict({n: shard_like(t, params[n]) for n, t in tensors.items()}, strict=False)
     saved = torch.load(path / "state.pt", weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
+    opt.load_state_dict(sharded_optimizer_state(saved["optimizer"], opt))
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["cpu"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():

@@ -24,6 +24,8 @@ CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --conf
 # Settings that may change when a run is resumed: they do not change the trained weights.
 RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column",
                "num_proc", "report_to", "save_total_limit"}
+RESUME_FREE |= {"sharding"}  # checkpoints hold whole tensors: a sharded run resumes unsharded and the reverse
+SHARDINGS = ("none", "fsdp")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
 
 
 class ConfigError(ValueError):
@@ -80,6 +82,7 @@ class TrainConfig:
     keep_best: bool = False  # the final adapter is the checkpoint with the best eval metric (accuracy or loss)
     early_stopping: int | None = None  # stop after N evaluations in a row without a better eval metric
     save_total_limit: int | None = None  # keep the newest K checkpoints (and the best), also after the run
+    sharding: str | None = None  # "fsdp": shard the model across torchrun's processes (FSDP2); None/"none": DDP
 
 
 # The shipped demo's settings: a minute or two on 2 CPU cores, long enough to learn the topics.
@@ -143,6 +146,7 @@ def check_values(cfg: TrainConfig) -> None:
         (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {tuple(SCHEDULERS)}, got {cfg.scheduler!r}"),
         (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {cfg.precision!r}"),
         (cfg.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}"),
+        (cfg.sharding in (None, *SHARDINGS), f"sharding must be one of {SHARDINGS}, got {cfg.sharding!r}"),
         (cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),

@@ -31,6 +31,7 @@ from .tracking import open_reporter
 
 # What the loss of a step is a mean over, per task (fit.Loop.count).
 TARGETS = {"classify": examples, "causal-lm": target_tokens}
+from .sharding import check_launch, is_sharded, local, shard
 
 
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
@@ -41,7 +42,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     TrainingError on a non-finite loss, Interrupted after saving a checkpoint on Ctrl-C. `on_step(record)` gets each
     optimizer step's record (step, epoch, loss, lr, tokens, seconds). Under torchrun only rank 0 writes and prints."""
     check_values(cfg)
-    world = init_distributed()
+    check_launch(cfg.sharding)
+    world = init_distributed(sharded=cfg.sharding == "fsdp")
     say = echo if world.main else (lambda *_: None)
     cfg = with_output(cfg, world)
     check_output(cfg)
@@ -61,7 +63,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     reporter = open_reporter(cfg.report_to, out, resolved(cfg, adapter.targets),
                              state.step if cfg.resume else None) if world.main else None
     log = partial(log_record, out / LOG_FILE, reporter)
-    before = evaluate_before(check, state, log, world, say)
+    before = evaluate_before(check, state, log, world, say, collective=is_sharded(model))
     params = count_parameters(model)
     say(f"training {params[0]:,} of {params[1]:,} parameters ({100 * params[0] / params[1]:.2f}%), {loop.total_steps} "
         f"steps of {cfg.batch_size * world.size * cfg.grad_accum} {'rows' if cfg.packing else 'examples'}, "
@@ -79,8 +81,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
     metrics = {**results(cfg, state, before, batches.per_epoch, params, world), **precisions(cfg, model, world),
                **selection(cfg, state, loop)}
+    save_run(cfg, out, model, metrics, state, run_data, world)
     if world.main:
-        save_run(cfg, out, model, metrics, state, run_data)
         summary(say, metrics, cfg.task, out, demo=cfg.data is None)
     barrier(world)
     shutdown(world)
@@ -88,8 +90,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
 
 def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
-    """(model with the run's adapter, on this process's device; tokenizer; the adapter's LoraConfig). The base is
-    held in --dtype (QLoRA: every frozen Linear quantized while loading, the rest in the compute dtype)."""
+    """(model with the run's adapter, on this process's device (sharded across the processes with --sharding fsdp);
+    tokenizer; the adapter's LoraConfig). The base is held in --dtype (QLoRA: every frozen Linear quantized while
+    loading, the rest in the compute dtype)."""
     path = resolve_model(cfg.model)
     compute = compute_dtype(cfg.precision, world.device)  # warns when bf16 is asked for where it is slow
     torch.manual_seed(cfg.seed)  # the same head and LoRA A on every process and every resumed run
@@ -98,6 +101,8 @@ def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
     adapter = add_adapter(model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.sharding == "fsdp":  # fully_shard moves each unit's shards to the device: the device never holds it all
+        return shard(model, world, cfg.precision), tokenizer, adapter
     return model.to(world.device), tokenizer, adapter
 
 
@@ -156,13 +161,15 @@ def start(cfg: TrainConfig, out: Path, settings: dict, labels, trained: tuple, l
     return state
 
 
-def evaluate_before(check, state: RunState, log, world: World, say) -> dict | None:
-    """A fresh run's evaluation before training (main process), logged as step 0."""
-    if check is None or state.step > 0 or not world.main:
+def evaluate_before(check, state: RunState, log, world: World, say, collective: bool = False) -> dict | None:
+    """A fresh run's evaluation before training (main process; every process if `collective`: a sharded model's
+    forward needs them all), logged as step 0."""
+    if check is None or state.step > 0 or not (world.main or collective):
         return None
     state.last_eval = check()
-    log({"step": 0, "eval": state.last_eval})
-    say(f"before training: eval {describe(state.last_eval)}")
+    if world.main:
+        log({"step": 0, "eval": state.last_eval})
+        say(f"before training: eval {describe(state.last_eval)}")
     return state.last_eval
 
 
@@ -180,14 +187,15 @@ def results(cfg: TrainConfig, state: RunState, before, micro_per_epoch: int, par
 
 def precisions(cfg: TrainConfig, model, world: World) -> dict:
     """Where and in what the run computed: the device, the compute dtype, the dtypes the weights were held in and
-    the bytes the model takes."""
+    the bytes the model takes in this process."""
     held = sorted({NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
     if quantized_weights(model):
         held.append("nf4")
     # Activations run in autocast's dtype, else in the input embeddings' (a bf16 model computes in bf16).
     flowing = model.get_input_embeddings().weight.dtype if hasattr(model, "get_input_embeddings") else torch.float32
     compute = "bf16" if resolve(cfg.precision, world.device) == "bf16" else NAMES.get(flowing, str(flowing))
-    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    # Under FSDP, this process's shards.
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in map(local, [*model.parameters(), *model.buffers()])}
     return {"device": str(world.device), "compute_dtype": compute, "weights": held,
             "model_bytes": sum(tensors.values())}  # parameters and buffers (NF4 codes and scales), each counted once
 
@@ -209,12 +217,17 @@ def log_record(path: Path, reporter, record: dict) -> None:
         reporter.log(record)
 
 
-def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState, run_data: RunData) -> None:
+def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState, run_data: RunData,
+             world: World) -> None:
     """The adapter (with --keep-best, the best step's), its chat template if the run was trained on conversations,
-    metrics.json and training.png; the checkpoints go unless --keep-best or --save-total-limit keeps them."""
-    if cfg.keep_best and state.best_step is not None and state.best_step != state.step:
-        restore_trainable(out / CHECKPOINTS / f"step-{state.best_step}", model)
+    metrics.json and training.png; the checkpoints go unless --keep-best or --save-total-limit keeps them. Called on
+    every process: a sharded adapter is gathered by all of them; the main process writes."""
+    best = from_main(state.best_step, world)  # the main process picks the best step
+    if cfg.keep_best and best is not None and best != state.step:
+        restore_trainable(out / CHECKPOINTS / f"step-{best}", model)
     save_adapter(model, out, base_model_name_or_path=cfg.model or PACKAGED_MODEL)
+    if not world.main:
+        return
     if run_data.chat:
         save_chat_template(out, run_data.tokenizer.chat_template)
     metrics["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size

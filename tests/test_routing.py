@@ -63,11 +63,12 @@ def _each_row_alone(model, rows, call):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding", "conv2d", "nf4"])
-def test_mixed_batch_equals_each_row_with_set_adapter(kind):
+def test_mixed_batch_equals_each_row_with_set_adapter(kind, device):
     model, x = _kind_model(kind)
     dora = kind in ("linear", "conv1d", "nf4")
     names = ["a", "b", "c"] if dora else ["a", "b"]
     _add_adapters(model, ["0"], names, quantize="nf4" if kind == "nf4" else None)
+    model, x = model.to(device), x.to(device)
     rows = [n if n in names else "a" for n in ROWS]
     with torch.no_grad(), lorakit.route(model, rows):
         mixed = model(x)
