@@ -6,10 +6,13 @@ import json
 import os
 from pathlib import Path
 
-from . import fsdp, infer, memory, serving, train
+from . import fsdp, infer, memory, packing, serving, train
 from .memory import __doc__ as MEMORY_METHOD
 
 ANALYSIS = Path(__file__).with_name("analysis.md")  # hand-written findings, appended verbatim when present
+# Hand-written reading of a section's numbers (what explains a miss), appended under that section when present;
+# the large-model and GPU sections are hand-written whole, from the tables benchmarks/scale.py and gpu.sh print.
+NOTES = Path(__file__).with_name("notes")
 
 
 def _yes(ok: bool) -> str:
@@ -167,6 +170,21 @@ def _targets_section(groups: dict) -> str:
     return _table(["target", "rows meeting it", "ratio per row"], lines) + "\n"
 
 
+def _note(name: str) -> str:
+    path = NOTES / f"{name}.md"
+    return "\n" + path.read_text() if path.exists() else f"\nNot written yet: benchmarks/notes/{name}.md.\n"
+
+
+def _packing_section(path: Path) -> str:
+    if not path.exists():
+        return "Not run yet: `python -m benchmarks.packing`.\n"
+    r = json.loads(path.read_text())
+    m = r["machine"]
+    where = m["cpu"] if r["device"] == "cpu" else m["gpu"]
+    return (f"`python -m benchmarks.packing --size {r['size']} --device {r['device']}` on {where} (torch {m['torch']}); "
+            f"lengths lognormal, see the script's docstring.\n\n" + packing.report(r) + "\n" + _note("packing"))
+
+
 def write(results: dict, md_path: Path, results_dir: Path) -> None:
     """Write BENCHMARKS.md at `md_path` and the charts into `results_dir` from `results`."""
     meta, groups = results["meta"], results["groups"]
@@ -224,7 +242,11 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
             sections.append(f"{title}\n\n{body}")
     sections.append("## 6. Quality\n\n" + _quality_section(results_dir / "quality.json"))
     sections.append("## 7. Serving many adapters\n\n" + serving.section(results_dir / "serving.json"))
-    sections.append("## 8. Sharded training: DDP against FSDP\n\n" + fsdp.section(results_dir / "fsdp.json"))
+    sections.append("## 8. Sharded training: DDP against FSDP\n\n" + fsdp.section(results_dir / "fsdp.json")
+                    + _note("fsdp"))
+    sections.append("## 9. Packing against padding\n\n" + _packing_section(results_dir / "packing.json"))
+    sections.append("## 10. Large models on a small machine\n\n" + _note("large-models"))
+    sections.append("## 11. On a GPU\n\n" + _note("gpu"))
     log = [[r["row"], r["log"]["date"], f"{r['log']['seconds']:.0f}", f"{100 * r['log']['other_load']:.0f}%"]
            for rows in groups.values() for r in rows.values() if "log" in r]
     sections.append("## Run log\n\nOther load: the share of the machine's cores that other processes kept busy while a "
