@@ -1,8 +1,8 @@
 """Where a training step's time goes.
 
-`python -m benchmarks.profile gpt2 lorakit peft [--size full] [--steps 2]` runs torch.profiler over a few steps of
-each named variant (after one warm-up step) and prints the operators with the most self CPU time, so that two
-variants can be compared op by op. `python -m benchmarks.profile --layers` times one adapted layer alone (forward +
+`python -m benchmarks.profile gpt2 lorakit peft [--size full] [--steps 2] [--device cuda]` runs torch.profiler over
+a few steps of each named variant (after one warm-up step) and prints the operators with the most self CPU time (on
+CUDA: self CUDA time, the kernels), so that two variants can be compared op by op. `python -m benchmarks.profile --layers` times one adapted layer alone (forward +
 backward, interleaved): lorakit, PEFT, the frozen base layer (LoRA's floor) and a trainable layer (full
 fine-tuning), at the shapes of the training workloads, which bounds what the LoRA layer can change in a whole step.
 `python -m benchmarks.profile gpt2 --saved` adds up the tensors autograd keeps for backward, per variant.
@@ -25,30 +25,38 @@ LAYERS = [("MiniLM query/value", 32 * 128, 384, 384, 0.1, 12), ("MiniLM query/va
           ("GPT-2 c_attn", 4 * 256, 768, 2304, 0.05, 12), ("Llama q_proj/v_proj", 4 * 256, 768, 768, 0.05, 24)]
 
 
-def profile_variant(train_key: str, variant: str, size: str, steps: int, rows: int = 25) -> str:
-    """The profiler's table (top `rows` ops by self CPU time) for `steps` training steps of `variant`."""
+def _model(train_key: str, variant: str, size: str, device: str):
     spec = train.ROWS[train_key]
-    model = MAKERS[variant](base_model(spec["model"], size), spec["model"], spec["dropout"]).train()
-    step = train.step_fn(model, train.optimizer(model), batch(spec["model"], size, model), spec["precision"], "cpu")
+    model = MAKERS[variant](base_model(spec["model"], size), spec["model"], spec["dropout"]).to(device).train()
+    return spec, model, batch(spec["model"], size, model, device)
+
+
+def profile_variant(train_key: str, variant: str, size: str, steps: int, rows: int = 25, device: str = "cpu") -> str:
+    """The profiler's table (top `rows` ops by self CPU time, on CUDA by self CUDA time) for `steps` training steps
+    of `variant`."""
+    spec, model, inputs = _model(train_key, variant, size, device)
+    step = train.step_fn(model, train.optimizer(model), inputs, spec["precision"], device)
     step()  # warm-up: AdamW state, allocator, oneDNN kernels
+    cuda = device.startswith("cuda")
     t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
         for _ in range(steps):
             step()
+        if cuda:
+            torch.cuda.synchronize()
     seconds = (time.perf_counter() - t) / steps
-    table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows,
-                                                                max_name_column_width=40, max_shapes_column_width=60)
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows, max_name_column_width=40,
+        max_shapes_column_width=60)
     return f"== {train_key} / {variant}: {seconds:.3f} s per step under the profiler ==\n{table}"
 
 
-def saved_mib(train_key: str, variant: str, size: str) -> float:
+def saved_mib(train_key: str, variant: str, size: str, device: str = "cpu") -> float:
     """MiB of tensors autograd keeps for backward after one forward of training row `train_key` (each storage counted
     once, parameters excluded): the activation memory a training step holds at its peak, apart from the loss."""
     from lorakit.precision import autocast
 
-    spec = train.ROWS[train_key]
-    model = MAKERS[variant](base_model(spec["model"], size), spec["model"], spec["dropout"]).train()
-    inputs = batch(spec["model"], size, model)
+    spec, model, inputs = _model(train_key, variant, size, device)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -58,7 +66,7 @@ def saved_mib(train_key: str, variant: str, size: str) -> float:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(spec["precision"], "cpu"):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(spec["precision"], device):
         model(**inputs).loss
     return sum(storages.values()) / 2**20
 
@@ -121,7 +129,8 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", help=f"any of {list(MAKERS)}")  # argparse rejects [] with choices
     parser.add_argument("--layers", action="store_true", help="time single adapted layers instead")
     parser.add_argument("--saved", action="store_true", help="MiB that autograd keeps for backward, per variant")
-    parser.add_argument("--size", default="full", choices=["full", "quick", "tiny"])
+    parser.add_argument("--size", default="full", choices=["full", "quick", "tiny", "gpu"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the step and --saved)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
@@ -130,7 +139,7 @@ def main() -> None:
         print_layer_table()
     elif args.saved and args.train_key:
         for variant in args.variants or list(MAKERS):
-            print(f"{args.train_key} / {variant}: {saved_mib(args.train_key, variant, args.size):.1f} MiB saved for backward",
+            print(f"{args.train_key} / {variant}: {saved_mib(args.train_key, variant, args.size, args.device):.1f} MiB saved for backward",
                   flush=True)
         return
     elif not args.train_key or not args.variants:
@@ -139,7 +148,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(MAKERS)}")
     for variant in args.variants:
-        print(profile_variant(args.train_key, variant, args.size, args.steps, args.rows), flush=True)
+        print(profile_variant(args.train_key, variant, args.size, args.steps, args.rows, args.device), flush=True)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,9 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64) -> NF4Weight:
         absmax[-1:] = _encode(F.pad(flat[whole:].float(), (0, q.pad)).view(1, -1), q.packed[whole // 2:])
 
     # The scales are positive and alike: centred, their 8-bit codes spend no range on the common part.
-    offset = absmax.mean()
+    # The mean is taken on the CPU: a float32 sum rounds by its order, which differs between devices, and one bit of
+    # the offset changes every scale; this way a weight quantizes to the same bytes wherever it is.
+    offset = absmax.cpu().mean().to(absmax.device)
     groups = F.pad(absmax - offset, (0, q.qscale.numel() - q.n_blocks)).view(-1, GROUP)
     absmax2 = groups.abs().amax(dim=1)
     q.qscale.copy_(_nearest(groups, absmax2, DYNAMIC_CODE.to(weight.device)).view(-1))

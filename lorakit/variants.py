@@ -179,23 +179,29 @@ class Init:
     residual: bool = False
 
 
+def _drawn(shape, kw, fill) -> torch.Tensor:
+    """A tensor filled by `fill` from the CPU's generator, then moved to kw's device: one seed gives one adapter on
+    every device (CUDA draws from a generator of its own, so drawing there would not)."""
+    t = torch.empty(shape, dtype=kw["dtype"])
+    fill(t)
+    return t.to(kw["device"])
+
+
+def _kaiming_uniform(t: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # nn.Linear's own init, as in loralib and PEFT
+
+
 def _kaiming(layer, shape_a, shape_b, scale, kw):
-    a = torch.empty(shape_a, **kw)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's own init, as in loralib and PEFT
-    return a, torch.zeros(shape_b, **kw)
+    return _drawn(shape_a, kw, _kaiming_uniform), torch.zeros(shape_b, **kw)
 
 
 def _gaussian(layer, shape_a, shape_b, scale, kw):
-    a = torch.empty(shape_a, **kw)
-    nn.init.normal_(a, std=1.0 / shape_a[0])
-    return a, torch.zeros(shape_b, **kw)
+    return _drawn(shape_a, kw, lambda t: nn.init.normal_(t, std=1.0 / shape_a[0])), torch.zeros(shape_b, **kw)
 
 
 def _random(layer, shape_a, shape_b, scale, kw):
     # For tests: B random too, so the adapter changes the output from the start.
-    a, b = _kaiming(layer, shape_a, shape_b, scale, kw)
-    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-    return a, b
+    return _drawn(shape_a, kw, _kaiming_uniform), _drawn(shape_b, kw, _kaiming_uniform)
 
 
 def _pissa(layer, shape_a, shape_b, scale, kw):
