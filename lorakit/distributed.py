@@ -66,14 +66,6 @@ def any_rank(flag: bool, world: World) -> bool:
     return bool(t.item() > 0)
 
 
-def mean(value: torch.Tensor, world: World) -> torch.Tensor:
-    """The mean of `value` over the processes (in place)."""
-    if world.size > 1:
-        dist.all_reduce(value)
-        value /= world.size
-    return value
-
-
 def from_main(value, world: World):
     """Rank 0's `value`, on every process."""
     if world.size == 1:

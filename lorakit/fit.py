@@ -232,7 +232,8 @@ def _accumulate(run: _Run) -> tuple[float, int]:
     The step's loss is the mean over every target of the step (Loop.count: tokens or examples), across its
     micro-batches and processes, however their sizes differ. The model's loss of micro-batch i is a mean over its
     n_i targets; weighted by n_i / N, N the step's targets on all processes, the weighted losses add up to that mean,
-    and so do their gradients. DDP averages gradients over the W processes, hence the factor W:
+    and so do their gradients. DDP (and FSDP's reduce-scatter) averages gradients over the W processes, hence the
+    factor W:
 
         loss_i = mean_i · n_i · W / N
     """
@@ -333,7 +334,8 @@ def _stop_early(run: _Run) -> None:
 
 
 def _checkpoint(run: _Run) -> None:
-    """The checkpoint hook on the main process, with the state as of now; the other processes wait for it."""
+    """The checkpoint hook with the state as of now: on the main process (on every process when sharded: they gather
+    the shards, the main one writes); the others wait for it."""
     run.state.seconds = run.elapsed()
     if run.world.main or is_sharded(run.net):  # sharded: every process gathers its shards, the main one writes
         run.state.checkpoint = run.hooks.checkpoint(run.state)

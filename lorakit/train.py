@@ -27,11 +27,11 @@ from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log,
                      first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
                      restore_trainable, save_chat_template, save_checkpoint, start_files, write_json)
 from .settings import PACKAGED_MODEL, SCHEDULERS, TrainConfig, check_values, resolved
+from .sharding import check_launch, is_sharded, local, shard
 from .tracking import open_reporter
 
 # What the loss of a step is a mean over, per task (fit.Loop.count).
 TARGETS = {"classify": examples, "causal-lm": target_tokens}
-from .sharding import check_launch, is_sharded, local, shard
 
 
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
@@ -96,12 +96,15 @@ def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
     path = resolve_model(cfg.model)
     compute = compute_dtype(cfg.precision, world.device)  # warns when bf16 is asked for where it is slow
     torch.manual_seed(cfg.seed)  # the same head and LoRA A on every process and every resumed run
-    model, tokenizer = load_model(path, cfg.task, labels, cfg.dtype, cfg.quantize, compute, world.device)
+    # Sharded, the model loads into host memory and fully_shard moves each process's shards to the device: the
+    # device never holds the whole model, quantized or not.
+    device = torch.device("cpu") if cfg.sharding == "fsdp" else world.device
+    model, tokenizer = load_model(path, cfg.task, labels, cfg.dtype, cfg.quantize, compute, device)
     warn_if_slow(model, compute, world.device)
     adapter = add_adapter(model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if cfg.sharding == "fsdp":  # fully_shard moves each unit's shards to the device: the device never holds it all
+    if cfg.sharding == "fsdp":
         return shard(model, world, cfg.precision), tokenizer, adapter
     return model.to(world.device), tokenizer, adapter
 
@@ -223,7 +226,7 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
     metrics.json and training.png; the checkpoints go unless --keep-best or --save-total-limit keeps them. Called on
     every process: a sharded adapter is gathered by all of them; the main process writes."""
     best = from_main(state.best_step, world)  # the main process picks the best step
-    if cfg.keep_best and best is not None and best != state.step:
+    if cfg.keep_best and best is not None and best != state.step and (world.main or is_sharded(model)):
         restore_trainable(out / CHECKPOINTS / f"step-{best}", model)
     save_adapter(model, out, base_model_name_or_path=cfg.model or PACKAGED_MODEL)
     if not world.main:

@@ -2,7 +2,8 @@
 adapter of DDP with 2 × B and of one process with 2B (also with all-linear, DoRA, an NF4 base, gradient
 checkpointing, accumulation, tied embeddings, no blocks); the frozen weights are sharded; a checkpoint resumes to
 the uninterrupted adapter, also in one process; 3 processes with sizes that nothing divides; `lorakit train
---sharding fsdp` as README shows it, its adapter loaded by PEFT; refusals before any work.
+--sharding fsdp` as README shows it, its adapter loaded by PEFT; --keep-best restoring an earlier step; refusals
+before any work.
 
 The cases themselves are in sharding_cases.py: one torchrun per process count runs them all, and each test checks
 its own case against a reference trained here, in one process."""
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,6 +137,29 @@ def cli_flags(bert_dir, topics_csv) -> list[str]:
 
 
 @pytest.fixture(scope="module")
+def mislabelled_csv(topics_csv, tmp_path_factory) -> Path:
+    """The topics with every label swapped for another: training makes its eval loss worse, so that --keep-best keeps
+    an earlier step than the last."""
+    table = pd.read_csv(topics_csv)
+    table["label"] = table["label"].map({"World": "Sports", "Sports": "Business", "Business": "World"})
+    path = tmp_path_factory.mktemp("data") / "mislabelled.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharded_keep_best(bert_dir, topics_csv, mislabelled_csv, tmp_path_factory) -> Path:
+    """--sharding fsdp with --keep-best --save-total-limit 2, evaluated on mislabelled data, 4 steps."""
+    out = tmp_path_factory.mktemp("cli") / "fsdp-best"
+    flags = cli_flags(bert_dir, topics_csv)
+    flags[flags.index("--eval-data") + 1] = str(mislabelled_csv)
+    flags[flags.index("--lr") + 1] = "5e-2"  # steps that move the eval loss well past float noise
+    torchrun(2, "-m", "lorakit", "--", "train", *flags, "--eval-every", "1", "--sharding", "fsdp", "--keep-best",
+             "--save-total-limit", "2", "--output", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
 def sharded_run(bert_dir, topics_csv, tmp_path_factory) -> Path:
     """README's line: `torchrun --nproc_per_node=2 -m lorakit -- train --sharding fsdp ...`, 4 steps."""
     out = tmp_path_factory.mktemp("cli") / "fsdp"
@@ -210,3 +235,28 @@ def test_sharding_is_a_setting_a_resumed_run_may_change():
     check_resumable(TrainConfig(output="run", sharding="none"), TrainConfig(sharding="fsdp"))
     with pytest.raises(ConfigError, match="r: 8 -> 4"):
         check_resumable(TrainConfig(output="run", r=4), TrainConfig(sharding="fsdp"))
+
+
+def test_keep_best_under_fsdp_restores_the_best_step_on_every_process(sharded_keep_best, bert_dir, mislabelled_csv,
+                                                                       topics_csv, tmp_path):
+    one = TrainConfig(model=str(bert_dir), data=str(topics_csv), eval_data=str(mislabelled_csv), r=4, max_steps=4,
+                      max_length=16, dropout=0.0, lr=5e-2, save_every=2, log_every=1, eval_every=1, batch_size=8,
+                      keep_best=True, save_total_limit=2, output=str(tmp_path / "one"))
+    metrics = train(one, progress=False, echo=lambda *a: None)
+    sharded = json.loads((sharded_keep_best / "metrics.json").read_text())
+    assert metrics["best_step"] < 4 and sharded["best_step"] == metrics["best_step"]  # an earlier step was restored
+    assert sharded["eval"]["loss"] == pytest.approx(metrics["eval"]["loss"], abs=1e-5)
+    assert largest_difference(adapter(sharded_keep_best), adapter(tmp_path / "one")) < 1e-5
+    # The adapter saved is the best step's: evaluated afresh, it gives that step's loss, not the last step's.
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    done = CliRunner().invoke(app, ["eval", "--adapter", str(sharded_keep_best), "--data", str(mislabelled_csv),
+                                    "--max-length", "16", "--json"])
+    assert done.exit_code == 0, done.output
+    loss = json.loads(done.output[done.output.index("{"):])["loss"]
+    assert loss == pytest.approx(sharded["best_eval"]["loss"], abs=1e-5)
+    assert abs(loss - sharded["last_eval"]["loss"]) > 1e-3
+    kept = sorted(p.name for p in (sharded_keep_best / "checkpoints").iterdir())
+    assert f"step-{sharded['best_step']}" in kept and len(kept) <= 3  # the newest 2 and the best
