@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lorakit import LoraConfig, inject, optimizer
-from lorakit import packing as K
+from lorakit.packing import STRATEGIES, PackedCollator, attention_mode, pack_groups, pack_rows, padding_stats
 from lorakit.precision import autocast
 
 from .common import machine, set_threads, sync
@@ -70,11 +70,11 @@ def padded_batches(rows: list[dict], batch: int, seed: int) -> list[dict]:
 
 def packed_batches(rows: list[dict], max_length: int, per_step: int, attention: str, seed: int) -> list[dict]:
     """Best-fit packed rows in a seeded order, `per_step` rows a batch, through PackedCollator."""
-    groups = K.pack_groups([len(r["input_ids"]) for r in rows], max_length)
-    columns = K.pack_rows({k: [r[k] for r in rows] for k in ("input_ids", "labels")}, groups)
+    groups = pack_groups([len(r["input_ids"]) for r in rows], max_length)
+    columns = pack_rows({k: [r[k] for r in rows] for k in ("input_ids", "labels")}, groups)
     packed = [dict(zip(columns, values)) for values in zip(*columns.values())]
     packed = random.Random(seed).sample(packed, len(packed))
-    collate = K.PackedCollator(pad_token_id=0, attention=attention)
+    collate = PackedCollator(pad_token_id=0, attention=attention)
     return [collate(packed[i:i + per_step]) for i in range(0, len(packed), per_step)]
 
 
@@ -110,11 +110,11 @@ def epoch_seconds(model, opt, batches: list[dict], precision: str, device: str) 
 def waste_rows(lengths: list[int], spec: dict, per_step: int) -> dict:
     """Padding waste of padded batches and of packed batches (best-fit and sequential), as the benchmark batches."""
     order = random.Random(1).sample(range(len(lengths)), len(lengths))
-    out = {"padded": K.padding_stats([lengths[i] for i in order], spec["batch"])}
-    for strategy in K.STRATEGIES:
-        groups = K.pack_groups(lengths, spec["max_length"], strategy)
+    out = {"padded": padding_stats([lengths[i] for i in order], spec["batch"])}
+    for strategy in STRATEGIES:
+        groups = pack_groups(lengths, spec["max_length"], strategy)
         rows = random.Random(2).sample([sum(lengths[i] for i in g) for g in groups], len(groups))
-        out[f"packed-{strategy}"] = {**K.padding_stats(rows, per_step), "rows": len(groups)}
+        out[f"packed-{strategy}"] = {**padding_stats(rows, per_step), "rows": len(groups)}
     return out
 
 
@@ -126,7 +126,7 @@ def measure(size: str, device: str, precision: str) -> dict:
     per_step = max(1, round(spec["batch"] * sum(lengths) / len(lengths) / spec["max_length"]))
     model, opt = model_for(spec, device)
     plans = {"padded": padded_batches(rows, spec["batch"], seed=1)}
-    attention = K.attention_mode(model)  # the cache off: padded batches are unaffected by it
+    attention = attention_mode(model)  # the cache off: padded batches are unaffected by it
     plans["packed"] = packed_batches(rows, spec["max_length"], per_step, attention, seed=2)
     for batches in plans.values():  # warm-up: kernels, allocator, autotuning
         epoch_seconds(model, opt, batches[:2], precision, device)

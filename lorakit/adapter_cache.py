@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import data as D
+from .data import load_labels
 from .models import load_model, resolve_model, task_of
 from .settings import ConfigError
 from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors, read_adapter_config
@@ -162,7 +162,7 @@ def _labels(state: State, name: str, path: Path) -> list[str] | None:
         return None
     heads = [w.modules_to_save[name] for w in saved_modules(state.model).values() if name in w.modules_to_save]
     width = getattr(heads[0], "out_features", None) if heads else state.model.config.num_labels
-    labels = D.load_labels(path)
+    labels = load_labels(path)
     if labels is not None and width is not None and len(labels) != width:
         raise ServeError(400, f"adapter {name!r}: labels.json names {len(labels)} labels, its head has {width} outputs")
     return labels or [f"LABEL_{i}" for i in range(width or state.model.config.num_labels)]

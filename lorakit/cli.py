@@ -18,7 +18,7 @@ from .generate import stream as generate_stream
 from .evaluation import evaluate as evaluate_model
 from .fit import Interrupted, TrainingError
 from .models import load_trained
-from .prepare import prepare
+from .prepare import no_progress_bars, prepare
 from .rundir import LABELS_FILE, METRICS_FILE, write_json
 from .settings import ConfigError, TrainConfig, command_line_config
 from .train import train as run_training
@@ -144,7 +144,7 @@ def evaluate(
                                                     precision)
         if task == "causal-lm":  # conversations (in the adapter's chat template) or prompt/text, as training reads them
             use_chat_template(tokenizer, adapter)
-            with _no_progress_bars():  # a tokenising bar in front of the metrics is noise
+            with no_progress_bars():  # a tokenising bar in front of the metrics is noise
                 rows = prepare(df, tokenizer, max_length, text_columns=cols, prompt_column=prompt_column,
                                name=data).dataset
         else:
@@ -158,19 +158,6 @@ def evaluate(
         else:
             for key, value in result.items():
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    import datasets
-
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
 
 
 def _data_labels(df, label_column: str, task: str | None) -> list[str] | None:

@@ -14,6 +14,7 @@ tokenises again; nothing else does (num_proc is left out: it does not change the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -25,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import conversations as C
-from . import data as D
-from .data import DataError
+from .conversations import FORMAT_NAMES, IGNORE, chat_labels, conversation, detect_format, set_chat_template
+from .data import SUFFIXES, DataError, causal_examples, check_columns, read_table, texts
 
 OVERLONG = ("truncate", "drop")  # what happens to an example longer than max_length
 # How `datasets` reads each file kind of data.SUFFIXES (TSV without quote handling, as data.read_table reads it).
@@ -67,11 +67,11 @@ def load_rows(source, cache_dir: str | None = None):
     if isinstance(source, pd.DataFrame):
         return datasets.Dataset.from_pandas(source, preserve_index=False)
     path = Path(source)
-    kind = D.SUFFIXES.get(path.suffix.lower())
+    kind = SUFFIXES.get(path.suffix.lower())
     if path.is_file() and kind:
         (builder, kwargs), files, split = BUILDERS[kind], str(path), "train"
     elif path.exists() or kind or str(source).startswith(("/", ".", "~")):
-        D.read_table(source)  # raises read_table's error: a directory, a missing file, an unknown file type
+        read_table(source)  # raises read_table's error: a directory, a missing file, an unknown file type
     else:
         builder, _, split = str(source).partition(":")
         kwargs, files = {}, None
@@ -89,7 +89,7 @@ def check_text_columns(ds, columns: list[str], source: str) -> None:
     row of a column that holds lists or dicts: their Python repr is no training text."""
     import datasets
 
-    D.check_columns(pd.DataFrame(columns=ds.column_names), columns, source)
+    check_columns(pd.DataFrame(columns=ds.column_names), columns, source)
     for col in columns:
         if not isinstance(ds.features[col], datasets.Value):
             row, value = next((i, v) for i, v in enumerate(ds[col], 1) if v is not None)
@@ -110,7 +110,9 @@ def tokenizer_key(tokenizer) -> str:
 def fingerprint(base: str, tokenizer, settings: dict) -> str:
     """The cache key of a tokenised dataset: source fingerprint, tokenizer, settings and the code that tokenises."""
     h = hashlib.sha256()
-    code = [Path(m.__file__).read_bytes() for m in (C, D, sys.modules[__name__])]
+    # The modules whose code tokenises: conversations.py, data.py and this one.
+    modules = {sys.modules[f.__module__] for f in (chat_labels, causal_examples, no_progress_bars)}
+    code = [Path(m.__file__).read_bytes() for m in sorted(modules, key=lambda m: m.__name__)]
     parts = [base.encode(), tokenizer_key(tokenizer).encode(), json.dumps(settings, sort_keys=True).encode(), *code]
     for part in parts:
         h.update(hashlib.sha256(part).digest())
@@ -118,20 +120,20 @@ def fingerprint(base: str, tokenizer, settings: dict) -> str:
 
 
 def _encode_chat(batch: dict, indices: list[int], tokenizer, fmt_name: str) -> list[dict]:
-    fmt = C.FORMAT_NAMES[fmt_name]
+    fmt = FORMAT_NAMES[fmt_name]
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    return [C.chat_labels(tokenizer, C.conversation(fmt, r, i + 1), i + 1) for r, i in zip(records, indices)]
+    return [chat_labels(tokenizer, conversation(fmt, r, i + 1), i + 1) for r, i in zip(records, indices)]
 
 
 def _encode_text(batch: dict, tokenizer, text_columns: list[str], prompt_column: str | None,
                  max_length: int) -> list[dict]:
     df = pd.DataFrame({c: batch[c] for c in text_columns + ([prompt_column] if prompt_column else [])})
-    text = D.texts(df, text_columns)
-    prompts = D.texts(df, [prompt_column]) if prompt_column else None
-    rows = D.causal_examples(tokenizer, text, prompts, sys.maxsize)
+    text = texts(df, text_columns)
+    prompts = texts(df, [prompt_column]) if prompt_column else None
+    rows = causal_examples(tokenizer, text, prompts, sys.maxsize)
     for i, row in enumerate(rows):
         if len(row["input_ids"]) > max_length:  # truncated as causal_examples does: the EOS stays
-            cut = D.causal_examples(tokenizer, text[i:i + 1], prompts[i:i + 1] if prompts else None, max_length)[0]
+            cut = causal_examples(tokenizer, text[i:i + 1], prompts[i:i + 1] if prompts else None, max_length)[0]
             rows[i] = {**cut, "length": len(row["input_ids"])}
     return rows
 
@@ -149,7 +151,7 @@ def _encode(batch: dict, indices: list[int], tokenizer, fmt_name: str, text_colu
         out["length"].append(row.get("length", len(row["input_ids"])))
         for key in ("input_ids", "attention_mask", "labels"):
             out[key].append(row[key][:max_length])
-        out["learnable"].append(sum(label != C.IGNORE for label in out["labels"][-1][1:]))  # the first predicts nothing
+        out["learnable"].append(sum(label != IGNORE for label in out["labels"][-1][1:]))  # the first predicts nothing
     return out
 
 
@@ -165,7 +167,7 @@ def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text
         raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
     name = name or (str(source) if not isinstance(source, pd.DataFrame) else "the table")
     ds = load_rows(source, cache_dir)
-    fmt = C.detect_format(ds.column_names)
+    fmt = detect_format(ds.column_names)
     text_columns = list(text_columns or ["text"])
     if fmt is None:
         check_text_columns(ds, text_columns + ([prompt_column] if prompt_column else []), name)
@@ -173,7 +175,7 @@ def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text
         raise DataError(f"{name} holds {fmt.name} data (columns {', '.join(fmt.columns)}); its prompts come from "
                         f"the conversation, so --prompt-column {prompt_column} has no use")
     else:
-        C.set_chat_template(tokenizer)  # no template, or one unfit for training: said once, before any row
+        set_chat_template(tokenizer)  # no template, or one unfit for training: said once, before any row
     fmt_name = fmt.name if fmt else "text"
     settings = {"format": fmt_name, "max_length": max_length, "text_columns": text_columns,
                 "prompt_column": prompt_column}
@@ -194,3 +196,17 @@ def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text
         out = out.select(keep.nonzero()[0])
     return Prepared(out.remove_columns(["length", "learnable"]), fmt_name, len(ds), int(long.sum()), int(empty.sum()),
                     max_length, overlong)
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """`datasets`' progress bars off inside (a tokenising bar in front of a command's own output is noise)."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
