@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import struct
@@ -350,12 +351,12 @@ def _peft_bnb_model(path: str, targets: str, compute_dtype: torch.dtype):
 
 
 def peft_child(path: str, data: str, targets: str, steps: int, dtype: str) -> None:
-    """The PEFT + bitsandbytes run, in its own process: loads, prints LOADED_MARKER, then one JSON line per step."""
+    """The PEFT + bitsandbytes run, in its own process: loads, prints PEFT_LOADED, then one JSON line per step."""
     from transformers import AutoTokenizer
 
     model = _peft_bnb_model(path, targets, DTYPES[dtype])
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    print(LOADED_MARKER, json.dumps({"model_bytes": model_bytes}), flush=True)
+    print(PEFT_LOADED + json.dumps({"model_bytes": model_bytes}), flush=True)
     tok = AutoTokenizer.from_pretrained(path)
     texts = [json.loads(line)["text"] for line in Path(data).read_text().splitlines()]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -370,7 +371,10 @@ def peft_child(path: str, data: str, targets: str, steps: int, dtype: str) -> No
 
 # ---- the runs: a child process, its memory sampled from outside ----
 
-LOADED_MARKER = "training "  # lorakit train prints "training N of M parameters ..." once the model is ready
+# Printed once the model is ready: by lorakit train ("training N of M parameters ...", after "training data: ...")
+# and by peft_child ("peft loaded {json}").
+PEFT_LOADED = "peft loaded "
+LOADED_MARKER = re.compile(rf"training [\d,]+ of |{PEFT_LOADED}")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -401,7 +405,7 @@ def watch(cmd: list[str]) -> dict:
     sampler.start()
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
-        if load_s is None and line.startswith(LOADED_MARKER):
+        if load_s is None and LOADED_MARKER.match(line):
             load_s = time.perf_counter() - started
             peaks["load"] = max(peaks["load"], (_status_kib(proc.pid, "VmHWM") or 0) * 1024)
             try:
@@ -446,10 +450,10 @@ def peft_row(model: Path, data: Path, targets: str, dtype: str, steps: int = 3) 
     found = watch(cmd)
     if found["rc"] != 0:
         return {"method": "peft+bitsandbytes", "error": "\n".join(found["lines"][-15:])}
-    marker = next(line for line in found["lines"] if line.startswith(LOADED_MARKER))
+    marker = next(line for line in found["lines"] if line.startswith(PEFT_LOADED))
     steps_done = [json.loads(line) for line in found["lines"] if line.startswith('{"step"')]
     return _row("peft+bitsandbytes", found, [s["seconds"] for s in steps_done],
-                json.loads(marker[len(LOADED_MARKER):])["model_bytes"])
+                json.loads(marker[len(PEFT_LOADED):])["model_bytes"])
 
 
 def _row(method: str, found: dict, step_seconds: list[float], model_bytes: int | None) -> dict:
