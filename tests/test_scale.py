@@ -135,3 +135,11 @@ def test_the_load_marker_is_the_line_after_loading():
     assert not scale.LOADED_MARKER.match("training data: text data: 24 examples from 24 rows")
     assert scale.LOADED_MARKER.match("training 8,388,608 of 6,746,804,224 parameters (0.12%), 3 steps of 1 examples")
     assert scale.LOADED_MARKER.match(scale.PEFT_LOADED + '{"model_bytes": 1}')
+
+
+def test_gflops_are_measured_once_per_size_and_threads(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(scale, "measure_gflops", lambda cfg, threads: calls.append(threads) or {"float32": threads})
+    assert scale.cached_gflops("tiny", 1, root=tmp_path) == {"float32": 1}
+    assert scale.cached_gflops("tiny", 1, root=tmp_path) == {"float32": 1} and calls == [1]
+    assert scale.cached_gflops("tiny", 2, root=tmp_path) == {"float32": 2} and calls == [1, 2]
