@@ -61,7 +61,7 @@ class WandB:
         self.run.finish()
 
 
-# --report-to -> (reporter class, the package it needs, the extra that installs it)
+# --report-to -> (reporter class, the package it needs: also the name of the extra that installs it)
 REPORTERS = {"none": None, "tensorboard": (TensorBoard, "tensorboard"), "wandb": (WandB, "wandb")}
 
 
