@@ -170,9 +170,11 @@ def _targets_section(groups: dict) -> str:
     return _table(["target", "rows meeting it", "ratio per row"], lines) + "\n"
 
 
-def _note(name: str) -> str:
+def _note(name: str, required: bool = True) -> str:
     path = NOTES / f"{name}.md"
-    return "\n" + path.read_text() if path.exists() else f"\nNot written yet: benchmarks/notes/{name}.md.\n"
+    if path.exists():
+        return "\n" + path.read_text()
+    return f"\nNot written yet: benchmarks/notes/{name}.md.\n" if required else ""
 
 
 def _packing_section(path: Path) -> str:
@@ -239,7 +241,7 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
         if groups.get(group):
             body = {"train": lambda r: _train_section(r, img), "infer": lambda r: _infer_section(r, img),
                     "memory": lambda r: _memory_section(r, img), "adapters": _adapter_section}[group](groups[group])
-            sections.append(f"{title}\n\n{body}")
+            sections.append(f"{title}\n\n{body}" + _note(group, required=False))
     sections.append("## 6. Quality\n\n" + _quality_section(results_dir / "quality.json"))
     sections.append("## 7. Serving many adapters\n\n" + serving.section(results_dir / "serving.json"))
     sections.append("## 8. Sharded training: DDP against FSDP\n\n" + fsdp.section(results_dir / "fsdp.json")
