@@ -240,3 +240,9 @@ def machine() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "lorakit": lorakit.__version__,
     }
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table of `rows` under `header`."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .common import md_table
+
 SIZES = {  # TinyLlama-1.1B: hidden 2048, 22 layers, intermediate 5632, 32 heads / 4 kv heads, vocab 32000
     "tiny": dict(layers=2, hidden=64, inter=128, heads=4, kv=2, vocab=256, seq=16),
     "small": dict(layers=4, hidden=2048, inter=5632, heads=32, kv=4, vocab=32000, seq=128),  # the 1b's first layers
@@ -110,8 +112,7 @@ def section(path: Path) -> str:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]) + "\n"
+    return md_table(header, rows) + "\n"
 
 
 # ---- a worker: one process of one mode ----

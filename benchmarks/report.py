@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from . import fsdp, infer, memory, packing, serving, train
+from .common import md_table
 from .memory import __doc__ as MEMORY_METHOD
 
 ANALYSIS = Path(__file__).with_name("analysis.md")  # hand-written findings, appended verbatim when present
@@ -20,9 +21,7 @@ def _yes(ok: bool) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return md_table(header, rows)
 
 
 def _ok_rows(rows: dict) -> tuple[list[dict], list[str]]:

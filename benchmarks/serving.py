@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .common import machine, set_threads, summary
+from .common import machine, md_table, set_threads, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # adapters, texts per library batch, library (warm-up, rounds), clients, requests per client, server rounds
@@ -400,5 +400,4 @@ def section(path: Path) -> str:
 
 
 def _md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
+    return md_table(header, rows) + "\n"

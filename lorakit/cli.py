@@ -12,7 +12,6 @@ import typer
 
 from .data import DataError, check_columns, collator, label_names, load_labels, read_table, split_columns, texts
 from .dataset import examples, other_columns
-from .distributed import init_distributed
 from .generate import Sampling, generate, use_chat_template
 from .generate import stream as generate_stream
 from .evaluation import evaluate as evaluate_model
@@ -203,7 +202,6 @@ def predict(
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
         net, tokenizer, task, labels = load_trained(model, adapter, task)
         if task == "causal-lm":
-            net.to(init_distributed().device)  # the device training would use
             chat = use_chat_template(tokenizer, adapter, chat_template)
             _generate_all(net, tokenizer, items, sampling, chat, batch_size, stream, as_json)
             return
@@ -215,7 +213,7 @@ def predict(
 
 def _classify(net, tokenizer, labels: list[str], item: str, max_length: int) -> tuple[dict, str]:
     # (JSON result, text line): every label with its probability, the likeliest first.
-    enc = tokenizer(item, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = tokenizer(item, truncation=True, max_length=max_length, return_tensors="pt").to(net.device)
     probs = net(**enc).logits.float().softmax(-1)[0].tolist()
     ranked = sorted(zip(labels, probs), key=lambda lp: -lp[1])
     line = f"{ranked[0][0]}\t" + "  ".join(f"{n} {p:.3f}" for n, p in ranked) + f"\t{item}"
@@ -265,7 +263,6 @@ def chat(
         if not use_chat_template(tokenizer, adapter, chat_template) and not tokenizer.chat_template:
             raise ConfigError("no chat template: the adapter was not trained on conversations and the tokenizer has "
                               "none; pass --chat-template FILE")
-        net.to(init_distributed().device)
         typer.echo("chat: /reset starts over, /history shows the conversation, /exit or Ctrl-D leaves")
         chat_loop(net, tokenizer, sampling, system=system)
 

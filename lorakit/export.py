@@ -57,6 +57,8 @@ def _lora_layer_tensors(layer: LoraLayer, prefix: str):
 
     def merged_weight(export_dtype) -> torch.Tensor:
         layer.dequantize_base(export_dtype)  # an NF4 base straight into the export dtype, not through its own
+        if export_dtype not in (None, layer.weight.dtype):  # a full-precision base in another dtype: merged in
+            layer.weight.data = layer.weight.data.float()  # float32, so that writing it rounds once
         for name in layer.active:
             layer.merge(name)  # ΔW is added in float32 and rounded once
         return layer.weight.detach()

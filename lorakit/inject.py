@@ -102,9 +102,10 @@ def mark_trainable(model: nn.Module, name: str) -> None:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each parameter counted once (NF4 weights count their elements, not
     their storage, which sharding makes Parameters)."""
-    storage = {id(t) for q in quantized_weights(model) for t in q.parameters()}
+    nf4 = quantized_weights(model)
+    storage = {id(t) for q in nf4 for t in q.parameters()}
     params = [p for p in unwrap(model).parameters() if id(p) not in storage]
-    quantized = sum(q.shape.numel() for q in quantized_weights(model))
+    quantized = sum(q.shape.numel() for q in nf4)
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 

@@ -199,8 +199,11 @@ def prune_checkpoints(root: Path, keep: int, best: int | None) -> None:
 def restore_trainable(path: Path, model) -> None:
     """Put the trainable tensors of checkpoint `path` into `model` (--keep-best: the best step's adapter); a model
     sharded with FSDP takes its own shard of each."""
+    _put_trainable(model, load_file(path / "trainable.safetensors"))
+
+
+def _put_trainable(model, tensors: dict) -> None:
     params = dict(unwrap(model).named_parameters())
-    tensors = load_file(path / "trainable.safetensors")
     unwrap(model).load_state_dict({n: shard_like(t, params[n]) for n, t in tensors.items()}, strict=False)
 
 
@@ -226,7 +229,7 @@ def load_checkpoint(path: Path, model, opt, sched) -> RunState:
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
-    unwrap(model).load_state_dict({n: shard_like(t, params[n]) for n, t in tensors.items()}, strict=False)
+    _put_trainable(model, tensors)
     saved = torch.load(path / "state.pt", weights_only=True)
     opt.load_state_dict(sharded_optimizer_state(saved["optimizer"], opt))
     sched.load_state_dict(saved["scheduler"])

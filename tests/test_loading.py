@@ -157,3 +157,19 @@ def test_export_refuses_when_the_disk_is_too_small(trained_qlora, tmp_path, monk
     with pytest.raises(OSError, match=r"not enough disk for the merged model .* needs 0.0 GiB, 0.0 GiB are free"):
         export_merged(trained_qlora.model, tmp_path, torch.bfloat16)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_of_a_bf16_base_in_fp32_rounds_the_merge_once(tmp_path):
+    from safetensors.torch import load_file
+
+    from tiny_models import tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    base = model.model.layers[0].self_attn.q_proj.weight.detach().float().clone()
+    lorakit.inject(model, lorakit.LoraConfig(targets=["q_proj"], r=4, alpha=8, init="random"))
+    layer = model.model.layers[0].self_attn.q_proj
+    delta = 2.0 * layer.lora_B["default"].float() @ layer.lora_A["default"].float()  # alpha / r = 2
+    export_merged(model, tmp_path, torch.float32)
+    written = load_file(tmp_path / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert written.dtype == torch.float32
+    torch.testing.assert_close(written, base + delta, rtol=0, atol=1e-6)  # not ΔW rounded to bf16 first
