@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,20 @@ from .train import train as run_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA fine-tuning of Hugging Face models. Run `lorakit train` with no options for a short demo.")
+
+
+# Libraries whose log records are noise on lorakit's normal output (bitsandbytes, imported by PEFT when transformers
+# builds a scheduler, warns on every run that it cannot fetch an optional kernel); --verbose lets them through.
+THIRD_PARTY_LOGGERS = ("bitsandbytes", "transformers", "datasets", "huggingface_hub", "torch.distributed")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", help="Also show the log messages of the libraries "
+                                      "lorakit uses (transformers, bitsandbytes, ...).")):
+    """LoRA fine-tuning of Hugging Face models."""
+    if not verbose:
+        for name in THIRD_PARTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager

@@ -155,3 +155,19 @@ def test_bad_input_is_a_clean_error(args, message, bert_dir, topics_csv, tmp_pat
     result = runner.invoke(app, base + args)
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_third_party_log_noise_stays_off_the_output_unless_verbose(classify_run, capsys):
+    # bitsandbytes (imported by PEFT when transformers builds a scheduler) warns on every run on some CPUs that it
+    # cannot fetch an optional kernel; lorakit's own lines are all a user should see, --verbose shows the rest.
+    import logging
+
+    noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    try:
+        for flags, shown in (([], False), (["--verbose"], True)):
+            ok(*flags, "info", classify_run)
+            capsys.readouterr()
+            noisy.warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+            assert ("kernels-community" in capsys.readouterr().err) is shown
+    finally:
+        logging.getLogger("bitsandbytes").setLevel(logging.NOTSET)

@@ -4,6 +4,7 @@ refused before anything is written."""
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def _adapter(out) -> dict:
     return load_file(Path(out) / "adapter_model.safetensors")
 
 
-def test_auto_dtype_keeps_a_bf16_checkpoint_bf16(sharded_bf16_llama, qa_jsonl, tmp_path):
+def test_auto_dtype_keeps_a_bf16_checkpoint_bf16(sharded_bf16_llama, qa_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CPU_BF16", "0")  # a CPU without AVX-512 BF16 or AMX, whatever this one has
     with pytest.warns(UserWarning, match="weights are bf16 and this cpu has no fast bf16"):
         metrics = train(_cfg(sharded_bf16_llama, qa_jsonl, tmp_path / "run"), progress=False)
     assert metrics["weights"] == ["bf16", "fp32"]  # the base in bf16, LoRA's A and B fp32 master weights
@@ -47,11 +49,25 @@ def test_auto_dtype_keeps_a_bf16_checkpoint_bf16(sharded_bf16_llama, qa_jsonl, t
     assert {t.dtype for t in _adapter(tmp_path / "run").values()} == {torch.float32}
 
 
-def test_qlora_run_quantizes_every_linear_while_loading(sharded_bf16_llama, qa_jsonl, tmp_path):
+def test_auto_dtype_on_a_cpu_with_fast_bf16_says_nothing(sharded_bf16_llama, qa_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CPU_BF16", "1")  # a CPU with AVX-512 BF16 or AMX, whatever this one has
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no fast bf16")
+        metrics = train(_cfg(sharded_bf16_llama, qa_jsonl, tmp_path / "run"), progress=False)
+    assert metrics["weights"] == ["bf16", "fp32"] and metrics["compute_dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("cpu_bf16, compute, weights", [("0", "fp32", ["fp32", "nf4"]),
+                                                        ("1", "bf16", ["bf16", "fp32", "nf4"])])
+def test_qlora_run_quantizes_every_linear_while_loading(sharded_bf16_llama, qa_jsonl, tmp_path, monkeypatch,
+                                                        cpu_bf16, compute, weights):
+    # --precision auto decides the compute dtype from what the CPU reports (faked here both ways); the heads and
+    # embeddings are held in it, A and B stay fp32, every Linear of the base is NF4.
+    monkeypatch.setenv("LORAKIT_CPU_BF16", cpu_bf16)
     metrics = train(_cfg(sharded_bf16_llama, qa_jsonl, tmp_path / "run", quantize="nf4"), progress=False)
-    assert metrics["weights"] == ["fp32", "nf4"] and metrics["compute_dtype"] == "fp32"  # no bf16 matmul on this CPU
+    assert metrics["weights"] == weights and metrics["compute_dtype"] == compute
     info = json.loads(_cli("info", tmp_path / "run", "--json"))
-    assert info["compute_dtype"] == "fp32" and info["weights"] == ["fp32", "nf4"]
+    assert info["compute_dtype"] == compute and info["weights"] == weights
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

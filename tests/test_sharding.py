@@ -133,7 +133,7 @@ def test_three_processes_with_sizes_nothing_divides(tmp_path):
 def cli_flags(bert_dir, topics_csv) -> list[str]:
     return ["--model", str(bert_dir), "--data", str(topics_csv), "--eval-data", str(topics_csv), "--r", "4",
             "--max-steps", "4", "--max-length", "16", "--dropout", "0", "--lr", "5e-3", "--save-every", "2",
-            "--log-every", "1", "--eval-every", "2", "--batch-size", "4"]
+            "--log-every", "1", "--eval-every", "2", "--batch-size", "4", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_lorakit_train_sharded_matches_one_process_and_its_adapter_loads_in_peft
 
     one = TrainConfig(model=str(bert_dir), data=str(topics_csv), eval_data=str(topics_csv), r=4, max_steps=4,
                       max_length=16, dropout=0.0, lr=5e-3, save_every=2, log_every=1, eval_every=2, batch_size=8,
-                      output=str(tmp_path / "one"))
+                      precision="fp32", output=str(tmp_path / "one"))
     metrics = train(one, progress=False, echo=lambda *a: None)
     assert largest_difference(adapter(sharded_run), adapter(tmp_path / "one")) < 1e-5
     sharded_metrics = json.loads((sharded_run / "metrics.json").read_text())
@@ -241,7 +241,7 @@ def test_keep_best_under_fsdp_restores_the_best_step_on_every_process(sharded_ke
                                                                        topics_csv, tmp_path):
     one = TrainConfig(model=str(bert_dir), data=str(topics_csv), eval_data=str(mislabelled_csv), r=4, max_steps=4,
                       max_length=16, dropout=0.0, lr=5e-2, save_every=2, log_every=1, eval_every=1, batch_size=8,
-                      keep_best=True, save_total_limit=2, output=str(tmp_path / "one"))
+                      keep_best=True, save_total_limit=2, precision="fp32", output=str(tmp_path / "one"))
     metrics = train(one, progress=False, echo=lambda *a: None)
     sharded = json.loads((sharded_keep_best / "metrics.json").read_text())
     assert metrics["best_step"] < 4 and sharded["best_step"] == metrics["best_step"]  # an earlier step was restored
