@@ -145,7 +145,7 @@ def variants(name: str, size: str, kinds: list[str], dropout: float = 0.0, rando
     unchanged model. quantize="nf4": lorakit runs QLoRA (PEFT stays plain LoRA: its QLoRA needs bitsandbytes)."""
     import peft
     import lorakit
-    from lorakit.parts import lora_layers
+    from lorakit.adapters.parts import lora_layers
 
     base = base_model(name, size).to(device)
     out = {}

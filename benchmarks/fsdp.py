@@ -6,7 +6,7 @@ lorakit's own fit().
 
 Each mode runs in its own `torchrun` (gloo on CPU, nccl on CUDA). Every process builds the model on the meta device
 (no memory), adds the adapter, and then allocates and fills its tensors with seeded random values: DDP every tensor
-in full, FSDP only its shards (`lorakit.sharding.shard` before allocating), so that no FSDP process ever holds the
+in full, FSDP only its shards (`lorakit.runtime.sharding.shard` before allocating), so that no FSDP process ever holds the
 whole model. Memory per process from /proc/self/status: VmHWM at the end of setup (setup peak), then reset
 (clear_refs 5) and read again after training (training peak); the run's peak is the larger. Step time: the mean of
 the steps after the first. `frozen_mib`: this process's bytes of frozen weights. The all-gather volume of a FSDP step
@@ -120,7 +120,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def worker(mode: str, size: str, steps: int, report: Path) -> None:
     import torch.distributed as dist
 
-    from lorakit.distributed import init_distributed, shutdown
+    from lorakit.runtime.distributed import init_distributed, shutdown
 
     world = init_distributed(sharded=True)
     start = time.perf_counter()
@@ -157,7 +157,7 @@ def build(d: dict, mode: str, world) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
-    from lorakit.sharding import shard
+    from lorakit.runtime.sharding import shard
 
     config = LlamaConfig(num_hidden_layers=d["layers"], hidden_size=d["hidden"], intermediate_size=d["inter"],
                          num_attention_heads=d["heads"], num_key_value_heads=d["kv"], vocab_size=d["vocab"],
@@ -195,7 +195,7 @@ def _fill(model: torch.nn.Module, buffers: dict, seed: int) -> None:
 def train(model: torch.nn.Module, d: dict, steps: int, world) -> list[float]:
     """`steps` optimizer steps of batch 1 per process through lorakit.fit(); the seconds of each."""
     import lorakit
-    from lorakit.fit import Hooks, Loop, RunState, fit, seeded_batches
+    from lorakit.training.fit import Hooks, Loop, RunState, fit, seeded_batches
 
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(0, d["vocab"], (d["seq"],), generator=g)} for _ in range(steps * world.size)]

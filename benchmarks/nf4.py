@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lorakit.quant import dequantize_nf4, nf4_linear, quantize_nf4
+from lorakit.nn.nf4 import dequantize_nf4, nf4_linear, quantize_nf4
 
 SHAPES = {"full": [(4096, 4096), (11008, 4096)], "tiny": [(64, 128), (96, 64)]}  # (out, in): q_proj, up_proj
 TOKENS = {"full": 128, "tiny": 8}  # rows of x for the linear rows: one 128-token sequence

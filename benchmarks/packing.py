@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from lorakit import LoraConfig, inject, optimizer
-from lorakit.packing import STRATEGIES, PackedCollator, attention_mode, pack_groups, pack_rows, padding_stats
-from lorakit.precision import autocast
+from lorakit.data.packing import STRATEGIES, PackedCollator, attention_mode, pack_groups, pack_rows, padding_stats
+from lorakit.runtime.precision import autocast
 
 from .common import machine, set_threads, sync
 

@@ -54,7 +54,7 @@ def profile_variant(train_key: str, variant: str, size: str, steps: int, rows: i
 def saved_mib(train_key: str, variant: str, size: str, device: str = "cpu") -> float:
     """MiB of tensors autograd keeps for backward after one forward of training row `train_key` (each storage counted
     once, parameters excluded): the activation memory a training step holds at its peak, apart from the loss."""
-    from lorakit.precision import autocast
+    from lorakit.runtime.precision import autocast
 
     spec, model, inputs = _model(train_key, variant, size, device)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -75,7 +75,7 @@ def layer_variants(d_in: int, d_out: int, dropout: float) -> dict[str, nn.Module
     """One Linear(d_in, d_out) four ways, same weights: frozen, lorakit LoRA, PEFT LoRA, trainable."""
     import peft
 
-    from lorakit.layers import LoraLayer
+    from lorakit.nn.layers import LoraLayer
 
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out)

@@ -1,5 +1,5 @@
 """Workload 6: dev-set accuracy of the packaged MiniLM on AG News and SST-2 (../shared/data), trained four ways with
-one loop (lorakit.fit), one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA (the same initial A,
+one loop (lorakit.training.fit), one data order and one seed: full fine-tuning, lorakit LoRA, PEFT LoRA (the same initial A,
 B and head as lorakit) and lorakit QLoRA (NF4 base). LoRA is r=8, alpha=16, dropout 0.1 on query and value, the
 classifier head trained in full. Only the learning rate differs between full fine-tuning and LoRA, each the better
 on SST-2 dev of two tried (full: 5e-5, 1e-4; LoRA: 1e-3, 3e-3; see benchmarks/analysis.md): a frozen base with a
@@ -85,7 +85,7 @@ def build(variant: str, num_labels: int):
 
 def frozen_weight_bytes(model) -> tuple[int, int]:
     """(bytes the quantized layers' frozen weights take, bytes they would take in fp32)."""
-    from lorakit.inject import quantized_weights
+    from lorakit.adapters.inject import quantized_weights
 
     weights = quantized_weights(model)
     return sum(w.nbytes for w in weights), sum(w.shape.numel() * 4 for w in weights)
@@ -122,8 +122,8 @@ def train_and_eval(model, rows: list[dict], dev: list[dict], collate, lr: float,
     variant was still learning). train_seconds leaves the evaluations out."""
     from transformers import get_scheduler
 
-    from lorakit.evaluation import evaluate
-    from lorakit.fit import Batches, Hooks, Loop, fit
+    from lorakit.training.evaluation import evaluate
+    from lorakit.training.fit import Batches, Hooks, Loop, fit
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     per_epoch = math.ceil(len(rows) / BATCH)
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from lorakit import count_parameters
-    from lorakit.data import collator
-    from lorakit.files import atomic_write
+    from lorakit.data.tables import collator
+    from lorakit.adapters.files import atomic_write
 
     from .common import set_threads
 

@@ -73,7 +73,7 @@ def adapters(path: str, n: int):
     """(model, tokenizer, names): the base with n adapters (random B ~ N(0, 0.02), each its own random head)."""
     import lorakit
     from lorakit import models
-    from lorakit.parts import lora_layers, saved_modules
+    from lorakit.adapters.parts import lora_layers, saved_modules
 
     model, tokenizer = models.load_model(path, "classify", LABELS)
     names = [f"a{i}" for i in range(n)]
@@ -109,7 +109,7 @@ def peft_copy(path: str, model, names: list[str]):
 def library(path: str, size: str) -> dict:
     """Interleaved medians (ms) of lorakit's mixed forward, PEFT's mixed forward and one adapter for the batch."""
     import lorakit
-    from lorakit.routing import routes
+    from lorakit.adapters.routing import routes
 
     cfg = SIZES[size]
     model, tokenizer, names = adapters(path, cfg["adapters"])
@@ -312,7 +312,7 @@ def _load_summary(runs: list[dict]) -> dict:
 
 def _model_mib(model, names: list[str]) -> float:
     """The base model's parameters: what one more copy of the model per adapter would cost."""
-    from lorakit.files import adapter_tensors
+    from lorakit.adapters.files import adapter_tensors
 
     own = {id(t) for name in names for t in adapter_tensors(model, name).values()}
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in own) / 2**20

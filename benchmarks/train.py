@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.precision import autocast
+from lorakit.runtime.precision import autocast
 
 from .common import MODELS, batch, interleave, summary, variants
 

@@ -1,14 +1,15 @@
 """lorakit: small, fast, exact LoRA fine-tuning with PEFT-compatible adapter files."""
 
-from .config import LoraConfig
-from .files import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
-from .inject import (count_parameters, delete_adapter, enable_gradient_checkpointing, enable_input_grads, inject,
+from .adapters.config import LoraConfig
+from .adapters.files import load_adapter, read_adapter_config
+from .adapters.inject import (count_parameters, delete_adapter, enable_gradient_checkpointing, enable_input_grads, inject,
                      set_adapter)
-from .layers import LoraLayer, SavedModule
-from .merging import disable_adapters, is_merged, merge, unload, unmerge
-from .parts import active_adapters, configs, default_targets
-from .routing import load_adapter_with_head, route
-from .optim import optimizer
+from .nn.layers import LoraLayer, SavedModule
+from .adapters.merging import disable_adapters, is_merged, merge, unload, unmerge
+from .adapters.parts import active_adapters, configs, default_targets
+from .adapters.routing import load_adapter_with_head, route
+from .adapters.optim import optimizer
+from .runtime.sharding import adapter_state_dict, save_adapter
 
 __version__ = "0.1.0"
 

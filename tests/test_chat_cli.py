@@ -15,9 +15,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lorakit.cli import app
-from lorakit.generate import Sampling, end_of_turn_ids, generate, prompt_text, use_chat_template
-from lorakit.models import load_trained
+from lorakit.cli.main import app
+from lorakit.serving.generation import Sampling, end_of_turn_ids, generate, prompt_text, use_chat_template
+from lorakit.io.models import load_trained
 from test_chat_train import chats, write_jsonl
 
 runner = CliRunner()

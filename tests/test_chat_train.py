@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 
 from chat_tokenizers import CHATML
-from lorakit.data import DataError
-from lorakit.rundir import read_log
-from lorakit.settings import ConfigError, TrainConfig
-from lorakit.train import train
+from lorakit.errors import DataError
+from lorakit.training.rundir import read_log
+from lorakit.training.settings import TrainConfig
+from lorakit.errors import ConfigError
+from lorakit.training.train import train
 
 QUESTIONS = ["hello there", "how are you", "what is the topic", "sports news", "world news today",
              "hello how are you", "what is the news", "the topic is sports"]

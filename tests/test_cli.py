@@ -9,9 +9,9 @@ import torch
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from lorakit.cli import app
-from lorakit.models import load_trained
-from lorakit.settings import saved_settings
+from lorakit.cli.main import app
+from lorakit.io.models import load_trained
+from lorakit.training.settings import saved_settings
 
 runner = CliRunner()
 FAST = ["--max-length", "16", "--batch-size", "8", "--log-every", "1", "--dropout", "0"]

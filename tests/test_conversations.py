@@ -4,8 +4,8 @@ checked token by token against segments written out by hand for three template s
 import pytest
 
 from chat_tokenizers import CHATML, CHATML_SYSTEM, LLAMA2, chat_tokenizer
-from lorakit import conversations as C
-from lorakit.data import DataError
+from lorakit.data import conversations as C
+from lorakit.errors import DataError
 
 TALK = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "fine thanks"},
         {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine"}]

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import shared_data
-from lorakit import data
+from lorakit.data import tables as data
 
 
 def test_reads_every_format_by_extension(tmp_path):

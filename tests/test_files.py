@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
-import lorakit.files
-from lorakit.layers import LoraLayer
+import lorakit.adapters.files
+from lorakit.nn.layers import LoraLayer
 from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 
 IDS = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102, 0], [101, 2023, 2003, 2307, 102, 0, 0, 0]])
@@ -166,8 +166,8 @@ class _FailingTargets(dict):
 
 
 def _fail_copying_at(monkeypatch, n: int) -> list:
-    seen, real = [], lorakit.files.adapter_tensors
-    monkeypatch.setattr(lorakit.files, "adapter_tensors", lambda root, name: _FailingTargets(real(root, name), n, seen))
+    seen, real = [], lorakit.adapters.files.adapter_tensors
+    monkeypatch.setattr(lorakit.adapters.files, "adapter_tensors", lambda root, name: _FailingTargets(real(root, name), n, seen))
     return seen
 
 
@@ -207,7 +207,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(lorakit.files, "save_file", broken)
+    monkeypatch.setattr(lorakit.adapters.files, "save_file", broken)
     with pytest.raises(OSError):
         lorakit.save_adapter(model, out)
     assert (out / "adapter_model.safetensors").read_bytes() == before

@@ -1,4 +1,4 @@
-"""`lorakit.fit`: the loop alone, with no run directory: it takes micro-batches in the order given, continues from a
+"""`lorakit.training.fit`: the loop alone, with no run directory: it takes micro-batches in the order given, continues from a
 RunState, reports one record shape per step, and stops on a non-finite loss and on Ctrl-C."""
 
 import copy
@@ -8,10 +8,12 @@ import signal
 import pytest
 import torch
 
-from lorakit import LoraConfig, data, inject
-from lorakit.fit import Batches, Hooks, Interrupted, Loop, RunState, TrainingError, fit, seeded_batches
-from lorakit.models import load_model
-from lorakit.optim import optimizer
+from lorakit import LoraConfig, inject
+from lorakit.data import tables as data
+from lorakit.training.fit import Batches, Hooks, Loop, RunState, fit, seeded_batches
+from lorakit.errors import Interrupted, TrainingError
+from lorakit.io.models import load_model
+from lorakit.adapters.optim import optimizer
 
 RECORD = {"step", "epoch", "loss", "lr", "tokens", "seconds"}
 
@@ -80,7 +82,7 @@ def test_fit_is_the_textbook_loop(bert_dir):
 
 
 def test_lorakit_order_splits_each_global_batch_between_processes(setup):
-    from lorakit.distributed import World
+    from lorakit.runtime.distributed import World
 
     _, rows, collate, _ = setup
     one = seeded_batches(rows, collate, 4, seed=0)

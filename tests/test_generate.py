@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from chat_tokenizers import CHATML, LLAMA2, chat_tokenizer
-from lorakit.generate import Sampling, end_of_turn_ids, generate, prompt_text, stream
+from lorakit.serving.generation import Sampling, end_of_turn_ids, generate, prompt_text, stream
 
 
 def _model(vocab: int):

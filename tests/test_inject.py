@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.inject import saved_modules
-from lorakit.layers import LoraLayer, SavedModule
+from lorakit.adapters.inject import saved_modules
+from lorakit.nn.layers import LoraLayer, SavedModule
 from tiny_models import minilm_classifier, small_cnn, tiny_gpt2, tiny_llama
 
 IDS = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102, 0]])

@@ -7,9 +7,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-import lorakit.fused
-from lorakit.fused import LoraLinearFunction
-from lorakit.layers import LoraLayer
+import lorakit.nn.fused
+from lorakit.nn.fused import LoraLinearFunction
+from lorakit.nn.layers import LoraLayer
 
 
 def test_textbook_parameter_count():
@@ -114,7 +114,7 @@ def test_fused_function_matches_autograd(p, with_bias, monkeypatch, device):
     b = torch.randn(10, 3, **kw).requires_grad_()
     gout = torch.randn(2, 5, 10, **kw)
     mask = torch.rand(10, 12, device=device) > p if p > 0 else None
-    monkeypatch.setattr(lorakit.fused, "drop_mask", lambda x2, p: (~mask, 1 / (1 - p)))
+    monkeypatch.setattr(lorakit.nn.fused, "drop_mask", lambda x2, p: (~mask, 1 / (1 - p)))
     ref = _reference(x, w, bias, a, b, 0.7, None if mask is None else mask.view(2, 5, 12), 1 / (1 - p))
     ref_grads = torch.autograd.grad(ref, (x, a, b), gout)
     out = LoraLinearFunction.apply(x, w, bias, a, b, 0.7, p)
@@ -127,11 +127,11 @@ def test_fused_function_matches_autograd(p, with_bias, monkeypatch, device):
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_drop_mask_statistics(p):
     x = torch.empty(400, 1000)
-    mask, scale = lorakit.fused.drop_mask(x, p)
+    mask, scale = lorakit.nn.fused.drop_mask(x, p)
     assert mask.dtype == torch.bool and mask.shape == x.shape
     assert abs(mask.float().mean().item() - p) < 0.003
     assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
-    other, _ = lorakit.fused.drop_mask(x, p)
+    other, _ = lorakit.nn.fused.drop_mask(x, p)
     assert (mask != other).any()  # fresh randomness on every call
     rows = mask.float().mean(1)
     assert rows.std() < 0.03  # no structure along rows

@@ -13,9 +13,10 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
 import lorakit
-from lorakit.export import export_merged
-from lorakit.loading import CheckpointError, load_quantized
-from lorakit.quant import NF4Linear, NF4Weight
+from lorakit.io.export import export_merged
+from lorakit.io.checkpoints import load_quantized
+from lorakit.errors import CheckpointError
+from lorakit.nn.nf4 import NF4Linear, NF4Weight
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -95,7 +96,7 @@ PEAK_SCRIPT = """
 import sys, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM
-from lorakit.loading import load_quantized
+from lorakit.io.checkpoints import load_quantized
 
 def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
@@ -151,9 +152,9 @@ def test_export_merged_in_bf16(trained_qlora, tmp_path):
 
 
 def test_export_refuses_when_the_disk_is_too_small(trained_qlora, tmp_path, monkeypatch):
-    import lorakit.export
+    import lorakit.io.export
 
-    monkeypatch.setattr(lorakit.export.shutil, "disk_usage", lambda path: namedtuple("U", "total used free")(0, 0, 1000))
+    monkeypatch.setattr(lorakit.io.export.shutil, "disk_usage", lambda path: namedtuple("U", "total used free")(0, 0, 1000))
     with pytest.raises(OSError, match=r"not enough disk for the merged model .* needs 0.0 GiB, 0.0 GiB are free"):
         export_merged(trained_qlora.model, tmp_path, torch.bfloat16)
     assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, inject
-from lorakit.fit import Batches, Hooks, Loop, fit, target_tokens
+from lorakit.training.fit import Batches, Hooks, Loop, fit, target_tokens
 
 TESTS = Path(__file__).resolve().parent
 LENGTHS = (3, 11, 5, 14)  # tokens per example: 2, 10, 4 and 13 targets
@@ -43,7 +43,7 @@ def collate(rows: list[dict]) -> dict:
 
 def one_step(model, rows, order: list[list[int]], grad_accum: int, world=None) -> tuple[dict, float]:
     """(minus the gradient of each trainable tensor, the step's loss) after one step over micro-batches `order`."""
-    from lorakit.distributed import World
+    from lorakit.runtime.distributed import World
 
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
@@ -83,7 +83,7 @@ TWO_PROCESSES = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from safetensors.torch import save_file
-from lorakit.distributed import init_distributed, shutdown
+from lorakit.runtime.distributed import init_distributed, shutdown
 from test_loss import one_step, setup
 world = init_distributed()
 model, rows = setup()

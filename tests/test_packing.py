@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from lorakit.packing import (ATTENTION, STRATEGIES, PackedCollator, attention_mode, pack, pack_groups, pack_rows,
+from lorakit.data.packing import (ATTENTION, STRATEGIES, PackedCollator, attention_mode, pack, pack_groups, pack_rows,
                              padding_stats)
 from tiny_models import tiny_gpt2, tiny_llama
 
@@ -155,7 +155,7 @@ def test_prepared_chat_data_packs_to_the_same_loss():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chat_tokenizers import CHATML, chat_tokenizer
-    from lorakit import prepare as P
+    from lorakit.data import prepare as P
 
     tok = chat_tokenizer(CHATML)
     talks = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from lorakit import precision
+from lorakit.runtime import precision
 
 
 @pytest.mark.parametrize("reported, expected", [("1", "bf16"), ("0", "fp32")])

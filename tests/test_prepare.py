@@ -8,10 +8,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from chat_tokenizers import CHATML, LLAMA2, chat_tokenizer
-from lorakit import conversations as C
-from lorakit import data as D
-from lorakit import prepare as P
-from lorakit.data import DataError
+from lorakit.data import conversations as C
+from lorakit.data import tables as D
+from lorakit.data import prepare as P
+from lorakit.errors import DataError
 
 
 def conversation(question: str, answer: str) -> list[dict]:

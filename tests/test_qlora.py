@@ -9,8 +9,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit.layers import LoraLayer, SavedModule
-from lorakit.quant import NF4Linear, dequantize_nf4, quantize_nf4
+from lorakit.nn.layers import LoraLayer, SavedModule
+from lorakit.nn.nf4 import NF4Linear, dequantize_nf4, quantize_nf4
 from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 
 

@@ -1,12 +1,12 @@
-"""NF4 quantization (lorakit.quant): code tables, packing, error bounds, memory, padding, nf4_linear, state_dict."""
+"""NF4 quantization (lorakit.nn.nf4): code tables, packing, error bounds, memory, padding, nf4_linear, state_dict."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import quant
-from lorakit.quant import (DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4,
+from lorakit.nn import nf4 as quant
+from lorakit.nn.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4,
                            to_bitsandbytes)
 
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit.parts import lora_layers, saved_modules
+from lorakit.adapters.parts import lora_layers, saved_modules
 from tiny_models import tiny_gpt2, tiny_llama
 
 ADAPTERS = {  # name: config changes; different ranks, an rsLoRA scale, a DoRA adapter where DoRA applies

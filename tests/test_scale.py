@@ -88,7 +88,7 @@ def test_step_flops_match_torch_flop_counter(checkpointing):
 
 
 def test_memory_estimate_of_nf4_weights_matches_real_ones():
-    from lorakit.quant import quantize_nf4
+    from lorakit.nn.nf4 import quantize_nf4
 
     # One layer 512 wide: whole groups of 256 block scales, as at 7B (tiny layers would pay mostly padding).
     cfg = dict(hidden_size=512, num_hidden_layers=1, intermediate_size=1376, num_attention_heads=8, vocab_size=1000)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit import models
-from lorakit.fit import Interrupted
-from lorakit.inject import inject
-from lorakit.models import load_trained
-from lorakit.rundir import read_log
-from lorakit.settings import TrainConfig
-from lorakit.train import train
+from lorakit.io import models
+from lorakit.errors import Interrupted
+from lorakit.adapters.inject import inject
+from lorakit.io.models import load_trained
+from lorakit.training.rundir import read_log
+from lorakit.training.settings import TrainConfig
+from lorakit.training.train import train
 from test_train import completion_loss
 
 

@@ -13,12 +13,14 @@ import torch
 from typer.testing import CliRunner
 
 import lorakit
-from lorakit import models
-from lorakit.rundir import LABELS_FILE, write_json
-from lorakit.adapter_cache import ServeError, Settings, ensure, open_state
-from lorakit.cli import app as cli
-from lorakit.parts import saved_modules
-from lorakit.serve import create_app
+from lorakit.adapters.parts import task_heads
+from lorakit.io import models
+from lorakit.training.rundir import LABELS_FILE, write_json
+from lorakit.serving.cache import Settings, ensure, open_state
+from lorakit.errors import ServeError
+from lorakit.cli.main import app as cli
+from lorakit.adapters.parts import saved_modules
+from lorakit.serving.app import create_app
 
 LABELS = {"news": ["World", "Sports", "Business"], "sentiment": ["negative", "positive"], "extra": ["a", "b", "c", "d"]}
 TEXTS = ["striker scores in the league final", "shares fall as investors fret", "summit ends without a treaty"]
@@ -28,7 +30,7 @@ def _train_like(model_dir, task, out, labels=None, seed=0, targets=("query", "va
     """An adapter saved as `lorakit train` saves one: random B and head, so that it changes the output."""
     net, _ = models.load_model(str(model_dir), task, labels)
     config = lorakit.LoraConfig(r=4, alpha=8, targets=list(targets), init="random",
-                                modules_to_save=models.head_modules(net) if task == "classify" else None)
+                                modules_to_save=task_heads(net, "SEQ_CLS") if task == "classify" else None)
     torch.manual_seed(seed)
     lorakit.inject(net, config)
     with torch.no_grad():

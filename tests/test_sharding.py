@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from sharding_cases import build, run_case
-from lorakit.distributed import World
-from lorakit.settings import ConfigError, TrainConfig
-from lorakit.train import train
+from lorakit.runtime.distributed import World
+from lorakit.training.settings import TrainConfig
+from lorakit.errors import ConfigError
+from lorakit.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = Path(__file__).with_name("sharding_cases.py")
@@ -173,7 +174,7 @@ def test_lorakit_train_sharded_matches_one_process_and_its_adapter_loads_in_peft
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForSequenceClassification
 
-    from lorakit.models import load_trained
+    from lorakit.io.models import load_trained
 
     one = TrainConfig(model=str(bert_dir), data=str(topics_csv), eval_data=str(topics_csv), r=4, max_steps=4,
                       max_length=16, dropout=0.0, lr=5e-3, save_every=2, log_every=1, eval_every=2, batch_size=8,
@@ -194,13 +195,13 @@ def test_lorakit_train_sharded_matches_one_process_and_its_adapter_loads_in_peft
 
 INTERRUPTED = """
 import os, signal, sys
-from lorakit.cli import app
+from lorakit.cli.main import app
 def ctrl_c(record):
     if record["step"] == 3 and os.environ["RANK"] == "1":  # one process is enough: all stop at the same step
         os.kill(os.getpid(), signal.SIGINT)
-import lorakit.cli, lorakit.train
-real = lorakit.train.train
-lorakit.cli.run_training = lambda cfg, echo: real(cfg, on_step=ctrl_c, echo=echo)
+import lorakit.cli.main, lorakit.training.train
+real = lorakit.training.train.train
+lorakit.cli.main.run_training = lambda cfg, echo: real(cfg, on_step=ctrl_c, echo=echo)
 app(sys.argv[1:])
 """
 
@@ -230,7 +231,7 @@ def test_sharding_without_torchrun_is_refused_before_any_work(topics_csv, tmp_pa
 
 
 def test_sharding_is_a_setting_a_resumed_run_may_change():
-    from lorakit.settings import check_resumable
+    from lorakit.training.settings import check_resumable
 
     check_resumable(TrainConfig(output="run", sharding="none"), TrainConfig(sharding="fsdp"))
     with pytest.raises(ConfigError, match="r: 8 -> 4"):
@@ -250,7 +251,7 @@ def test_keep_best_under_fsdp_restores_the_best_step_on_every_process(sharded_ke
     # The adapter saved is the best step's: evaluated afresh, it gives that step's loss, not the last step's.
     from typer.testing import CliRunner
 
-    from lorakit.cli import app
+    from lorakit.cli.main import app
 
     done = CliRunner().invoke(app, ["eval", "--adapter", str(sharded_keep_best), "--data", str(mislabelled_csv),
                                     "--max-length", "16", "--json"])

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from lorakit import tracking
-from lorakit.rundir import read_log
-from lorakit.settings import ConfigError, TrainConfig
-from lorakit.train import train
+from lorakit.training import tracking
+from lorakit.training.rundir import read_log
+from lorakit.training.settings import TrainConfig
+from lorakit.errors import ConfigError
+from lorakit.training.train import train
 
 
 def run(bert_dir, topics_csv, out, report_to: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""`lorakit.train`: the run directory, causal LM, resume (after Ctrl-C and after SIGKILL), NaN stop, refusals of bad
+"""`lorakit.training.train`: the run directory, causal LM, resume (after Ctrl-C and after SIGKILL), NaN stop, refusals of bad
 input before training, gradient accumulation, torchrun/DDP, and training under transformers.Trainer."""
 
 import json
@@ -16,12 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import topic_table
-from lorakit import data, models
-from lorakit.fit import Interrupted, TrainingError
-from lorakit.models import load_model, load_trained
-from lorakit.rundir import latest_checkpoint, read_log
-from lorakit.settings import PACKAGED_MODEL, ConfigError, TrainConfig
-from lorakit.train import train
+from lorakit.data import tables as data
+from lorakit.io import models
+from lorakit.errors import Interrupted, TrainingError
+from lorakit.io.models import load_model, load_trained
+from lorakit.training.rundir import latest_checkpoint, read_log
+from lorakit.training.settings import PACKAGED_MODEL, TrainConfig
+from lorakit.errors import ConfigError
+from lorakit.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,8 +178,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_identical(bert_dir, topics_cs
 KILLED_RUN = """
 import sys, time
 from pathlib import Path
-from lorakit.settings import TrainConfig
-from lorakit.train import train
+from lorakit.training.settings import TrainConfig
+from lorakit.training.train import train
 cfg = TrainConfig(**{cfg})
 def hold(record):
     if record["step"] == 5:  # after the checkpoint of step 4: the test kills us here, mid-run
@@ -207,8 +209,8 @@ def test_sigkill_mid_training_then_resume_ends_identical(bert_dir, topics_csv, t
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(bert_dir, topics_csv, tmp_path, monkeypatch):
-    from lorakit.inject import inject
-    from lorakit.parts import saved_modules
+    from lorakit.adapters.inject import inject
+    from lorakit.adapters.parts import saved_modules
 
     out, injected = tmp_path / "run", []
     monkeypatch.setattr(models, "inject", lambda model, cfg: injected.append(model) or inject(model, cfg))
@@ -288,7 +290,7 @@ def test_every_train_flag_reaches_lorakit_through_torchrun():
     from torch.distributed.run import get_args_parser
     from typer.main import get_command
 
-    from lorakit.cli import app
+    from lorakit.cli.main import app
 
     flags = [opt for p in get_command(app).commands["train"].params for opt in p.opts if opt.startswith("--")]
     args = ["train", *[x for flag in flags for x in (flag, "1")]]  # torchrun passes values through unread

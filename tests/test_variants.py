@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.layers import LoraLayer
+from lorakit.nn.layers import LoraLayer
 from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")

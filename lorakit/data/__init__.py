@@ -1,0 +1,3 @@
+"""Training data before it meets a model's run: tables and labels (tables), conversations and chat templates
+(conversations), tokenizing through `datasets` (prepare), packing several examples per row (packing).
+May import: lorakit.errors only."""

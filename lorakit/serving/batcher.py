@@ -1,0 +1,162 @@
+"""Dynamic batching for `lorakit serve`: requests gathered into mixed-adapter batches, run on one worker thread.
+
+The batcher (an asyncio task) takes queued requests, waiting up to max_wait_ms for more when the queue is empty, up to
+max_batch_tokens padded tokens, whatever their adapters. The worker thread loads and evicts adapters (adapter_cache)
+and runs one routed forward, or one generate, per kind of request in the batch: each row through its own adapter and
+head (routing.route). Results go back to each request's future; a failure fails only its own requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .cache import State, ensure
+from ..adapters.inject import set_adapter
+from ..adapters.routing import route
+
+
+@dataclass
+class Item:
+    """One request waiting for the worker."""
+
+    kind: str  # classify | generate
+    adapter: str
+    ids: list[list[int]]
+    options: tuple = ()  # generate: (max_new_tokens, temperature)
+    future: asyncio.Future | None = None
+
+    def padded(self) -> tuple[int, int]:
+        extra = self.options[0] if self.kind == "generate" else 0
+        return len(self.ids), max(len(i) for i in self.ids) + extra
+
+
+# ---- one batch on the worker thread ----
+
+def run_batch(state: State, batch: list[Item]) -> list:
+    """Results (or exceptions) for every item of `batch`: adapters loaded, then one forward per kind of request."""
+    failed = ensure(state, {item.adapter for item in batch})
+    results = {id(item): failed[item.adapter] for item in batch if item.adapter in failed}
+    groups = {}
+    for item in batch:
+        if item.adapter not in failed:
+            groups.setdefault((item.kind, item.options), []).append(item)
+    for (kind, options), items in groups.items():
+        try:
+            rows = (classify_rows if kind == "classify" else generate_rows)(state, items)
+        except Exception as e:  # a failed forward fails its requests, never the server
+            rows = [e] * len(items)
+        results.update({id(item): r for item, r in zip(items, rows)})
+    state.stats["batches"] += 1
+    state.stats["requests"] += len(batch)
+    state.stats["rows"] += sum(len(item.ids) for item in batch)
+    return [results[id(item)] for item in batch]
+
+
+def padded_batch(ids: list[list[int]], pad: int, left: bool) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask padded to the longest row (on the left for generation)."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        where = slice(width - len(row), width) if left else slice(0, len(row))
+        input_ids[i, where], mask[i, where] = torch.tensor(row, dtype=torch.long), 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@contextlib.contextmanager
+def _adapters_of(state: State, names: list[str]):
+    # Batching: each row through its own adapter. Otherwise (one request per batch): set_adapter, the usual way.
+    if state.settings.batching:
+        with route(state.model, names):
+            yield
+    else:
+        set_adapter(state.model, names[0])
+        yield
+
+
+@torch.no_grad()
+def classify_rows(state: State, items: list[Item]) -> list[list[tuple[str, float]]]:
+    """Per item, per text: (label, probability) pairs of the adapter's own labels, most probable first."""
+    names = [item.adapter for item in items for _ in item.ids]
+    batch = padded_batch([row for item in items for row in item.ids], state.tokenizer.pad_token_id or 0, left=False)
+    with _adapters_of(state, names):
+        logits = state.model(**batch).logits.float()
+    out, i = [], 0
+    for item in items:
+        labels = state.loaded[item.adapter].labels
+        probs = logits[i:i + len(item.ids), :len(labels)].softmax(-1).tolist()
+        out.append([sorted(zip(labels, p), key=lambda lp: -lp[1]) for p in probs])
+        i += len(item.ids)
+    return out
+
+
+@torch.no_grad()
+def generate_rows(state: State, items: list[Item]) -> list[list[list[int]]]:
+    """Per item, per prompt: the generated token ids (all items share max_new_tokens and temperature)."""
+    max_new_tokens, temperature = items[0].options
+    names = [item.adapter for item in items for _ in item.ids]
+    pad = state.tokenizer.pad_token_id or 0
+    batch = padded_batch([row for item in items for row in item.ids], pad, left=True)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    with _adapters_of(state, names):
+        ids = state.model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+    new = ids[:, batch["input_ids"].shape[1]:].tolist()
+    out, i = [], 0
+    for item in items:
+        out.append(new[i:i + len(item.ids)])
+        i += len(item.ids)
+    return out
+
+
+# ---- the batcher ----
+
+class Batcher:
+    """Gathers queued requests into batches and runs them on the worker thread, one batch at a time."""
+
+    def __init__(self, state: State):
+        self.state, self.queue, self.carry = state, asyncio.Queue(), None
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-serve")
+
+    async def submit(self, item: Item):
+        item.future = asyncio.get_running_loop().create_future()
+        await self.queue.put(item)
+        return await item.future
+
+    async def call(self, fn, *args):
+        """fn(*args) on the worker thread, between batches."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def run(self) -> None:
+        while True:
+            batch = await self.gather()
+            try:
+                results = await self.call(run_batch, self.state, batch)
+            except Exception as e:  # run_batch catches per group; this is the last line of defence
+                results = [e] * len(batch)
+            for item, result in zip(batch, results):
+                if not item.future.done():  # a client that went away cancelled its future
+                    (item.future.set_exception if isinstance(result, BaseException) else item.future.set_result)(result)
+
+    async def gather(self) -> list[Item]:
+        first = self.carry or await self.queue.get()
+        self.carry, batch = None, [first]
+        settings = self.state.settings
+        if not settings.batching:
+            return batch
+        if self.queue.empty() and settings.max_wait_ms > 0:
+            await asyncio.sleep(settings.max_wait_ms / 1000)  # let concurrent requests arrive
+        rows, longest = first.padded()
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            n, width = item.padded()
+            if (rows + n) * max(longest, width) > settings.max_batch_tokens:
+                self.carry = item  # starts the next batch
+                break
+            batch.append(item)
+            rows, longest = rows + n, max(longest, width)
+        return batch

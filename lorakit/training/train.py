@@ -1,0 +1,266 @@
+"""`lorakit train`: check the settings, load the data, load the model and add the adapter, fit(), save the results.
+Each phase is a function below; the run directory's files are described in rundir.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.tables import collator
+from .dataset import RunData, load_data, train_collator
+from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
+from .evaluation import describe, evaluate, main_metric
+from .fit import Hooks, Loop, RunState, examples, fit, seeded_batches, target_tokens
+from ..errors import ConfigError, Interrupted
+from ..adapters.inject import count_parameters, enable_gradient_checkpointing, inject, quantized_weights
+from ..adapters.parts import default_targets
+from ..io.models import PACKAGED_MODEL, load_model, resolve_model
+from ..adapters.optim import optimizer as make_optimizer
+from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
+from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log, check_output, clear_run,
+                     first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
+                     restore_trainable, save_chat_template, save_checkpoint, start_files, write_json)
+from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, resolved
+from ..runtime.sharding import check_launch, is_sharded, local, save_adapter, shard
+from .tracking import open_reporter
+
+# What the loss of a step is a mean over, per task (fit.Loop.count).
+TARGETS = {"classify": examples, "causal-lm": target_tokens}
+
+
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
+          echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Fine-tune `cfg.model` with LoRA on `cfg.data` and write the run directory; returns metrics.json's content.
+
+    Everything the user can get wrong is checked before training (ConfigError / data.DataError). Raises
+    TrainingError on a non-finite loss, Interrupted after saving a checkpoint on Ctrl-C. `on_step(record)` gets each
+    optimizer step's record (step, epoch, loss, lr, tokens, seconds). Under torchrun only rank 0 writes and prints."""
+    check_values(cfg)
+    check_launch(cfg.sharding)
+    world = init_distributed(sharded=cfg.sharding == "fsdp")
+    say = echo if world.main else (lambda *_: None)
+    cfg = with_output(cfg, world)
+    check_output(cfg)
+    out = Path(cfg.output)
+    run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
+
+    model, _, adapter = setup_model(cfg, run_data.labels, world)
+    batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
+    loop = plan(cfg, batches.per_epoch)
+    opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
+    state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)
+
+    check = None
+    if len(run_data.eval):
+        check = partial(evaluate, model, run_data.eval, collator(run_data.tokenizer, cfg.task), cfg.task,
+                        cfg.batch_size, cfg.precision)
+    reporter = open_reporter(cfg.report_to, out, resolved(cfg, adapter.targets),
+                             state.step if cfg.resume else None) if world.main else None
+    log = partial(log_record, out / LOG_FILE, reporter)
+    before = evaluate_before(check, state, log, world, say, collective=is_sharded(model))
+    params = count_parameters(model)
+    say(f"training {params[0]:,} of {params[1]:,} parameters ({100 * params[0] / params[1]:.2f}%), {loop.total_steps} "
+        f"steps of {cfg.batch_size * world.size * cfg.grad_accum} {'rows' if cfg.packing else 'examples'}, "
+        f"output {out}")
+    keep = cfg.save_total_limit or 1
+    hooks = Hooks(evaluate=check, log=log, checkpoint=partial(save_checkpoint, out, model, opt, sched, keep=keep),
+                  on_step=on_step, echo=say, progress=progress)
+    try:
+        state = fit(model, batches, opt, sched, loop, state, world=world, hooks=hooks)
+    except Interrupted as e:
+        raise Interrupted(f"{e}; continue with: lorakit train --output {out} --resume") from None
+    finally:
+        if reporter:
+            reporter.close()
+
+    metrics = {**results(cfg, state, before, batches.per_epoch, params, world), **precisions(cfg, model, world),
+               **selection(cfg, state, loop)}
+    save_run(cfg, out, model, metrics, state, run_data, world)
+    if world.main:
+        summary(say, metrics, cfg.task, out, demo=cfg.data is None)
+    barrier(world)
+    shutdown(world)
+    return metrics
+
+
+def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
+    """(model with the run's adapter, on this process's device (sharded across the processes with --sharding fsdp);
+    tokenizer; the adapter's LoraConfig). The base is held in --dtype (QLoRA: every frozen Linear quantized while
+    loading, the rest in the compute dtype)."""
+    path = resolve_model(cfg.model)
+    compute = compute_dtype(cfg.precision, world.device)  # warns when bf16 is asked for where it is slow
+    torch.manual_seed(cfg.seed)  # the same head and LoRA A on every process and every resumed run
+    # Sharded, the model loads into host memory and fully_shard moves each process's shards to the device: the
+    # device never holds the whole model, quantized or not.
+    device = torch.device("cpu") if cfg.sharding == "fsdp" else world.device
+    model, tokenizer = load_model(path, cfg.task, labels, cfg.dtype, cfg.quantize, compute, device)
+    warn_if_slow(model, compute, world.device)
+    adapter = lora_config(cfg, default_targets(model))
+    try:
+        inject(model, adapter)
+    except ValueError as e:  # a target that matches nothing
+        raise ConfigError(f"--targets: {e}") from None
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.sharding == "fsdp":
+        return shard(model, world, cfg.precision), tokenizer, adapter
+    return model.to(world.device), tokenizer, adapter
+
+
+def warn_if_slow(model, compute: torch.dtype, device: torch.device) -> None:
+    """Say so when the base is held in bf16 where bf16 multiplies are slow (its checkpoint's dtype with --dtype auto):
+    a CPU without AVX-512 BF16 or AMX computes them many times slower than fp32."""
+    stored = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.bfloat16 in stored and compute == torch.float32 and not fast_bf16(device):
+        warnings.warn(f"the model's weights are bf16 and this {device.type} has no fast bf16 matrix multiplies (no "
+                      f"AVX-512 BF16 or AMX): expect it to run many times slower than fp32; --dtype fp32 loads an fp32 "
+                      f"copy, --quantize nf4 holds the Linear layers in 4 bits and computes in fp32", stacklevel=2)
+
+
+def with_output(cfg: TrainConfig, world: World) -> TrainConfig:
+    """`cfg` with its output directory: the one given, else a fresh runs/<timestamp> (rank 0's, on every process)."""
+    if cfg.output is not None:
+        return cfg
+    return dataclasses.replace(cfg, output=from_main(str(fresh_run_dir()) if world.main else None, world))
+
+
+def plan(cfg: TrainConfig, micro_per_epoch: int) -> Loop:
+    """How run `cfg` trains: its number of optimizer steps (grad_accum micro-batches each), what its loss is a mean
+    over, when it logs, evaluates (5 times by default) and checkpoints, and how it picks its best step."""
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+    select = cfg.keep_best or cfg.early_stopping
+    return Loop(total_steps=total, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every,
+                eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every,
+                count=TARGETS[cfg.task], select_by=main_metric(cfg.task) if select else None,
+                keep_best=cfg.keep_best, early_stopping=cfg.early_stopping)
+
+
+def optimizer_and_scheduler(model, cfg: TrainConfig, total_steps: int):
+    """AdamW over the adapter (LoRA+ rates with lr_ratio) and the learning-rate schedule with its warm-up."""
+    from transformers import get_scheduler
+
+    opt = make_optimizer(model, lr=cfg.lr, lr_ratio=cfg.lr_ratio, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    return opt, get_scheduler(SCHEDULERS[cfg.scheduler], opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def start(cfg: TrainConfig, out: Path, settings: dict, labels, trained: tuple, loop: Loop, world: World,
+          say) -> RunState:
+    """The state to train from (a resumed run's last checkpoint, restored into model, optimizer and scheduler, or
+    step 0), and the run's first files."""
+    state = RunState()
+    if cfg.resume:
+        found = latest_checkpoint(out)
+        state = load_checkpoint(found, *trained)
+        say(f"resuming {out} from {found.name} (step {state.step} of {loop.total_steps})")
+    if world.main:
+        if cfg.overwrite:
+            clear_run(out)
+        start_files(out, settings, labels, state.step if cfg.resume else None)
+    barrier(world)
+    return state
+
+
+def evaluate_before(check, state: RunState, log, world: World, say, collective: bool = False) -> dict | None:
+    """A fresh run's evaluation before training (main process; every process if `collective`: a sharded model's
+    forward needs them all), logged as step 0."""
+    if check is None or state.step > 0 or not (world.main or collective):
+        return None
+    state.last_eval = check()
+    if world.main:
+        log({"step": 0, "eval": state.last_eval})
+        say(f"before training: eval {describe(state.last_eval)}")
+    return state.last_eval
+
+
+def results(cfg: TrainConfig, state: RunState, before, micro_per_epoch: int, params: tuple, world: World) -> dict:
+    """metrics.json's content (the log-derived entries on the main process only)."""
+    trainable, total = params
+    records = read_log(Path(cfg.output) / LOG_FILE) if world.main else []
+    return {"task": cfg.task, "steps": state.step, "epochs": round(state.micro / micro_per_epoch, 3),
+            "train_loss": last_loss(records) if world.main else None, "eval": state.last_eval,
+            "eval_before": before if before is not None else first_eval(records) if world.main else None,
+            "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+            "seconds": round(state.seconds, 2), "peak_memory_mb": round(peak_memory_mb(world.device), 1),
+            "world_size": world.size}
+
+
+def precisions(cfg: TrainConfig, model, world: World) -> dict:
+    """Where and in what the run computed: the device, the compute dtype, the dtypes the weights were held in and
+    the bytes the model takes in this process."""
+    held = sorted({NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
+    if quantized_weights(model):
+        held.append("nf4")
+    # Activations run in autocast's dtype, else in the input embeddings' (a bf16 model computes in bf16).
+    flowing = model.get_input_embeddings().weight.dtype if hasattr(model, "get_input_embeddings") else torch.float32
+    compute = "bf16" if resolve(cfg.precision, world.device) == "bf16" else NAMES.get(flowing, str(flowing))
+    # Under FSDP, this process's shards.
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in map(local, [*model.parameters(), *model.buffers()])}
+    return {"device": str(world.device), "compute_dtype": compute, "weights": held,
+            "model_bytes": sum(tensors.values())}  # parameters and buffers (NF4 codes and scales), each counted once
+
+
+def selection(cfg: TrainConfig, state: RunState, loop: Loop) -> dict:
+    """metrics.json's model-selection entries (with --keep-best or --early-stopping): the best step and its eval,
+    whether training stopped early; with --keep-best "eval" is the best step's, that of the adapter saved."""
+    if loop.select_by is None:
+        return {}
+    chosen = {"eval": state.best_eval, "last_eval": state.last_eval} if cfg.keep_best and state.best_eval else {}
+    return {"best_step": state.best_step, "best_eval": state.best_eval,
+            "early_stopped": state.step < loop.total_steps, **chosen}
+
+
+def log_record(path: Path, reporter, record: dict) -> None:
+    """One log record to log.jsonl, and to --report-to's reporter."""
+    append_log(path, record)
+    if reporter:
+        reporter.log(record)
+
+
+def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState, run_data: RunData,
+             world: World) -> None:
+    """The adapter (with --keep-best, the best step's), its chat template if the run was trained on conversations,
+    metrics.json and training.png; the checkpoints go unless --keep-best or --save-total-limit keeps them. Called on
+    every process: a sharded adapter is gathered by all of them; the main process writes."""
+    best = from_main(state.best_step, world)  # the main process picks the best step
+    if cfg.keep_best and best is not None and best != state.step and (world.main or is_sharded(model)):
+        restore_trainable(out / CHECKPOINTS / f"step-{best}", model)
+    save_adapter(model, out, base_model_name_or_path=cfg.model or PACKAGED_MODEL)
+    if not world.main:
+        return
+    if run_data.chat:
+        save_chat_template(out, run_data.tokenizer.chat_template)
+    metrics["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
+    write_json(out / METRICS_FILE, metrics)
+    plot(read_log(out / LOG_FILE), out / PLOT_FILE, main_metric(cfg.task))
+    if not (cfg.keep_best or cfg.save_total_limit):
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+def summary(say, metrics: dict, task: str, out: Path, demo: bool) -> None:
+    """The end of a run in a few lines: the eval metric before and after, the trainable share, the adapter's size."""
+    before, after = metrics.get("eval_before"), metrics.get("eval")
+    if before and after:
+        if main_metric(task) == "accuracy":
+            say(f"accuracy before: {100 * before['accuracy']:.1f}%  after: {100 * after['accuracy']:.1f}%  "
+                f"(macro-F1 {after['macro_f1']:.3f})")
+        else:
+            say(f"eval loss before: {before['loss']:.4f}  after: {after['loss']:.4f}  "
+                f"(perplexity {after['perplexity']:.2f})")
+    if metrics.get("best_step") is not None:
+        kept = ": the adapter saved is that step's" if "last_eval" in metrics else ""
+        stopped = f"; stopped early at step {metrics['steps']}" if metrics["early_stopped"] else ""
+        say(f"best eval {main_metric(task)} at step {metrics['best_step']}{kept}{stopped}")
+    say(f"trainable: {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters "
+        f"({100 * metrics['trainable_share']:.2f}%); adapter file {metrics['adapter_bytes'] / 1024:.0f} KiB")
+    say(f"{metrics['steps']} steps in {metrics['seconds']:.1f} s; run directory: {out}")
+    if demo:
+        say(f"try: lorakit predict --adapter {out} \"Stocks rally as central bank holds rates\"")
