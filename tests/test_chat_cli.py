@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from lorakit.cli.main import app
 from lorakit.serving.generation import Sampling, end_of_turn_ids, generate, prompt_text, use_chat_template
-from lorakit.io.models import load_trained
+from lorakit.training.trained import load_trained
 from test_chat_train import chats, write_jsonl
 
 runner = CliRunner()

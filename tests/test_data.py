@@ -107,7 +107,7 @@ def test_collators_pad_inputs_and_ignore_padded_labels(gpt2_dir):
     tok = AutoTokenizer.from_pretrained(gpt2_dir)
     data.ensure_pad_token(tok)
     rows = data.causal_examples(tok, [" a", " sports league"], ["q:", "q:"], max_length=32)
-    batch = data.collator(tok, "causal-lm")(rows)
+    batch = data.token_collator(tok)(rows)
     n0 = len(rows[0]["input_ids"])
     assert batch["input_ids"].shape == batch["labels"].shape
     assert (batch["labels"][0, n0:] == -100).all() and (batch["attention_mask"][0, n0:] == 0).all()
@@ -117,7 +117,7 @@ def test_classification_examples_and_padding(bert_dir):
     tok = AutoTokenizer.from_pretrained(bert_dir)
     rows = data.classification_examples(tok, ["short", "a much longer headline " * 20], [0, 1], max_length=16)
     assert len(rows[1]["input_ids"]) == 16 and rows[1]["labels"] == 1
-    batch = data.collator(tok, "classify")(rows)
+    batch = data.label_collator(tok)(rows)
     assert batch["input_ids"].shape == (2, 16) and batch["labels"].tolist() == [0, 1]
 
 

@@ -13,6 +13,7 @@ from lorakit.data import tables as data
 from lorakit.training.fit import Batches, Hooks, Loop, RunState, fit, seeded_batches
 from lorakit.errors import Interrupted, TrainingError
 from lorakit.io.models import load_model
+from lorakit.training.tasks import CLASSIFY
 from lorakit.adapters.optim import optimizer
 
 RECORD = {"step", "epoch", "loss", "lr", "tokens", "seconds"}
@@ -22,10 +23,10 @@ RECORD = {"step", "epoch", "loss", "lr", "tokens", "seconds"}
 def setup(bert_dir):
     """(model with an adapter, six tokenised rows, a collate that notes which rows it batched, the batches seen)."""
     torch.manual_seed(0)
-    model, tokenizer = load_model(str(bert_dir), "classify", ["a", "b"])
+    model, tokenizer = load_model(str(bert_dir), CLASSIFY, ["a", "b"])
     inject(model, LoraConfig(r=2, targets=["query", "value"], modules_to_save=["classifier"]))
     rows = data.classification_examples(tokenizer, [f"word {i} " * (i + 1) for i in range(6)], [0, 1] * 3, 16)
-    seen, pad = [], data.collator(tokenizer, "classify")
+    seen, pad = [], data.label_collator(tokenizer)
 
     def collate(batch):
         seen.append([rows.index(r) for r in batch])
@@ -60,10 +61,10 @@ def test_fit_is_the_textbook_loop(bert_dir):
     # One micro-batch per step and no hooks: forward, backward, clip, AdamW, schedule, with dropout seeded seed + 1.
     # benchmarks/quality.py relies on this to keep its results.
     torch.manual_seed(0)
-    model, tokenizer = load_model(str(bert_dir), "classify", ["a", "b"])
+    model, tokenizer = load_model(str(bert_dir), CLASSIFY, ["a", "b"])
     inject(model, LoraConfig(r=2, dropout=0.3, targets=["query", "value"], modules_to_save=["classifier"]))
     rows = data.classification_examples(tokenizer, [f"word {i} " * (i + 1) for i in range(6)], [0, 1] * 3, 16)
-    collate, order = data.collator(tokenizer, "classify"), [[4, 1], [0, 5, 2], [3]]
+    collate, order = data.label_collator(tokenizer), [[4, 1], [0, 5, 2], [3]]
     twin = copy.deepcopy(model)
     fit(model, Batches(rows, collate, lambda epoch: order, 3), *parts(model), Loop(total_steps=4, seed=7))
 

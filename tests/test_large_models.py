@@ -18,6 +18,7 @@ from lorakit.nn.nf4 import NF4Linear
 from lorakit.training.settings import TrainConfig
 from lorakit.errors import ConfigError
 from lorakit.training.train import train
+from lorakit.training.trained import load_trained
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def _qlora_gradients(path, ids, checkpointing: bool) -> list[torch.Tensor]:
 
 def test_bf16_merge_of_a_qlora_run_loads_with_from_pretrained(sharded_bf16_llama, qa_jsonl, tmp_path):
     train(_cfg(sharded_bf16_llama, qa_jsonl, tmp_path / "run", quantize="nf4", max_steps=6), progress=False)
-    trained, _, _, _ = lorakit.io.models.load_trained(None, str(tmp_path / "run"))
+    trained, _, _, _ = load_trained(None, str(tmp_path / "run"))
     ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = trained(input_ids=ids).logits

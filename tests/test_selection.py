@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.io import models
+from lorakit.training import train as train_module
 from lorakit.errors import Interrupted
 from lorakit.adapters.inject import inject
-from lorakit.io.models import load_trained
+from lorakit.training.trained import load_trained
 from lorakit.training.rundir import read_log
 from lorakit.training.settings import TrainConfig
 from lorakit.training.train import train
@@ -25,7 +25,7 @@ def spoil(monkeypatch):
     """spoil(step) -> an on_step hook that, after `step`, adds large noise to every LoRA B of the model being
     trained, so that the evaluations after it are worse than the one at `step`."""
     injected = []
-    monkeypatch.setattr(models, "inject", lambda model, cfg: injected.append(model) or inject(model, cfg))
+    monkeypatch.setattr(train_module, "inject", lambda model, cfg: injected.append(model) or inject(model, cfg))
 
     def at(step: int):
         def hook(record):

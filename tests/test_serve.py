@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import lorakit
 from lorakit.adapters.parts import task_heads
 from lorakit.io import models
+from lorakit.training.tasks import TASKS
 from lorakit.training.rundir import LABELS_FILE, write_json
 from lorakit.serving.cache import Settings, ensure, open_state
 from lorakit.errors import ServeError
@@ -28,7 +29,7 @@ TEXTS = ["striker scores in the league final", "shares fall as investors fret", 
 
 def _train_like(model_dir, task, out, labels=None, seed=0, targets=("query", "value")):
     """An adapter saved as `lorakit train` saves one: random B and head, so that it changes the output."""
-    net, _ = models.load_model(str(model_dir), task, labels)
+    net, _ = models.load_model(str(model_dir), TASKS[task], labels)
     config = lorakit.LoraConfig(r=4, alpha=8, targets=list(targets), init="random",
                                 modules_to_save=task_heads(net, "SEQ_CLS") if task == "classify" else None)
     torch.manual_seed(seed)

@@ -174,7 +174,7 @@ def test_lorakit_train_sharded_matches_one_process_and_its_adapter_loads_in_peft
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForSequenceClassification
 
-    from lorakit.io.models import load_trained
+    from lorakit.training.trained import load_trained
 
     one = TrainConfig(model=str(bert_dir), data=str(topics_csv), eval_data=str(topics_csv), r=4, max_steps=4,
                       max_length=16, dropout=0.0, lr=5e-3, save_every=2, log_every=1, eval_every=2, batch_size=8,

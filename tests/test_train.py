@@ -19,7 +19,9 @@ from conftest import topic_table
 from lorakit.data import tables as data
 from lorakit.io import models
 from lorakit.errors import Interrupted, TrainingError
-from lorakit.io.models import load_model, load_trained
+from lorakit.io.models import load_model
+from lorakit.training.tasks import CLASSIFY
+from lorakit.training.trained import load_trained
 from lorakit.training.rundir import latest_checkpoint, read_log
 from lorakit.training.settings import PACKAGED_MODEL, TrainConfig
 from lorakit.errors import ConfigError
@@ -308,14 +310,14 @@ def test_injected_model_trains_under_transformers_trainer(bert_dir, topics_csv, 
 
     import lorakit
 
-    model, tok = load_model(str(bert_dir), "classify", ["Business", "Sports", "World"])
+    model, tok = load_model(str(bert_dir), CLASSIFY, ["Business", "Sports", "World"])
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"]))
     df = pd.read_csv(topics_csv)
     rows = data.classification_examples(tok, df["text"].tolist(), data.encode_labels(df["label"], ["Business", "Sports", "World"], "t"), 16)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=8,
                              learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
-    result = Trainer(model=model, args=args, train_dataset=rows, data_collator=data.collator(tok, "classify")).train()
+    result = Trainer(model=model, args=args, train_dataset=rows, data_collator=data.label_collator(tok)).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("lora_B" in n for n in changed) and any("classifier" in n for n in changed)

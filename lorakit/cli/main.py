@@ -11,20 +11,22 @@ from typing import Optional
 
 import typer
 
-from ..data.tables import check_columns, collator, label_names, load_labels, read_table, split_columns, texts
+from ..data.tables import check_columns, label_names, load_labels, read_table, split_columns, texts
 from ..errors import DataError
 from ..training.dataset import examples, other_columns
 from ..serving.generation import Sampling, generate, use_chat_template
 from ..serving.generation import stream as generate_stream
 from ..training.evaluation import evaluate as evaluate_model
 from ..errors import Interrupted, TrainingError
-from ..io.models import load_trained
+from ..training.tasks import CAUSAL_LM, DEFAULT, TASKS, task_named
+from ..training.trained import load_trained
 from ..data.prepare import no_progress_bars, prepare
 from ..training.rundir import LABELS_FILE, METRICS_FILE, write_json
 from ..training.settings import TrainConfig, command_line_config
 from ..errors import ConfigError
 from ..training.train import train as run_training
 
+TASK_NAMES = " | ".join(TASKS)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA fine-tuning of Hugging Face models. Run `lorakit train` with no options for a short demo.")
 
@@ -38,9 +40,8 @@ THIRD_PARTY_LOGGERS = ("bitsandbytes", "transformers", "datasets", "huggingface_
 def main(verbose: bool = typer.Option(False, "--verbose", help="Also show the log messages of the libraries "
                                       "lorakit uses (transformers, bitsandbytes, ...).")):
     """LoRA fine-tuning of Hugging Face models."""
-    if not verbose:
-        for name in THIRD_PARTY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def train(
                                           "dashes or underscores); flags given on the command line win."),
     model: Optional[str] = typer.Option(None, help="Hugging Face model id or local directory "
                                         "(default: the packaged sentence-transformers/all-MiniLM-L6-v2)"),
-    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: classify)"),
+    task: Optional[str] = typer.Option(None, help=f"{TASK_NAMES} (default: {DEFAULT.name})"),
     data: Optional[str] = typer.Option(None, help="Training data: .csv, .tsv, .jsonl or .parquet file, or a Hugging "
                                        "Face dataset name (name or name:split). None: the shipped news demo."),
     eval_data: Optional[str] = typer.Option(None, help="Evaluation data, same formats."),
@@ -142,7 +143,7 @@ def evaluate(
     model: Optional[str] = typer.Option(None, help="Base model or merged export (default: the adapter's base model)"),
     adapter: Optional[str] = typer.Option(None, help="Adapter directory (a run directory of lorakit train). "
                                           "None: the model as it is."),
-    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapter or model)"),
+    task: Optional[str] = typer.Option(None, help=f"{TASK_NAMES} (default: from the adapter or model)"),
     text_column: str = typer.Option("text", help="Text column(s), comma-separated."),
     label_column: str = typer.Option("label", help="Label column (classify)."),
     prompt_column: Optional[str] = typer.Option(None, help="Prompt column (causal-lm: loss on the completion only)."),
@@ -158,16 +159,16 @@ def evaluate(
         cols = split_columns(text_column)
         net, tokenizer, task, labels = load_trained(model, adapter, task, _data_labels(df, label_column, task), dtype,
                                                     precision)
-        if task == "causal-lm":  # conversations (in the adapter's chat template) or prompt/text, as training reads them
+        if task.generates:  # conversations (in the adapter's chat template) or prompt/text, as training reads them
             use_chat_template(tokenizer, adapter)
             with no_progress_bars():  # a tokenising bar in front of the metrics is noise
                 rows = prepare(df, tokenizer, max_length, text_columns=cols, prompt_column=prompt_column,
                                name=data).dataset
         else:
-            cfg = TrainConfig(task=task, label_column=label_column, max_length=max_length)
+            cfg = TrainConfig(task=task.name, label_column=label_column, max_length=max_length)
             check_columns(df, cols + other_columns(cfg), data)
             rows = examples(df, cols, cfg, tokenizer, labels, data)
-        result = evaluate_model(net, rows, collator(tokenizer, task), task, batch_size, precision)
+        result = evaluate_model(net, rows, task.collator(tokenizer), task, batch_size, precision)
         result["examples"] = len(rows)
         if as_json:
             typer.echo(json.dumps(result))
@@ -178,7 +179,7 @@ def evaluate(
 
 def _data_labels(df, label_column: str, task: str | None) -> list[str] | None:
     # Labels for a model that has none saved (the base model): the eval data's own, sorted.
-    if task == "causal-lm" or label_column not in df.columns:
+    if (task and not task_named(task).labelled) or label_column not in df.columns:
         return None
     return label_names(df[label_column], "data")
 
@@ -190,7 +191,7 @@ def predict(
     adapter: Optional[str] = typer.Option(None, help="Adapter directory."),
     data: Optional[str] = typer.Option(None, help="A file of texts instead of arguments."),
     text_column: str = typer.Option("text", help="Text column(s) of --data."),
-    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapter or model)"),
+    task: Optional[str] = typer.Option(None, help=f"{TASK_NAMES} (default: from the adapter or model)"),
     max_length: int = typer.Option(128, help="Tokens per input (classify)."),
     max_new_tokens: int = typer.Option(40, help="Tokens to generate (causal-lm)."),
     batch_size: int = typer.Option(8, help="Prompts generated together (causal-lm)."),
@@ -218,7 +219,7 @@ def predict(
             raise ConfigError("--stream prints text as it comes; --json prints whole results: use one of them")
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
         net, tokenizer, task, labels = load_trained(model, adapter, task)
-        if task == "causal-lm":
+        if task.generates:
             chat = use_chat_template(tokenizer, adapter, chat_template)
             _generate_all(net, tokenizer, items, sampling, chat, batch_size, stream, as_json)
             return
@@ -274,9 +275,9 @@ def chat(
         if adapter is None and model is None:
             raise ConfigError("give --adapter DIR (or --model M to chat with a base model)")
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-        net, tokenizer, task, _ = load_trained(model, adapter, None if adapter else "causal-lm")
-        if task != "causal-lm":
-            raise ConfigError(f"{adapter} is a {task} adapter; lorakit chat needs a causal-lm one")
+        net, tokenizer, task, _ = load_trained(model, adapter, None if adapter else CAUSAL_LM.name)
+        if not task.generates:
+            raise ConfigError(f"{adapter} is a {task.name} adapter; lorakit chat needs a language model's")
         if not use_chat_template(tokenizer, adapter, chat_template) and not tokenizer.chat_template:
             raise ConfigError("no chat template: the adapter was not trained on conversations and the tokenizer has "
                               "none; pass --chat-template FILE")
@@ -289,7 +290,7 @@ def merge(
     adapter: str = typer.Option(..., help="Adapter directory."),
     output: str = typer.Option(..., help="Directory for the merged model (Hugging Face format)."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base model)"),
-    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapter)"),
+    task: Optional[str] = typer.Option(None, help=f"{TASK_NAMES} (default: from the adapter)"),
     dtype: str = typer.Option("auto", help="Dtype of the merged weights: auto (the base checkpoint's) | bf16 | fp16 | "
                               "fp32"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
@@ -319,7 +320,7 @@ def merge(
                 write_json(tmp / LABELS_FILE, labels)
 
         atomic_directory(out, fill)
-        typer.echo(f"merged model written to {out} ({task}, {NAMES.get(target, 'each tensor in its own dtype')}); "
+        typer.echo(f"merged model written to {out} ({task.name}, {NAMES.get(target, 'each tensor in its own dtype')}); "
                    f"load it with transformers' from_pretrained")
 
 
@@ -374,7 +375,7 @@ def serve(
                                               "used evicted; nothing outside this directory is read."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: from the adapters or model)"),
+    task: Optional[str] = typer.Option(None, help=f"{TASK_NAMES} (default: from the adapters or model)"),
     max_wait_ms: float = typer.Option(5.0, help="How long a batch waits for more requests."),
     max_batch_tokens: int = typer.Option(8192, help="Padded tokens in one batch (and the most one request may use)."),
     max_texts: int = typer.Option(64, help="Texts in one classify request."),

@@ -167,13 +167,18 @@ def causal_examples(tokenizer, text: list[str], prompts: list[str] | None, max_l
     return rows
 
 
-def collator(tokenizer, task: str):
-    """A batch builder: pads to the longest example; causal-lm labels are padded with -100 (ignored by the loss)."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+def label_collator(tokenizer):
+    """A batch builder for labelled examples: pads input ids to the longest example."""
+    from transformers import DataCollatorWithPadding
 
-    if task == "causal-lm":
-        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+def token_collator(tokenizer):
+    """A batch builder for language-model examples: pads to the longest, labels with -100 (ignored by the loss)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
 
 
 def ensure_pad_token(tokenizer) -> None:

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import ServeError
 from ..data.tables import load_labels
-from ..io.models import load_model, resolve_model, task_of
+from ..io.models import load_model, resolve_model
+from ..training.tasks import TASKS, task_of
 from ..errors import ConfigError
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors, read_adapter_config
 from ..adapters.inject import delete_adapter
@@ -25,7 +26,6 @@ from ..adapters.parts import saved_modules
 from ..adapters.routing import load_adapter_with_head
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # adapter names: no separators, no dots, nothing to escape with
-TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
 
 
 @dataclass
@@ -78,7 +78,7 @@ def open_state(settings: Settings) -> State:
     path = resolve_model(model)
     task = task_of(path, first, settings.task)
     net, tokenizer = load_model(path, task)
-    state = State(settings, net.eval(), tokenizer, task, path)
+    state = State(settings, net.eval(), tokenizer, task.name, path)
     for name, directory in settings.adapters.items():
         state.paths[name] = Path(directory)
         try:
@@ -122,8 +122,12 @@ def adapter_task(state: State, name: str) -> str:
     """The task of adapter `name` (its config's task_type; the server's when it names none)."""
     if name in state.loaded:
         return state.task
-    task_type = read_adapter_config(adapter_path(state, name)).task_type
-    return TASKS.get(task_type, state.task)
+    return _task_named_by(read_adapter_config(adapter_path(state, name)).task_type, state.task)
+
+
+def _task_named_by(peft_type: str | None, default: str) -> str:
+    # The task whose PEFT task_type an adapter's file names; the server's own when it names none we know.
+    return next((task.name for task in TASKS.values() if task.peft_type == peft_type), default)
 
 
 def load(state: State, name: str, path: Path, pinned: bool = False, keep: set = frozenset()) -> Entry:
@@ -132,9 +136,9 @@ def load(state: State, name: str, path: Path, pinned: bool = False, keep: set = 
         config = read_adapter_config(path)
     except (FileNotFoundError, ValueError) as e:
         raise ServeError(404 if isinstance(e, FileNotFoundError) else 400, str(e)) from None
-    if TASKS.get(config.task_type, state.task) != state.task:
-        raise ServeError(400, f"adapter {name!r} is a {TASKS[config.task_type]} adapter; this server's model is "
-                              f"{state.task}")
+    if _task_named_by(config.task_type, state.task) != state.task:
+        raise ServeError(400, f"adapter {name!r} is a {_task_named_by(config.task_type, state.task)} adapter; this "
+                              f"server's model is {state.task}")
     if config.bias != "none" or config.quantize:
         raise ServeError(400, f"adapter {name!r} changes the shared base model (bias={config.bias!r}, "
                               f"quantize={config.quantize!r}): it cannot be served beside other adapters")
@@ -151,7 +155,7 @@ def load(state: State, name: str, path: Path, pinned: bool = False, keep: set = 
 
 def _labels(state: State, name: str, path: Path) -> list[str] | None:
     # labels.json of a lorakit run, else LABEL_i for each output of the adapter's own head (or the model's).
-    if state.task != "classify":
+    if not TASKS[state.task].labelled:
         return None
     heads = [w.modules_to_save[name] for w in saved_modules(state.model).values() if name in w.modules_to_save]
     width = getattr(heads[0], "out_features", None) if heads else state.model.config.num_labels

@@ -16,10 +16,11 @@ import pandas as pd
 from ..data import tables as data
 from ..data.conversations import set_chat_template
 from ..runtime.distributed import World, barrier
-from ..io.models import resolve_model
+from ..io.models import load_tokenizer, resolve_model
 from ..data.packing import PackedCollator, attention_mode, pack
 from ..data.prepare import Prepared, prepare
 from .settings import TrainConfig
+from .tasks import task_named
 from ..errors import ConfigError
 
 DEMO_SOURCES = ("demo headlines (train)", "demo headlines (eval)")
@@ -50,22 +51,12 @@ class RunData:
 
 def load_data(cfg: TrainConfig, world: World = World(), say=print) -> RunData:
     """The examples of run `cfg`, tokenised; every file, column, row and label checked (DataError / ConfigError)."""
-    if cfg.task == "classify":
+    if task_named(cfg.task).labelled:
         tables = load_tables(cfg)
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(resolve_model(cfg.model))
         train, evaluation = run_examples(tables, cfg, tokenizer)
         return RunData(train, evaluation, tables.labels, tokenizer)
-    return causal_data(cfg, load_tokenizer(cfg.model), world, say)
-
-
-def load_tokenizer(model: str | None):
-    """The tokenizer of `model`, with EOS as its pad token if it has none (as models.load_model does)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        data.ensure_pad_token(tokenizer)
-    return tokenizer
+    return causal_data(cfg, load_tokenizer(resolve_model(cfg.model)), world, say)
 
 
 def load_tables(cfg: TrainConfig) -> Tables:
@@ -86,7 +77,7 @@ def load_tables(cfg: TrainConfig) -> Tables:
     if eval_df is not None:
         check_table(eval_df, eval_cols + other_columns(cfg), sources[1])
     labels = None
-    if cfg.task == "classify":
+    if task_named(cfg.task).labelled:
         labels = data.label_names(train_df[cfg.label_column], sources[0])
         if len(labels) < 2:
             raise data.DataError(f"{sources[0]}: column {cfg.label_column!r} holds a single label {labels}; "
@@ -108,8 +99,8 @@ def check_table(df: pd.DataFrame, columns: list[str], source: str) -> None:
 
 
 def other_columns(cfg: TrainConfig) -> list[str]:
-    """The columns besides the text that run `cfg` reads: the label (classify) or the prompt (causal-lm, if any)."""
-    if cfg.task == "classify":
+    """The columns besides the text that run `cfg` reads: the label (a labelled task) or the prompt, if any."""
+    if task_named(cfg.task).labelled:
         return [cfg.label_column]
     return [cfg.prompt_column] if cfg.prompt_column else []
 
@@ -180,4 +171,4 @@ def train_collator(run_data: RunData, model, cfg: TrainConfig):
     as packing needs) or examples padded to the longest."""
     if cfg.packing:
         return PackedCollator(run_data.tokenizer.pad_token_id, attention_mode(model))
-    return data.collator(run_data.tokenizer, cfg.task)
+    return task_named(cfg.task).collator(run_data.tokenizer)

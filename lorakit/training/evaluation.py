@@ -9,16 +9,9 @@ import torch
 
 from ..runtime.precision import autocast
 
-# The metric shown in the plot and the summary, per task.
-MAIN_METRIC = {"classify": "accuracy", "causal-lm": "loss"}
 # Which way each metric improves: True if higher is better (--keep-best, --early-stopping).
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
 MAX_LOG_PERPLEXITY = 50.0  # exp(50) ~ 5e21: an untrained model's perplexity, reported without overflowing
-
-
-def main_metric(task: str) -> str:
-    """The eval metric shown in the plot and the summary."""
-    return MAIN_METRIC[task]
 
 
 def better(metric: str, new: float, old: float) -> bool:
@@ -43,9 +36,9 @@ def macro_f1(pred: torch.Tensor, true: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, rows, collate, task: str, batch_size: int = 32, precision: str = "fp32") -> dict:
-    """Classify: accuracy, macro_f1, loss (mean per example). Causal LM: loss (mean per target token) and
-    perplexity = exp(loss). `rows`: a list of examples or a datasets.Dataset."""
+def evaluate(model, rows, collate, task, batch_size: int = 32, precision: str = "fp32") -> dict:
+    """A labelled task (tasks.Task.labelled): accuracy, macro_f1, loss (mean per example). A language model: loss
+    (mean per target token) and perplexity = exp(loss). `rows`: a list of examples or a datasets.Dataset."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -55,7 +48,7 @@ def evaluate(model, rows, collate, task: str, batch_size: int = 32, precision: s
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         with autocast(precision, device):
             out = model(**batch)
-        if task == "classify":
+        if task.labelled:
             preds.append(out.logits.float().argmax(-1).cpu())
             trues.append(batch["labels"].cpu())
             n = len(batch["labels"])
@@ -65,7 +58,7 @@ def evaluate(model, rows, collate, task: str, batch_size: int = 32, precision: s
         count += n
     model.train(was_training)
     loss = loss_sum / max(count, 1)
-    if task == "causal-lm":
+    if not task.labelled:
         return {"loss": loss, "perplexity": math.exp(min(loss, MAX_LOG_PERPLEXITY))}
     pred, true = torch.cat(preds), torch.cat(trues)
     return {"accuracy": accuracy(pred, true), "macro_f1": macro_f1(pred, true), "loss": loss}

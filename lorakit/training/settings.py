@@ -16,9 +16,9 @@ from ..data.tables import split_columns
 from ..runtime.precision import DTYPES, PRECISIONS
 from ..data.prepare import OVERLONG
 from ..io.models import PACKAGED_MODEL
+from .tasks import DEFAULT, TASKS
 from .tracking import REPORTERS, check_reporter
 
-TASKS = ("classify", "causal-lm")
 # --scheduler -> transformers' scheduler (each with warm-up)
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --config reads it back
@@ -34,7 +34,7 @@ class TrainConfig:
     """Every setting of `lorakit train`; each one is a YAML key of --config and a flag (dashes for underscores)."""
 
     model: str = PACKAGED_MODEL  # Hugging Face id or local directory
-    task: str = "classify"  # classify | causal-lm
+    task: str = DEFAULT.name  # a name in tasks.TASKS: classify | causal-lm
     data: str | None = None  # training file or HF dataset name; None: the shipped news-headline demo
     eval_data: str | None = None
     text_column: str = "text"  # several columns: "title,description" (joined with a space)
@@ -138,8 +138,9 @@ def command_line_config(flags: dict, config_file: str | Path | None = None) -> T
 
 def check_values(cfg: TrainConfig) -> None:
     """Raise ConfigError for a setting outside its range."""
+    generating = [name for name, task in TASKS.items() if task.generates]
     rules = [
-        (cfg.task in TASKS, f"task must be one of {TASKS}, got {cfg.task!r}"),
+        (cfg.task in TASKS, f"task must be one of {tuple(TASKS)}, got {cfg.task!r}"),
         (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {tuple(SCHEDULERS)}, got {cfg.scheduler!r}"),
         (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {cfg.precision!r}"),
         (cfg.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}"),
@@ -159,8 +160,8 @@ def check_values(cfg: TrainConfig) -> None:
         (not (cfg.resume and cfg.output is None), "--resume needs --output DIR (the run to continue)"),
         (cfg.overlong in OVERLONG, f"overlong must be one of {OVERLONG}, got {cfg.overlong!r}"),
         (cfg.num_proc is None or cfg.num_proc >= 1, f"num_proc must be >= 1, got {cfg.num_proc}"),
-        (cfg.task == "causal-lm" or not (cfg.packing or cfg.chat_template),
-         "--packing and --chat-template are for --task causal-lm"),
+        (cfg.task not in TASKS or TASKS[cfg.task].generates or not (cfg.packing or cfg.chat_template),
+         f"--packing and --chat-template are for language models (--task {' or '.join(generating)})"),
         (cfg.report_to in REPORTERS, f"report_to must be one of {tuple(REPORTERS)}, got {cfg.report_to!r}"),
         (cfg.early_stopping is None or cfg.early_stopping >= 1,
          f"early_stopping must be >= 1, got {cfg.early_stopping}"),

@@ -13,11 +13,10 @@ from typing import Callable
 
 import torch
 
-from ..data.tables import collator
 from .dataset import RunData, load_data, train_collator
 from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
-from .evaluation import describe, evaluate, main_metric
-from .fit import Hooks, Loop, RunState, examples, fit, seeded_batches, target_tokens
+from .evaluation import describe, evaluate
+from .fit import Hooks, Loop, RunState, fit, seeded_batches
 from ..errors import ConfigError, Interrupted
 from ..adapters.inject import count_parameters, enable_gradient_checkpointing, inject, quantized_weights
 from ..adapters.parts import default_targets
@@ -27,12 +26,11 @@ from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
 from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log, check_output, clear_run,
                      first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
                      restore_trainable, save_chat_template, save_checkpoint, start_files, write_json)
+from .tasks import Task, task_named
 from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, resolved
 from ..runtime.sharding import check_launch, is_sharded, local, save_adapter, shard
 from .tracking import open_reporter
 
-# What the loss of a step is a mean over, per task (fit.Loop.count).
-TARGETS = {"classify": examples, "causal-lm": target_tokens}
 
 
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
@@ -51,7 +49,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     out = Path(cfg.output)
     run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
 
-    model, _, adapter = setup_model(cfg, run_data.labels, world)
+    model, adapter = setup_model(cfg, run_data, world)
     batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
     loop = plan(cfg, batches.per_epoch)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
@@ -59,8 +57,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
     check = None
     if len(run_data.eval):
-        check = partial(evaluate, model, run_data.eval, collator(run_data.tokenizer, cfg.task), cfg.task,
-                        cfg.batch_size, cfg.precision)
+        task = task_named(cfg.task)
+        check = partial(evaluate, model, run_data.eval, task.collator(run_data.tokenizer), task, cfg.batch_size,
+                        cfg.precision)
     reporter = open_reporter(cfg.report_to, out, resolved(cfg, adapter.targets),
                              state.step if cfg.resume else None) if world.main else None
     log = partial(log_record, out / LOG_FILE, reporter)
@@ -84,23 +83,24 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
                **selection(cfg, state, loop)}
     save_run(cfg, out, model, metrics, state, run_data, world)
     if world.main:
-        summary(say, metrics, cfg.task, out, demo=cfg.data is None)
+        summary(say, metrics, task_named(cfg.task), out, demo=cfg.data is None)
     barrier(world)
     shutdown(world)
     return metrics
 
 
-def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
+def setup_model(cfg: TrainConfig, run_data: RunData, world: World):
     """(model with the run's adapter, on this process's device (sharded across the processes with --sharding fsdp);
-    tokenizer; the adapter's LoraConfig). The base is held in --dtype (QLoRA: every frozen Linear quantized while
-    loading, the rest in the compute dtype)."""
+    the adapter's LoraConfig). The base is held in --dtype (QLoRA: every frozen Linear quantized while loading, the
+    rest in the compute dtype); its head is sized for the run's labels, its tokenizer is the run's."""
     path = resolve_model(cfg.model)
     compute = compute_dtype(cfg.precision, world.device)  # warns when bf16 is asked for where it is slow
     torch.manual_seed(cfg.seed)  # the same head and LoRA A on every process and every resumed run
     # Sharded, the model loads into host memory and fully_shard moves each process's shards to the device: the
     # device never holds the whole model, quantized or not.
     device = torch.device("cpu") if cfg.sharding == "fsdp" else world.device
-    model, tokenizer = load_model(path, cfg.task, labels, cfg.dtype, cfg.quantize, compute, device)
+    model, _ = load_model(path, task_named(cfg.task), run_data.labels, cfg.dtype, cfg.quantize, compute, device,
+                          tokenizer=run_data.tokenizer)
     warn_if_slow(model, compute, world.device)
     adapter = lora_config(cfg, default_targets(model))
     try:
@@ -110,8 +110,8 @@ def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.sharding == "fsdp":
-        return shard(model, world, cfg.precision), tokenizer, adapter
-    return model.to(world.device), tokenizer, adapter
+        return shard(model, world, cfg.precision), adapter
+    return model.to(world.device), adapter
 
 
 def warn_if_slow(model, compute: torch.dtype, device: torch.device) -> None:
@@ -139,7 +139,7 @@ def plan(cfg: TrainConfig, micro_per_epoch: int) -> Loop:
     return Loop(total_steps=total, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                 precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every,
                 eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every,
-                count=TARGETS[cfg.task], select_by=main_metric(cfg.task) if select else None,
+                count=task_named(cfg.task).count, select_by=task_named(cfg.task).metric if select else None,
                 keep_best=cfg.keep_best, early_stopping=cfg.early_stopping)
 
 
@@ -240,16 +240,16 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
         save_chat_template(out, run_data.tokenizer.chat_template)
     metrics["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
     write_json(out / METRICS_FILE, metrics)
-    plot(read_log(out / LOG_FILE), out / PLOT_FILE, main_metric(cfg.task))
+    plot(read_log(out / LOG_FILE), out / PLOT_FILE, task_named(cfg.task).metric)
     if not (cfg.keep_best or cfg.save_total_limit):
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
-def summary(say, metrics: dict, task: str, out: Path, demo: bool) -> None:
+def summary(say, metrics: dict, task: Task, out: Path, demo: bool) -> None:
     """The end of a run in a few lines: the eval metric before and after, the trainable share, the adapter's size."""
     before, after = metrics.get("eval_before"), metrics.get("eval")
     if before and after:
-        if main_metric(task) == "accuracy":
+        if task.labelled:
             say(f"accuracy before: {100 * before['accuracy']:.1f}%  after: {100 * after['accuracy']:.1f}%  "
                 f"(macro-F1 {after['macro_f1']:.3f})")
         else:
@@ -258,7 +258,7 @@ def summary(say, metrics: dict, task: str, out: Path, demo: bool) -> None:
     if metrics.get("best_step") is not None:
         kept = ": the adapter saved is that step's" if "last_eval" in metrics else ""
         stopped = f"; stopped early at step {metrics['steps']}" if metrics["early_stopped"] else ""
-        say(f"best eval {main_metric(task)} at step {metrics['best_step']}{kept}{stopped}")
+        say(f"best eval {task.metric} at step {metrics['best_step']}{kept}{stopped}")
     say(f"trainable: {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters "
         f"({100 * metrics['trainable_share']:.2f}%); adapter file {metrics['adapter_bytes'] / 1024:.0f} KiB")
     say(f"{metrics['steps']} steps in {metrics['seconds']:.1f} s; run directory: {out}")

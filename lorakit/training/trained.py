@@ -1,0 +1,62 @@
+"""A trained run loaded for use: its base model (by default the one the adapter names) with the adapter, or a merged
+export, on the device training would use, with its task and label names: what eval, predict, chat and merge start
+from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..adapters.files import load_adapter, read_adapter_config
+from ..data.tables import load_labels
+from ..errors import ConfigError
+from ..io.models import load_model, resolve_model
+from ..runtime.precision import compute_dtype
+from .tasks import task_of
+
+
+def labels_of(model_path: str, adapter: str | None) -> list[str] | None:
+    """Label names saved with the adapter (labels.json), else in the model config (a merged export), else None."""
+    for directory in ([adapter] if adapter else []) + [model_path]:
+        names = load_labels(directory)
+        if names:
+            return names
+    from transformers import AutoConfig
+
+    id2label = getattr(AutoConfig.from_pretrained(model_path), "id2label", None) or {}
+    names = [id2label[i] for i in sorted(id2label)]
+    return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
+
+
+def load_trained(model: str | None, adapter: str | None, task: str | None = None,
+                 labels: list[str] | None = None, dtype: str = "auto", precision: str = "auto"):
+    """(model, tokenizer, task record, labels) for eval, predict and merge, on the device training would use: base (`model`,
+    by default the adapter's base model) held in `dtype`, plus the adapter in `adapter` if given (a QLoRA adapter's
+    base quantized while loading, as in training); a merged export loads as a plain model."""
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter} is not an adapter directory: it has no adapter_config.json")
+    if model is None:
+        model = read_adapter_config(adapter).base_model_name_or_path if adapter else None
+        if model is None:
+            raise ConfigError("--model is needed (the adapter does not name its base model)")
+    path = resolve_model(model)
+    task = task_of(path, adapter, task)
+    labels = labels_of(path, adapter) or labels
+    if task.labelled and not labels:
+        raise ConfigError("no label names known: pass an adapter trained by lorakit (it saves labels.json), "
+                          "a merged export, or --data with a label column")
+    device = default_device()
+    quantize = read_adapter_config(adapter).quantize if adapter else None
+    net, tokenizer = load_model(path, task, labels, dtype, quantize, compute_dtype(precision, device), device)
+    if adapter:
+        try:
+            load_adapter(net, adapter)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return net.to(device).eval(), tokenizer, task, labels
+
+
+def default_device() -> torch.device:
+    """The device a single-process run uses: the first GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
