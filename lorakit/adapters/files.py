@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
 from .inject import add_adapter_layers, check_new_name, delete_adapter, mark_trainable, set_adapter
-from ..nn.kinds import CONV1D, kind_of
+from ..nn.kinds import kind_of
 from ..nn.layers import LoraLayer, SavedModule
 from .locks import exclusive
 from .parts import base_biases, configs, default_task_type, lora_layers, plan_saved_modules, plan_targets, saved_modules
@@ -130,7 +130,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
 def _stores_transposed(layer: LoraLayer) -> bool:
     # PEFT's fan_in_fan_out: a GPT-2 Conv1D base (also when held in NF4, which remembers its source layout).
-    return layer.kind is CONV1D or getattr(layer.base_layer, "transposed", False)
+    return layer.kind.transposed or getattr(layer.base_layer, "transposed", False)
 
 
 def _pissa_as_plain_lora(config: LoraConfig) -> LoraConfig:

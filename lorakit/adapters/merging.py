@@ -5,11 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from .locks import exclusive
 from .parts import lora_layers, replace_module, saved_modules, unwrap
 from .qlora import dequantize_model
+
+if TYPE_CHECKING:
+    from ..nn.layers import LoraLayer
 
 log = logging.getLogger("lorakit")
 

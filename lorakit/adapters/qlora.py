@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn.kinds import CONV1D, LINEAR, kind_of
+from ..nn.kinds import kind_of
 from ..nn.layers import LoraLayer
 from .parts import base_modules, base_of, is_output_head, replace_module, unwrap
 from ..nn.nf4 import NF4Linear
@@ -20,7 +20,7 @@ def plan_quantized(model: nn.Module, saved: list[str]) -> list[str]:
     for path, module in base_modules(root):
         kind = kind_of(base_of(module))
         already = already or getattr(kind, "quantized", False)
-        if kind not in (LINEAR, CONV1D) or is_output_head(root, path, module):
+        if kind is None or not kind.linear or kind.quantized or is_output_head(root, path, module):
             continue
         if any(path == s or path.startswith(s + ".") for s in saved):
             continue

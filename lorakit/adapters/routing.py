@@ -33,22 +33,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import threading
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 from .files import WEIGHTS_NAME, _parse_file_key, load_adapter, read_adapter_config
-from ..nn import layers
-from ..nn.kinds import CONV2D, EMBEDDING
-from ..nn.layers import ROUTES, LoraLayer, SavedModule
+from ..nn.layers import LoraLayer, SavedModule, routing
 from .locks import model_lock
 from .parts import configs, lora_layers, plan_saved_modules, replace_module, saved_modules, unwrap
-from ..nn.variants import DORA
+from ..nn.rows import Stack, groups
 
 
 @contextlib.contextmanager
@@ -58,35 +53,20 @@ def route(model: nn.Module, names: Sequence[str | None]):
     unmerged). The adapters are stacked once at entry; the block holds the model's lock (see the module docstring)."""
     root = unwrap(model)
     with model_lock(root):
-        table = routes(root, list(names))
-        token = ROUTES.set({**(ROUTES.get() or {}), **table})  # a route of another model may be running around it
-        _count_routing(+1)
-        try:
+        with routing(routes(root, list(names))):
             yield
-        finally:
-            _count_routing(-1)
-            ROUTES.reset(token)
-
-
-_COUNTING = threading.Lock()
-
-
-def _count_routing(step: int) -> None:
-    # layers.routing counts the route() calls running in all threads, so that forward reads ROUTES only when one is.
-    with _COUNTING:
-        layers.routing += step
 
 
 def routes(root: nn.Module, names: list[str | None]) -> dict[nn.Module, Callable]:
     """{LoRA layer or saved module: its routed forward} for rows routed to `names`; checks first."""
-    layers = list(lora_layers(root).values())
-    _check(root, names, layers)
+    adapted = list(lora_layers(root).values())
+    _check(root, names, adapted)
     used = list(dict.fromkeys(n for n in names if n is not None))  # distinct adapters, in order of first use
     slot = {n: i for i, n in enumerate([None] + used)}
     idx = torch.tensor([slot[n] for n in names], device=next(root.parameters()).device)
     table = {}
-    for layer in layers:
-        table[layer] = functools.partial(_FORWARDS.get(layer.kind, _linear_rows), layer, stack(layer, used), idx)
+    for layer in adapted:
+        table[layer] = functools.partial(layer.kind.rows, layer, stack(layer, used), idx)
     for wrapper in saved_modules(root).values():
         copies = [wrapper.original_module] + [wrapper.modules_to_save[n] if n in wrapper.modules_to_save
                                               else wrapper.original_module for n in used]
@@ -94,7 +74,7 @@ def routes(root: nn.Module, names: list[str | None]) -> dict[nn.Module, Callable
     return table
 
 
-def _check(root: nn.Module, names: list, layers: list[LoraLayer]) -> None:
+def _check(root: nn.Module, names: list, adapted: list[LoraLayer]) -> None:
     if not names:
         raise ValueError("route(): no rows (names is empty)")
     known = configs(root)
@@ -103,26 +83,15 @@ def _check(root: nn.Module, names: list, layers: list[LoraLayer]) -> None:
         raise ValueError(f"route(): unknown adapter(s) {unknown}; this model has {sorted(known)}")
     if root.training:
         raise ValueError("route() is for inference: call model.eval() first (adapter dropout is not routed)")
-    merged = sorted({n for layer in layers for n in layer.merged})
+    merged = sorted({n for layer in adapted for n in layer.merged})
     if merged:
         raise ValueError(f"route() needs the unmerged base model, but adapter(s) {merged} are merged into it: "
                          f"unmerge(model) first")
-    if any(a.pissa_start is not None for layer in layers for a in layer.adapters.values()):
+    if any(a.pissa_start is not None for layer in adapted for a in layer.adapters.values()):
         raise ValueError("route(): a PiSSA adapter changes the base weight for every row; save and load it "
                          "(as the plain LoRA lorakit saves) to route it")
-    if any(layer.kind is EMBEDDING and layer.base_layer.max_norm is not None for layer in layers):
-        raise ValueError("route(): Embedding layers with max_norm are not supported")
-
-
-@dataclass
-class Stack:
-    """One layer's adapters for one routed call; slot 0 is the base model (zeros). Shapes as the layer holds them,
-    one more dimension in front: a (k+1, R, d_in) (Conv2d: (k+1, R, C_in, kh, kw); Embedding: (k+1, R, vocab))."""
-
-    a: torch.Tensor | None
-    b: torch.Tensor | None  # (k+1, d_out, R), each adapter's scale folded in
-    factor: torch.Tensor | None  # DoRA's (k+1, d_out); None when no adapter here is DoRA
-    rank: int  # R; 0 when no routed adapter is in this layer (the layer runs its base alone)
+    for layer in adapted:
+        layer.kind.check_routable(layer.base_layer)
 
 
 @torch.no_grad()
@@ -140,12 +109,13 @@ def stack(layer: LoraLayer, used: list[str]) -> Stack:
     b = torch.stack([zero_b] + [_padded(b_of[n], rank, 1) if n in b_of else zero_b for n in used])
     scales = [0.0] + [layer.adapters[n].scale if n in a_of else 0.0 for n in used]
     b = b * torch.tensor(scales, dtype=b.dtype, device=b.device).view(-1, 1, 1)
-    dora = [(slot, n) for slot, n in enumerate(used, start=1) if n in a_of and layer.adapters[n].variant is DORA]
+    scaled = [(slot, n) for slot, n in enumerate(used, start=1)
+              if n in a_of and layer.adapters[n].variant.row_factor is not None]
     factor = None
-    if dora:
+    if scaled:
         factor = first.new_ones(len(used) + 1, d_out)
-        for slot, name in dora:  # DoRA's row norms depend on W and on each adapter: one per DoRA adapter
-            factor[slot] = _dora_factor(layer, name)
+        for slot, name in scaled:  # DoRA's row norms depend on W and on each adapter: one per such adapter
+            factor[slot] = layer.adapters[name].variant.row_factor(layer, name)
     return Stack(a, b, factor, rank)
 
 
@@ -157,66 +127,6 @@ def _padded(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
-def _dora_factor(layer: LoraLayer, name: str) -> torch.Tensor:
-    # m / ‖W + s·BA‖ per output row, computed as variants._dora_output computes it.
-    a, b, scale = layer.lora_A[name], layer.lora_B[name], layer.adapters[name].scale
-    weight = layer.base_matrix()
-    norm = (weight + (b @ a).to(weight.dtype) * scale).norm(dim=1)
-    return layer.lora_magnitude_vector[name] / norm
-
-
-def groups(idx: torch.Tensor, x: torch.Tensor) -> int:
-    """How many consecutive entries of x's leading dimension belong to each row (1 for an (N, ...) batch)."""
-    n, rows = x.shape[0], idx.shape[0]
-    if x.dim() == 0 or n % rows:
-        raise ValueError(f"route(): a layer got input of shape {tuple(x.shape)}, whose leading dimension is not a "
-                         f"multiple of the {rows} routed rows")
-    return n // rows
-
-
-def _linear_rows(layer: LoraLayer, s: Stack, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # Linear, Conv1D and NF4: x (N·m, ..., d_in) viewed as (N, M, d_in), one bmm pair for every row at once.
-    y = layer.kind.base(layer, x)
-    if s.rank == 0:
-        return y
-    groups(idx, x)
-    rows = x.reshape(idx.shape[0], -1, x.shape[-1])
-    a, b = s.a[idx].to(x.dtype), s.b[idx].to(x.dtype)  # (N, R, d_in), (N, d_out, R)
-    lora = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))  # (N, M, d_out)
-    if s.factor is None:
-        return y + lora.view(y.shape)
-    base = y if layer.bias is None else y - layer.bias  # x Wᵀ
-    f = s.factor[idx].to(y.dtype).unsqueeze(1)  # (N, 1, d_out)
-    return y + ((f - 1) * base.reshape(lora.shape) + f * lora).view(y.shape)
-
-
-def _embedding_rows(layer: LoraLayer, s: Stack, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # ids (N·m, ...) viewed as (N, M): each row looks its ids up in its own A, then one bmm with its own B.
-    y = layer.kind.base(layer, x)
-    if s.rank == 0:
-        return y
-    groups(idx, x)
-    ids = x.reshape(idx.shape[0], -1)
-    h = s.a.transpose(1, 2)[idx.unsqueeze(1), ids]  # A's columns looked up by id: (N, M, R)
-    return y + torch.bmm(h.to(y.dtype), s.b[idx].to(y.dtype).transpose(1, 2)).view(y.shape)
-
-
-def _conv2d_rows(layer: LoraLayer, s: Stack, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # Images (L, C, H, W): a grouped convolution with one group per image applies each image's own A, then one bmm.
-    y = layer.kind.base(layer, x)
-    if s.rank == 0:
-        return y
-    c, n = layer.base_layer, x.shape[0]
-    per = idx.repeat_interleave(groups(idx, x))  # (L,) slot of each image
-    a = s.a[per].to(x.dtype).flatten(0, 1)  # (L·R, C, kh, kw)
-    h = F.conv2d(x.reshape(1, -1, *x.shape[2:]), a, None, c.stride, c.padding, c.dilation, groups=n)
-    lora = torch.bmm(s.b[per].to(x.dtype), h.view(n, s.rank, -1))  # (L, d_out, H'·W')
-    return y + lora.view(y.shape)
-
-
-_FORWARDS = {EMBEDDING: _embedding_rows, CONV2D: _conv2d_rows}  # every other kind computes x Wᵀ: _linear_rows
 
 
 def _saved_rows(copies: list[nn.Module], idx: torch.Tensor, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

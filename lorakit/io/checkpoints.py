@@ -24,7 +24,8 @@ from torch import nn
 from ..errors import CheckpointError
 from ..adapters.parts import replace_module
 from ..adapters.qlora import plan_quantized
-from ..nn.nf4 import NF4Linear, quantize_nf4
+from ..nn.kinds import kind_of
+from ..nn.nf4 import NF4Linear
 
 log = logging.getLogger("lorakit")
 INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
@@ -141,11 +142,9 @@ def _place(model, name: str | None, tensor: torch.Tensor, pending: dict, dtype: 
 
 
 def _quantized(linear: nn.Module, parts: dict, dtype: torch.dtype, device) -> NF4Linear:
-    transposed = not isinstance(linear, nn.Linear)  # GPT-2's Conv1D holds W as (in, out)
-    weight = parts["weight"].to(device)
     bias = parts.get("bias")
-    return NF4Linear(quantize_nf4(weight.t() if transposed else weight),
-                     None if bias is None else bias.to(device, dtype, copy=True), transposed)  # copy: see _place
+    return NF4Linear.from_tensors(parts["weight"].to(device), None if bias is None else bias.to(device, dtype, copy=True),
+                                  kind_of(linear).transposed)  # copy: see _place
 
 
 def _initialise_missing(model: nn.Module, files: list[Path], device, dtype: torch.dtype) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from ..nn.layers import LoraLayer, SavedModule
 from .checkpoints import release_freed_memory
 from ..adapters.merging import check_mergeable
-from ..nn.nf4 import NF4Linear, dequantize_nf4
+from ..nn.nf4 import NF4Linear
 
 Producer = Callable[[torch.dtype | None], torch.Tensor]  # the tensor, computed for the export dtype (None: its own)
 MAX_SHARD_BYTES = 2 * 2**30
@@ -49,7 +49,7 @@ def plain_tensors(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, tor
 
 
 def _lora_layer_tensors(layer: LoraLayer, prefix: str):
-    source = layer.base_layer  # the plain layer it becomes: its kind fixes the stored shape
+    source = layer.base_layer  # the plain layer it becomes (its tensors are held by `layer`): it fixes the shape
     shape = layer.weight_nf4.shape if layer.kind.quantized else layer.weight.shape
     if getattr(source, "transposed", False):
         shape = torch.Size(reversed(shape))
@@ -69,12 +69,7 @@ def _lora_layer_tensors(layer: LoraLayer, prefix: str):
 
 
 def _nf4_tensors(linear: NF4Linear, prefix: str):
-    def weight(export_dtype) -> torch.Tensor:
-        w = dequantize_nf4(linear.weight_nf4, export_dtype)
-        return w.t().contiguous() if linear.transposed else w
-
-    shape = linear.weight_nf4.shape
-    yield prefix + "weight", torch.Size(reversed(shape)) if linear.transposed else shape, linear.weight_nf4.dtype, weight
+    yield prefix + "weight", linear.source_shape, linear.weight_nf4.dtype, linear.source_weight
     if linear.bias is not None:
         yield prefix + "bias", linear.bias.shape, linear.bias.dtype, (lambda export_dtype: linear.bias.detach())
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from .fused import lora_linear
 from .nf4 import NF4Linear, dequantize_nf4, nf4_linear
+from .rows import conv2d_rows, embedding_rows, linear_rows
 
 try:  # GPT-2 style layers store W as (d_in, d_out); optional so that lorakit works without transformers
     from transformers.pytorch_utils import Conv1D
@@ -46,12 +47,18 @@ class Kind:
     linear: bool = False  # y = x Wᵀ + b: DoRA and PiSSA apply, and the fused path below
     fused: Callable | None = None  # (layer, x, a, b, scale, dropout_p) -> y, one adapter in one autograd node
     quantized: bool = False  # W cannot be written in place: merging dequantizes first
+    dropout: bool = True  # dropout on the LoRA branch's input (not on an Embedding's ids)
+    transposed: bool = False  # W is stored (d_in, d_out), PEFT's fan_in_fan_out (GPT-2's Conv1D)
+    shapes: Callable[[nn.Module, int], tuple[tuple[int, ...], tuple[int, ...]]] = None  # A's, B's at rank r
+    check: Callable[[nn.Module], None] = lambda base: None  # TypeError for a base of this type LoRA cannot adapt
+    rows: Callable = linear_rows  # (layer, Stack, idx, x) -> y: each row through its own adapter (rows.py)
+    check_routable: Callable[[nn.Module], None] = lambda base: None  # ValueError where rows cannot route it
 
     def factor_shapes(self, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of A and B at rank r for `base`."""
+        if self.shapes is not None:
+            return self.shapes(base, r)
         d_in, d_out = self.dims(base)
-        if self is CONV2D:
-            return (r, base.in_channels, *base.kernel_size), (d_out, r, 1, 1)
         return (r, d_in), (d_out, r)
 
 
@@ -75,6 +82,17 @@ def _embedding_update(layer, x, a, b):
     return h @ b.t().to(h.dtype)
 
 
+def _check_conv2d(base):
+    if base.groups != 1 or base.padding_mode != "zeros":
+        raise TypeError(f"LoRA supports Conv2d with groups=1 and padding_mode='zeros', got groups={base.groups}, "
+                        f"padding_mode={base.padding_mode!r}")
+
+
+def _check_routable_embedding(base):
+    if base.max_norm is not None:
+        raise ValueError("route(): Embedding layers with max_norm are not supported")
+
+
 def _conv2d_base(layer, x):
     c = layer.base_layer
     return F.conv2d(x, layer.weight, layer.bias, c.stride, c.padding, c.dilation)
@@ -91,13 +109,15 @@ LINEAR = Kind("linear", dims=lambda m: (m.in_features, m.out_features), matrix=l
               fused=_fused)
 CONV1D = Kind("conv1d", dims=lambda m: (m.nx, m.nf), matrix=lambda layer: layer.weight.t(),
               base=lambda layer, x: F.linear(x, layer.weight.t(), layer.bias), update=_linear_update, linear=True,
-              fused=_fused)
+              fused=_fused, transposed=True)
 EMBEDDING = Kind("embedding", dims=lambda m: (m.num_embeddings, m.embedding_dim), matrix=lambda layer: layer.weight.t(),
                  base=_embedding_base, update=_embedding_update, held=("weight",),
-                 file_keys=("lora_embedding_A", "lora_embedding_B"))
+                 file_keys=("lora_embedding_A", "lora_embedding_B"), dropout=False, rows=embedding_rows,
+                 check_routable=_check_routable_embedding)
 CONV2D = Kind("conv2d", dims=lambda m: (m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels),
               matrix=lambda layer: layer.weight.view(layer.weight.shape[0], -1), base=_conv2d_base,
-              update=_conv2d_update)
+              update=_conv2d_update, check=_check_conv2d, rows=conv2d_rows,
+              shapes=lambda base, r: ((r, base.in_channels, *base.kernel_size), (base.out_channels, r, 1, 1)))
 NF4 = Kind("nf4", dims=lambda m: (m.in_features, m.out_features), matrix=lambda layer: dequantize_nf4(layer.weight_nf4),
            base=lambda layer, x: nf4_linear(x, layer.weight_nf4, layer.bias), update=_linear_update,
            held=("weight_nf4", "bias"), linear=True, quantized=True)
@@ -118,7 +138,5 @@ def check_supported(base: nn.Module) -> Kind:
     kind = kind_of(base)
     if kind is None:
         raise TypeError(f"LoRA cannot adapt a {type(base).__name__}")
-    if kind is CONV2D and (base.groups != 1 or base.padding_mode != "zeros"):
-        raise TypeError(f"LoRA supports Conv2d with groups=1 and padding_mode='zeros', got groups={base.groups}, "
-                        f"padding_mode={base.padding_mode!r}")
+    kind.check(base)
     return kind

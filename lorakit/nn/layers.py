@@ -14,19 +14,38 @@ Forward: y = base(x) + Σ over active, unmerged adapters of what each adds (a va
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from contextvars import ContextVar
 
 import torch
 from torch import nn
 
-from .kinds import CONV1D, EMBEDDING, LINEAR, Kind, check_supported
+from .kinds import Kind, check_supported
 from .nf4 import NF4Linear
 from .variants import INITS, Adapter, variant_for
 
 # {module: its routed forward} while a `routing.route()` call runs in this thread (or asyncio task); None otherwise.
 # A context variable, not a layer attribute, so that other threads using the same model are not routed.
 ROUTES: ContextVar[dict | None] = ContextVar("lorakit_routes", default=None)
-routing = 0  # route() calls running in any thread; while 0, forward does not read ROUTES (which torch.compile cannot trace)
+_routing = 0  # route() calls running in any thread; while 0, forward does not read ROUTES (torch.compile cannot trace it)
+_ROUTING_COUNT = threading.Lock()
+
+
+@contextlib.contextmanager
+def routing(table: dict):
+    """Route the forwards of the modules in `table` ({module: routed forward}) in this thread or task for the
+    block (adapters.routing.route builds the table)."""
+    global _routing
+    token = ROUTES.set({**(ROUTES.get() or {}), **table})  # a route of another model may be running around it
+    with _ROUTING_COUNT:
+        _routing += 1
+    try:
+        yield
+    finally:
+        with _ROUTING_COUNT:
+            _routing -= 1
+        ROUTES.reset(token)
 
 
 class LoraLayer(nn.Module):
@@ -81,7 +100,7 @@ class LoraLayer(nn.Module):
         a, b = start.factors(self, shape_a, shape_b, scale, self._factor_options())
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
-        self.adapters[name] = Adapter(scale, 0.0 if self.kind is EMBEDDING else float(dropout), variant)  # no dropout on ids
+        self.adapters[name] = Adapter(scale, float(dropout) if self.kind.dropout else 0.0, variant)  # no dropout on ids
         if start.residual:
             self.adapters[name].pissa_start = (a.clone(), b.clone())
             self.add_lowrank(a, b, -scale)
@@ -151,7 +170,7 @@ class LoraLayer(nn.Module):
         """QLoRA: hold the frozen weight as NF4 codes (about 0.13× its fp32 size), dequantized on the fly."""
         if self.kind.quantized:
             return
-        if self.kind not in (LINEAR, CONV1D):
+        if not self.kind.linear:
             raise ValueError(f"NF4 quantization supports Linear and Conv1D layers, not {self.kind.name}")
         if self.merged or any(a.pissa_start is not None for a in self.adapters.values()):
             raise ValueError("cannot quantize a layer with merged or PiSSA adapters: its weight is not the base weight")
@@ -190,7 +209,7 @@ class LoraLayer(nn.Module):
     # ---- forward ----
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routes = ROUTES.get() if routing else None
+        routes = ROUTES.get() if _routing else None
         if routes and self in routes:
             return routes[self](x)  # a mixed-adapter batch: each row through its own adapter (routing.py)
         running = self.running()
@@ -225,7 +244,7 @@ class SavedModule(nn.Module):
         return self.modules_to_save[self.active]
 
     def forward(self, *args, **kwargs):
-        routes = ROUTES.get() if routing else None
+        routes = ROUTES.get() if _routing else None
         if routes and self in routes:
             return routes[self](*args, **kwargs)  # each row through its own adapter's copy (routing.py)
         return self.current()(*args, **kwargs)

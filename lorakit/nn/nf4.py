@@ -315,30 +315,43 @@ class NF4Linear(nn.Module):
         self.transposed = transposed
 
     @classmethod
+    def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, transposed: bool = False,
+                     block_size: int = 64) -> NF4Linear:
+        """Quantize `weight` as its source layer stores it: (out, in) for nn.Linear, (in, out) for a GPT-2 Conv1D
+        (`transposed`). The one place that decides the orientation: the codes always hold (out, in)."""
+        return cls(quantize_nf4((weight.t() if transposed else weight).detach(), block_size), bias, transposed)
+
+    @classmethod
     def from_linear(cls, module: nn.Module, block_size: int = 64) -> NF4Linear:
-        """Quantize an nn.Linear (weight (out, in)) or a GPT-2 Conv1D (weight (in, out), transposed here)."""
+        """Quantize an nn.Linear (weight (out, in)) or a GPT-2 Conv1D (weight (in, out))."""
         from transformers.pytorch_utils import Conv1D
 
-        if isinstance(module, nn.Linear):
-            weight, transposed = module.weight, False
-        elif isinstance(module, Conv1D):
-            weight, transposed = module.weight.t(), True
-        else:
+        if not isinstance(module, (nn.Linear, Conv1D)):
             raise TypeError(f"NF4Linear.from_linear takes nn.Linear or Conv1D, got {type(module).__name__}")
-        return cls(quantize_nf4(weight.detach(), block_size), module.bias, transposed)
+        return cls.from_tensors(module.weight, module.bias, isinstance(module, Conv1D), block_size)
+
+    @property
+    def source_shape(self) -> torch.Size:
+        """The weight's shape as the source layer stores it."""
+        shape = self.weight_nf4.shape
+        return torch.Size(reversed(shape)) if self.transposed else shape
+
+    def source_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized weight as the source layer stores it, in `dtype` (default: its original dtype)."""
+        weight = dequantize_nf4(self.weight_nf4, dtype)
+        return weight.t().contiguous() if self.transposed else weight
 
     def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The layer this was quantized from (nn.Linear, or Conv1D when transposed) holding the dequantized weight in
         `dtype` (default: the weight's original dtype) and the bias (in dtype too when given), frozen as here."""
-        weight = dequantize_nf4(self.weight_nf4, dtype)
         with torch.device("meta"):  # the skeleton only: its tensors are replaced below
             if self.transposed:
                 from transformers.pytorch_utils import Conv1D
 
-                dense, weight = Conv1D(self.out_features, self.in_features), weight.t().contiguous()
+                dense = Conv1D(self.out_features, self.in_features)
             else:
                 dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        dense.weight = nn.Parameter(weight, requires_grad=False)
+        dense.weight = nn.Parameter(self.source_weight(dtype), requires_grad=False)
         dense.bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(dtype or self.bias.dtype,
                                                                                       copy=True),
                                                                  requires_grad=self.bias.requires_grad)

@@ -48,6 +48,7 @@ class Variant:
     trainable: Callable[["LoraLayer", str], list[nn.Parameter]]  # parameters beyond A and B
     merge_is_finite: Callable[["LoraLayer", str], bool]  # checked before anything merges
     fusable: bool = False  # forward may use the layer kind's fused path (fused.py)
+    row_factor: Callable[["LoraLayer", str], torch.Tensor] | None = None  # mixed batches: F of rows.py, (d_out,)
 
 
 def lowrank(layer: "LoraLayer", name: str) -> torch.Tensor:
@@ -159,9 +160,17 @@ def _dora_unmerge(layer, name):
     LORA.unmerge(layer, name)
 
 
+def _dora_row_factor(layer, name) -> torch.Tensor:
+    # m / ‖W + s·BA‖ per output row, in W's dtype as _dora_output computes it: a routed row's factor.
+    a, b, scale = layer.lora_A[name], layer.lora_B[name], layer.adapters[name].scale
+    weight = layer.base_matrix()
+    norm = (weight + (b @ a).to(weight.dtype) * scale).norm(dim=1)
+    return layer.lora_magnitude_vector[name] / norm
+
+
 DORA = Variant("dora", create=_dora_create, delta=_dora_delta, output=_dora_output, merge=_dora_merge,
                unmerge=_dora_unmerge, trainable=lambda layer, name: [layer.lora_magnitude_vector[name]],
-               merge_is_finite=finite_after_merge)
+               merge_is_finite=finite_after_merge, row_factor=_dora_row_factor)
 
 
 def variant_for(use_dora: bool) -> Variant:
