@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import topic_table
 from lorakit.data import tables as data
-from lorakit.io import models
+from lorakit.training import train as train_module
 from lorakit.errors import Interrupted, TrainingError
 from lorakit.io.models import load_model
 from lorakit.training.tasks import CLASSIFY
@@ -215,7 +215,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(bert_dir, topic
     from lorakit.adapters.parts import saved_modules
 
     out, injected = tmp_path / "run", []
-    monkeypatch.setattr(models, "inject", lambda model, cfg: injected.append(model) or inject(model, cfg))
+    monkeypatch.setattr(train_module, "inject", lambda model, cfg: injected.append(model) or inject(model, cfg))
 
     def poison(record):
         if record["step"] == 3:  # the trainable head copy turns NaN, so step 4's loss is NaN
@@ -276,7 +276,7 @@ def test_default_output_is_a_fresh_run_dir(bert_dir, topics_csv, tmp_path, monke
 def test_torchrun_as_documented_two_processes_match_one_with_double_batch(bert_dir, topics_csv, tmp_path):
     # README's line shape, `torchrun --nproc_per_node=N -m lorakit -- train ...`, with --r among the flags.
     common = ["--model", str(bert_dir), "--data", str(topics_csv), "--r", "4", "--max-steps", "4", "--max-length", "16",
-              "--dropout", "0", "--lr", "5e-3", "--save-every", "2", "--log-every", "1"]
+              "--dropout", "0", "--lr", "5e-3", "--save-every", "2", "--log-every", "1", "--precision", "fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", "-m", "lorakit", "--", "train"]
     subprocess.run(torchrun + [*common, "--batch-size", "4", "--output", str(tmp_path / "ddp")],

@@ -18,13 +18,14 @@ from ..serving.generation import Sampling, generate, use_chat_template
 from ..serving.generation import stream as generate_stream
 from ..training.evaluation import evaluate as evaluate_model
 from ..errors import Interrupted, TrainingError
-from ..training.tasks import CAUSAL_LM, DEFAULT, TASKS, task_named
+from ..training.tasks import CAUSAL_LM, TASKS, task_named
 from ..training.trained import load_trained
 from ..data.prepare import no_progress_bars, prepare
 from ..training.rundir import LABELS_FILE, METRICS_FILE, write_json
 from ..training.settings import TrainConfig, command_line_config
 from ..errors import ConfigError
 from ..training.train import train as run_training
+from .options import with_train_flags
 
 TASK_NAMES = " | ".join(TASKS)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -57,79 +58,20 @@ def user_errors():
         raise typer.Exit(1) from None
 
 
-@app.command()
-def train(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (keys as the flags below, "
-                                          "dashes or underscores); flags given on the command line win."),
-    model: Optional[str] = typer.Option(None, help="Hugging Face model id or local directory "
-                                        "(default: the packaged sentence-transformers/all-MiniLM-L6-v2)"),
-    task: Optional[str] = typer.Option(None, help=f"{TASK_NAMES} (default: {DEFAULT.name})"),
-    data: Optional[str] = typer.Option(None, help="Training data: .csv, .tsv, .jsonl or .parquet file, or a Hugging "
-                                       "Face dataset name (name or name:split). None: the shipped news demo."),
-    eval_data: Optional[str] = typer.Option(None, help="Evaluation data, same formats."),
-    text_column: Optional[str] = typer.Option(None, help="Text column(s), comma-separated, joined with a space "
-                                              "(default: text)"),
-    eval_text_column: Optional[str] = typer.Option(None, help="Text column(s) of the eval data if they differ."),
-    label_column: Optional[str] = typer.Option(None, help="Label column: integer ids or names (default: label)"),
-    prompt_column: Optional[str] = typer.Option(None, help="causal-lm: prompt column; the loss then covers only "
-                                                "the text column (the completion)."),
-    r: Optional[int] = typer.Option(None, "--r", help="LoRA rank (default: 8)"),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha; scale = alpha / r (default: 16)"),
-    dropout: Optional[float] = typer.Option(None, help="Dropout on the LoRA branch (default: 0.05)"),
-    targets: Optional[str] = typer.Option(None, help="Modules to adapt, comma-separated names or suffixes, or "
-                                          "all-linear (default: per architecture, e.g. query,value for BERT)"),
-    rslora: bool = typer.Option(False, "--rslora", help="rsLoRA: scale alpha/sqrt(r) instead of alpha/r."),
-    dora: bool = typer.Option(False, "--dora", help="DoRA: weight-decomposed LoRA (trainable magnitude per output)."),
-    quantize: Optional[str] = typer.Option(None, help="nf4: QLoRA, every frozen Linear of the base in 4-bit "
-                                           "NormalFloat, quantized while the checkpoint loads (default: none)"),
-    dtype: Optional[str] = typer.Option(None, help="The base's weights: auto (the checkpoint's own) | bf16 | fp16 | "
-                                        "fp32 (default: auto)"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in "
-                                                "backward: far less memory, about a third more compute."),
-    epochs: Optional[float] = typer.Option(None, help="Passes over the training data (default: 3)"),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps; wins over --epochs."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per step per process (default: 16)"),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default: 1)"),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 1e-3)"),
-    warmup: Optional[float] = typer.Option(None, help="Warm-up: a fraction of the steps if < 1, else a number of "
-                                           "steps (default: 0.06)"),
-    scheduler: Optional[str] = typer.Option(None, help="linear | cosine | constant (default: linear)"),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default: 0)"),
-    lr_ratio: Optional[float] = typer.Option(None, help="LoRA+: B learns lr_ratio times faster than A (default: 1; "
-                                             "the paper uses 16)"),
-    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm, 0 for none (default: 1)"),
-    max_length: Optional[int] = typer.Option(None, help="Tokens per example, longer ones truncated (default: 128)"),
-    seed: Optional[int] = typer.Option(None, help="Random seed (default: 0)"),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (default: 5 times per run)"),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default: 100)"),
-    log_every: Optional[int] = typer.Option(None, help="Write log.jsonl every N steps (default: 5)"),
-    output: Optional[str] = typer.Option(None, help="Run directory (default: a new runs/<timestamp>)"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output."),
-    precision: Optional[str] = typer.Option(None, help="Compute: auto (bf16 where the device multiplies bf16 fast, "
-                                            "else fp32) | fp32 | bf16 (autocast) (default: auto)"),
-    chat_template: Optional[str] = typer.Option(None, help="causal-lm: a Jinja chat template file for conversation "
-                                                "data, for a tokenizer without one (or to replace its own); saved "
-                                                "with the adapter for predict and chat."),
-    num_proc: Optional[int] = typer.Option(None, help="causal-lm: processes that tokenise the data (the result is "
-                                           "cached between runs either way)"),
-    overlong: Optional[str] = typer.Option(None, help="causal-lm: rows longer than --max-length are truncate(d) "
-                                           "or drop(ped) (default: truncate)"),
-    packing: bool = typer.Option(False, "--packing", help="causal-lm: pack examples into rows of --max-length "
-                                 "tokens (positions restart and attention stays inside each example)."),
-    report_to: Optional[str] = typer.Option(None, help="none | tensorboard | wandb: also send the log there "
-                                            "(default: none)"),
-    keep_best: bool = typer.Option(False, "--keep-best", help="The final adapter is the checkpoint with the best eval "
-                                   "metric (accuracy, or loss for causal-lm); needs --eval-data."),
-    early_stopping: Optional[int] = typer.Option(None, help="Stop after N evaluations without a better eval metric."),
-    save_total_limit: Optional[int] = typer.Option(None, help="Keep the newest K checkpoints (and the best), also "
-                                                   "after the run (default: only the newest, removed at the end)"),
-    sharding: Optional[str] = typer.Option(None, help="fsdp: shard the model across torchrun's processes (FSDP2: "
-                                           "each holds 1/N of the frozen weights); none: DDP (default: none)"),
-):
+TRAIN_EXAMPLES = """Examples:
+
+  lorakit train --model bert-base-uncased --data news.csv --eval-data dev.csv --text-column title,description
+
+  lorakit train --model gpt2 --task causal-lm --data qa.jsonl --prompt-column prompt --text-column completion
+
+  lorakit train --config run.yaml --lr 5e-4 --no-packing
+"""
+
+
+@app.command(epilog=TRAIN_EXAMPLES)
+@with_train_flags
+def train(config: Optional[Path], flags: dict):
     """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
-    flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}
-    flags = {{"rslora": "use_rslora", "dora": "use_dora"}.get(k, k): v for k, v in flags.items()}
     with user_errors():
         cfg = command_line_config(flags, config)
         if cfg.data is None and not cfg.resume:

@@ -5,7 +5,8 @@ maps the one to the other."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -26,60 +27,88 @@ CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --conf
 # Checkpoints hold whole tensors, so "sharding" is among them: a sharded run resumes unsharded, and the reverse.
 RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column",
                "num_proc", "report_to", "save_total_limit", "sharding"}
-SHARDINGS = ("none", "fsdp")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
+SHARDINGS = ("none", "fsdp")
+log = logging.getLogger("lorakit")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
+
+
+DATA, MODEL, LORA, TRAINING, EVALUATION, OUTPUT, DISTRIBUTED = (
+    "Data", "Model", "LoRA", "Training", "Evaluation and model selection", "Output and tracking", "Distributed")
+
+
+def setting(default, group: str, help: str, flag: str | None = None):
+    """A TrainConfig field with what `lorakit train --help` says of it (cli/options.py builds the flags from these):
+    its help panel, its help line, and its flag when that is not the field's name with dashes."""
+    return field(default=default, metadata={"group": group, "help": help, "flag": flag})
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of `lorakit train`; each one is a YAML key of --config and a flag (dashes for underscores)."""
+    """Every setting of `lorakit train`: each is a YAML key of --config, a key of a run's train_config.yaml and a flag
+    (dashes for underscores), under the one name declared here."""
 
-    model: str = PACKAGED_MODEL  # Hugging Face id or local directory
-    task: str = DEFAULT.name  # a name in tasks.TASKS: classify | causal-lm
-    data: str | None = None  # training file or HF dataset name; None: the shipped news-headline demo
-    eval_data: str | None = None
-    text_column: str = "text"  # several columns: "title,description" (joined with a space)
-    eval_text_column: str | None = None  # when the eval file names its text column differently
-    label_column: str = "label"
-    prompt_column: str | None = None  # causal-lm: loss only on the text column's tokens, not the prompt's
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
-    targets: list[str] | str | None = None  # None: the architecture's default (query/value attention projections)
-    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
-    use_dora: bool = False  # weight-decomposed LoRA (a trainable magnitude per output)
-    quantize: str | None = None  # "nf4": QLoRA, every frozen Linear of the base in 4-bit NormalFloat
-    dtype: str = "auto"  # the base model's weights: auto (the checkpoint's own) | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more time
-    epochs: float = 3
-    max_steps: int | None = None  # wins over epochs
-    batch_size: int = 16  # per process
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: float = 0.06  # < 1: a fraction of the steps; >= 1: a number of steps
-    scheduler: str = "linear"
-    weight_decay: float = 0.0
-    lr_ratio: float = 1.0  # LoRA+: B's learning rate is lr * lr_ratio (16 is the paper's choice)
-    max_grad_norm: float = 1.0  # 0: no clipping
-    max_length: int = 128
-    seed: int = 0
-    eval_every: int | None = None  # None: 5 evaluations per run
-    save_every: int = 100
-    log_every: int = 5
-    output: str | None = None  # None: a fresh runs/<timestamp>
-    resume: bool = False
-    overwrite: bool = False
-    precision: str = "auto"  # compute: auto (bf16 where the device multiplies bf16 fast, else fp32) | fp32 | bf16
-    # causal-lm data (prepare.py): conversations, Alpaca rows or prompt/text columns, tokenised through `datasets`
-    chat_template: str | None = None  # a Jinja chat template file, for a tokenizer without one (or to replace it)
-    num_proc: int | None = None  # processes that tokenise; the result is cached between runs either way
-    overlong: str = "truncate"  # rows longer than max_length: truncate | drop
-    packing: bool = False  # examples packed into rows of max_length tokens, attention kept inside each example
-    # tracking and model selection
-    report_to: str = "none"  # none | tensorboard | wandb (besides log.jsonl)
-    keep_best: bool = False  # the final adapter is the checkpoint with the best eval metric (accuracy or loss)
-    early_stopping: int | None = None  # stop after N evaluations in a row without a better eval metric
-    save_total_limit: int | None = None  # keep the newest K checkpoints (and the best), also after the run
-    sharding: str | None = None  # "fsdp": shard the model across torchrun's processes (FSDP2); None/"none": DDP
+    model: str = setting(PACKAGED_MODEL, MODEL, "Hugging Face model id or local directory.")
+    task: str = setting(DEFAULT.name, MODEL, f"What the model learns: {' | '.join(TASKS)}.")
+    data: str | None = setting(None, DATA, "Training data: .csv, .tsv, .jsonl or .parquet file, or a Hugging Face "
+                               "dataset name (name or name:split). None: the shipped news demo.")
+    eval_data: str | None = setting(None, DATA, "Evaluation data, same formats.")
+    text_column: str = setting("text", DATA, "Text column(s), comma-separated, joined with a space.")
+    eval_text_column: str | None = setting(None, DATA, "Text column(s) of the eval data if they differ.")
+    label_column: str = setting("label", DATA, "Label column: integer ids or names.")
+    prompt_column: str | None = setting(None, DATA, "Language models: the prompt column; the loss then covers only "
+                                        "the text column (the completion).")
+    r: int = setting(8, LORA, "LoRA rank.", flag="--r")
+    alpha: float = setting(16, LORA, "LoRA alpha; scale = alpha / r.")
+    dropout: float = setting(0.05, LORA, "Dropout on the LoRA branch.")
+    targets: list[str] | str | None = setting(None, LORA, "Modules to adapt: comma-separated names or suffixes, or "
+                                              "all-linear (default: per architecture, e.g. query,value for BERT).")
+    use_rslora: bool = setting(False, LORA, "rsLoRA: scale alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = setting(False, LORA, "DoRA: weight-decomposed LoRA (a trainable magnitude per output).")
+    quantize: str | None = setting(None, MODEL, "nf4: QLoRA, every frozen Linear of the base in 4-bit NormalFloat, "
+                                   "quantized while the checkpoint loads.")
+    dtype: str = setting("auto", MODEL, "The base's weights: auto (the checkpoint's own) | bf16 | fp16 | fp32.")
+    gradient_checkpointing: bool = setting(False, MODEL, "Recompute activations in backward: far less memory, about "
+                                           "a third more compute.")
+    epochs: float = setting(3, TRAINING, "Passes over the training data.")
+    max_steps: int | None = setting(None, TRAINING, "Optimizer steps; wins over --epochs.")
+    batch_size: int = setting(16, TRAINING, "Examples per step per process (capped at the data's size).")
+    grad_accum: int = setting(1, TRAINING, "Micro-batches per optimizer step.")
+    lr: float = setting(1e-3, TRAINING, "Peak learning rate.")
+    warmup: float = setting(0.06, TRAINING, "Warm-up: a fraction of the steps if < 1, else a number of steps.")
+    scheduler: str = setting("linear", TRAINING, "linear | cosine | constant (each after the warm-up).")
+    weight_decay: float = setting(0.0, TRAINING, "AdamW weight decay.")
+    lr_ratio: float = setting(1.0, TRAINING, "LoRA+: B learns lr_ratio times faster than A (the paper uses 16).")
+    max_grad_norm: float = setting(1.0, TRAINING, "Gradient clipping norm, 0 for none.")
+    max_length: int = setting(128, DATA, "Tokens per example; longer ones are truncated (or dropped: --overlong).")
+    seed: int = setting(0, TRAINING, "Random seed: the same seed, the same run.")
+    eval_every: int | None = setting(None, EVALUATION, "Evaluate every N steps (default: 5 times per run).")
+    save_every: int = setting(100, OUTPUT, "Checkpoint every N steps.")
+    log_every: int = setting(5, OUTPUT, "Write log.jsonl every N steps.")
+    output: str | None = setting(None, OUTPUT, "Run directory (default: a new runs/<timestamp>).")
+    resume: bool = setting(False, OUTPUT, "Continue the run in --output from its last checkpoint.")
+    overwrite: bool = setting(False, OUTPUT, "Replace the run in --output.")
+    precision: str = setting("auto", MODEL, "Compute: auto (bf16 where the device multiplies bf16 fast, else fp32) "
+                             "| fp32 | bf16 (autocast).")
+    chat_template: str | None = setting(None, DATA, "Language models: a Jinja chat template file for conversation "
+                                        "data, for a tokenizer without one (or to replace its own); saved with the "
+                                        "adapter for predict and chat.")
+    num_proc: int | None = setting(None, DATA, "Language models: processes that tokenise the data (the result is "
+                                   "cached between runs either way).")
+    overlong: str = setting("truncate", DATA, "Language models: rows longer than --max-length are truncate(d) or "
+                            "drop(ped).")
+    packing: bool = setting(False, DATA, "Language models: pack examples into rows of --max-length tokens "
+                            "(positions restart and attention stays inside each example).")
+    report_to: str = setting("none", OUTPUT, "none | tensorboard | wandb: also send the log there.")
+    keep_best: bool = setting(False, EVALUATION, "The final adapter is the checkpoint with the best eval metric "
+                              "(accuracy, or loss for a language model); needs --eval-data.")
+    early_stopping: int | None = setting(None, EVALUATION, "Stop after N evaluations without a better eval metric.")
+    save_total_limit: int | None = setting(None, OUTPUT, "Keep the newest K checkpoints (and the best), also after "
+                                           "the run (default: only the newest, removed at the end).")
+    sharding: str | None = setting(None, DISTRIBUTED, "fsdp: shard the model across torchrun's processes (FSDP2: "
+                                   "each holds 1/N of the frozen weights); none: DDP.")
+
+
+# Names a setting had before, still read (from flags, YAML and old runs' train_config.yaml) with a note.
+RENAMED = {"dora": "use_dora", "rslora": "use_rslora"}
 
 
 # The shipped demo's settings: a minute or two on 2 CPU cores, long enough to learn the topics.
@@ -92,8 +121,16 @@ def demo_config(**changes) -> TrainConfig:
 
 
 def setting_names(values: dict) -> dict:
-    """`values` with every key as a TrainConfig field name: "max-steps" -> "max_steps"."""
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
+    """`values` with every key as a TrainConfig field name: "max-steps" -> "max_steps"; a former name (RENAMED) is
+    read as the current one, with a note."""
+    names = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in RENAMED:
+            log.warning("note: setting %r is now called %r (read as that)", name, RENAMED[name])
+            name = RENAMED[name]
+        names[name] = value
+    return names
 
 
 def config_from(values: dict, base: TrainConfig | None = None) -> TrainConfig:

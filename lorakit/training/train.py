@@ -48,6 +48,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     check_output(cfg)
     out = Path(cfg.output)
     run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
+    cfg = capped_batch(cfg, len(run_data.train), world, say)
 
     model, adapter = setup_model(cfg, run_data, world)
     batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
@@ -87,6 +88,17 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     barrier(world)
     shutdown(world)
     return metrics
+
+
+def capped_batch(cfg: TrainConfig, rows: int, world: World, say) -> TrainConfig:
+    """`cfg` with --batch-size no larger than the training rows each process gets, saying so: a batch the data cannot
+    fill would only repeat rows (and take memory for them)."""
+    most = max(1, rows // world.size)
+    if cfg.batch_size <= most:
+        return cfg
+    say(f"--batch-size {cfg.batch_size} is more than the {rows} training {'rows' if cfg.packing else 'examples'}"
+        f"{f' across {world.size} processes' if world.size > 1 else ''}: batches of {most}")
+    return dataclasses.replace(cfg, batch_size=most)
 
 
 def setup_model(cfg: TrainConfig, run_data: RunData, world: World):
