@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import lorakit
 from lorakit import models
 from lorakit.rundir import LABELS_FILE, write_json
-from lorakit.adapter_cache import ServeError, Settings, ensure, open_state
+from lorakit.adapter_cache import MemoryFull, Settings, open_state, use
 from lorakit.cli import app as cli
 from lorakit.parts import saved_modules
 from lorakit.serve import create_app
@@ -82,7 +82,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(bert_dir, classify_dirs):
     settings = Settings(model=str(bert_dir), adapters={"news": str(classify_dirs / "pinned" / "news")},
-                        adapter_dir=str(classify_dirs / "dir"), max_texts=8, max_batch_tokens=512, max_wait_ms=20)
+                        adapter_dir=str(classify_dirs / "dir"), max_texts=8, max_batch_tokens=512, max_wait_ms=20,
+                        allow_adapter_management=True)
     running = Server(create_app(open_state(settings)))
     yield running
     running.stop()
@@ -175,14 +176,13 @@ def test_least_recently_used_adapters_are_evicted_pinned_stay(bert_dir, classify
     settings = Settings(model=str(bert_dir), adapters={"news": str(classify_dirs / "pinned" / "news")},
                         adapter_dir=str(classify_dirs / "dir"))
     state = open_state(settings)
-    assert ensure(state, {"sentiment"}) == {}
+    assert use(state, "sentiment") is None
     one = state.loaded["sentiment"].bytes
     state.settings.adapter_memory_mb = (state.loaded["news"].bytes + one * 1.9) / 2**20  # room for one more only
-    assert ensure(state, {"extra"}) == {}
+    assert use(state, "extra") is None
     assert list(state.loaded) == ["news", "extra"] and state.stats["evictions"] == 1
-    assert ensure(state, {"sentiment"}) == {} and list(state.loaded) == ["news", "sentiment"]
-    failed = ensure(state, {"sentiment", "extra"})  # both needed by one batch and only one fits
-    assert isinstance(failed.get("extra") or failed.get("sentiment"), ServeError)
+    assert use(state, "sentiment") is None and list(state.loaded) == ["news", "sentiment"]
+    assert isinstance(use(state, "extra", keep=["sentiment"]), MemoryFull)  # both needed at once: only one fits
     assert "news" in state.loaded and sorted(lorakit.configs(state.model)) == sorted(state.loaded)
 
 
