@@ -155,9 +155,14 @@ def check_files_inside(state: State, name: str, path: Path) -> None:
     """400 if any entry of adapter directory `path` is a link that leads outside --adapter-dir (a labels.json linked
     to /etc/passwd would come back as labels)."""
     root = Path(state.settings.adapter_dir).resolve()
-    for entry in path.iterdir():
-        if not entry.resolve().is_relative_to(root):
-            raise ServeError(400, f"adapter {name!r}: {entry.relative_to(path)} links outside --adapter-dir")
+    if not path.is_dir():
+        raise ServeError(404, f"adapter {name!r}: {public(state, str(path))} is not an adapter directory")
+    try:
+        outside = [e.name for e in path.iterdir() if not e.resolve().is_relative_to(root)]
+    except OSError as e:
+        raise ServeError(422, public(state, f"adapter {name!r} could not be loaded: {e}")) from None
+    if outside:
+        raise ServeError(400, f"adapter {name!r}: {', '.join(sorted(outside))} links outside --adapter-dir")
 
 
 def adapter_path(state: State, name: str) -> Path:

@@ -92,9 +92,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, deadline: float) -> None:
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, deadline: float) -> None:
     while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         try:
             if call(url, "GET", "/health", timeout=2)[0] == 200:
                 return
@@ -103,15 +103,15 @@ def _wait_ready(proc: subprocess.Popen, url: str, deadline: float) -> None:
     raise TimeoutError("lorakit serve did not start within 120 s")
 
 
-def test_corrupt_adapter_fails_only_its_own_requests_and_sigterm_stops_the_server(bert_dir, dirs):
-    port = _free_port()
+def test_corrupt_adapter_fails_only_its_own_requests_and_sigterm_stops_the_server(bert_dir, dirs, tmp_path):
+    port, log = _free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(bert_dir), "--adapter",
                              f"news={dirs / 'pinned' / 'news'}", "--adapter-dir", str(dirs / "dir"), "--port",
-                             str(port), "--max-wait-ms", "20"], cwd=ROOT, stdout=subprocess.PIPE,
+                             str(port), "--max-wait-ms", "20"], cwd=ROOT, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        _wait_ready(proc, url, time.time() + 120)
+        _wait_ready(proc, url, log, time.time() + 120)
         alone = {n: call(url, "POST", "/v1/classify", {"adapter": n, "texts": TEXTS})[1]["results"]
                  for n in ("news", "sentiment")}
         names = ["news", "broken", "sentiment", "news", "broken", "news"] * 10
@@ -271,6 +271,7 @@ def test_bad_adapters_and_bad_text_are_4xx_json_without_server_paths(serving, di
         ("POST", "/v1/adapters", {"name": "y", "path": "broken"}, 422, "could not be loaded"),
         ("POST", "/v1/classify", {"adapter": "linked", "texts": ["x"]}, 400, "labels.json links outside"),
         ("POST", "/v1/adapters", {"name": "z", "path": "empty"}, 404, "no adapter_config.json in empty"),
+        ("POST", "/v1/adapters", {"name": "z", "path": "extra/labels.json"}, 404, "extra/labels.json is not an adapter"),
     ]
     for method, path, body, status, words in cases:
         raw = body if isinstance(body, bytes) else None
