@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from .data import load_labels
-from .models import default_device, load_model, resolve_model, task_of
-from .settings import ConfigError
 from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors, read_adapter_config
 from .inject import delete_adapter
+from .models import default_device, load_model, resolve_model, task_of
 from .parts import saved_modules
 from .routing import load_adapter_with_head
+from .settings import ConfigError
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # adapter names: no separators, no dots, nothing to escape with
 TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
@@ -216,7 +216,7 @@ def load(state: State, name: str, path: Path, pinned: bool = False, keep: set = 
             from None
     try:
         labels = _labels(state, name, path)
-    except Exception as e:  # noqa: BLE001 (a bad labels.json): take the adapter out again
+    except Exception as e:  # a bad labels.json: take the adapter out again
         delete_adapter(state.model, name)
         if isinstance(e, ServeError):
             raise

@@ -33,8 +33,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from .adapter_cache import ServeError, Settings, State, adapter_task, add, check_name, inside_adapter_dir, public
-from .adapter_cache import open_state, remove, use
+from .adapter_cache import ServeError, Settings, State, adapter_task, add, check_name, inside_adapter_dir, open_state
+from .adapter_cache import public, remove, use
 from .batcher import Batcher, Item
 from .serve_limits import Guard, encode
 

@@ -49,14 +49,14 @@ class Guard:
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return 413, f"request body of {int(declared):,} bytes is over --max-body-bytes {self.max_body_bytes:,}", None
+            return 413, f"request body of {int(declared):,} bytes > --max-body-bytes {self.max_body_bytes:,}", None
         if scope["path"] in OPEN_PATHS:
             return None
         if self.api_key is not None and not _bearer_matches(headers.get("authorization", ""), self.api_key):
             return 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"}
         if self.in_progress >= self.max_concurrent:
-            return 429, f"{self.in_progress} requests in progress: --max-concurrent-requests {self.max_concurrent}; " \
-                        f"retry later", {"Retry-After": "1"}
+            message = f"{self.in_progress} requests in progress: --max-concurrent-requests {self.max_concurrent}"
+            return 429, message + "; retry later", {"Retry-After": "1"}
         return None
 
 
@@ -73,7 +73,7 @@ def encode(tokenizer, text: str, max_tokens: int, truncate: bool) -> list[int] |
     head = _head(text, CHARS_PER_TOKEN * max_tokens)
     if head is not text and len(tokenizer(head, truncation=True, max_length=max_tokens + 1)["input_ids"]) > max_tokens:
         return tokenizer(head, truncation=True, max_length=max_tokens)["input_ids"] if truncate else None
-    ids = tokenizer(text, **(dict(truncation=True, max_length=max_tokens) if truncate else {}))["input_ids"]
+    ids = tokenizer(text, **({"truncation": True, "max_length": max_tokens} if truncate else {}))["input_ids"]
     return ids if truncate or len(ids) <= max_tokens else None
 
 
