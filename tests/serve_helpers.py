@@ -3,11 +3,15 @@
 
 import http.client
 import json
+import socket
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import pytest
 import torch
 
 import lorakit
@@ -76,24 +80,75 @@ def call(url: str, method: str, path: str, body=None, raw: bytes | None = None, 
 
 
 def send_big_body(port: int, size: int, chunked: bool) -> tuple[int, dict]:
-    """POST /v1/classify with a `size`-byte body, declared (Content-Length) or chunked, reading the answer as soon as
-    the server gives one: (status, JSON answer). The server may close the connection before all is sent."""
+    """POST /v1/classify with a `size`-byte body, declared (Content-Length) or chunked, the answer read while the
+    body is still being sent: (status, JSON answer). A declared body is sent only in part: the answer must come
+    without the rest. The server may close the connection before all is sent."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.putrequest("POST", "/v1/classify")
     conn.putheader("Content-Type", "application/json")
     conn.putheader("Transfer-Encoding" if chunked else "Content-Length", "chunked" if chunked else str(size))
     conn.endheaders()
-    piece = b'{"adapter": "news", "texts": ["' + b"a" * (2**16) if not chunked else b"a" * 2**16
-    try:
-        if not chunked:
-            conn.send(piece)  # a first piece only: the answer must come without the rest
-        else:
+    piece = b"a" * 2**16
+
+    def send() -> None:
+        try:
+            if not chunked:
+                conn.send(b'{"adapter": "news", "texts": ["' + piece)
+                return
             for _ in range(size // len(piece)):
                 conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
             conn.send(b"0\r\n\r\n")
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server answered and closed while we were still sending
+        except OSError:
+            pass  # the server answered and closed while we were still sending
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
     response = conn.getresponse()
-    return response.status, json.loads(response.read())
+    answer = response.status, json.loads(response.read())
+    conn.close()
+    sender.join(timeout=30)
+    return answer
 
 
+def same_rows(got: list, want: list) -> bool:
+    """Two run_batch results for one request: per text, the same labels in the same order, probabilities within 1e-5."""
+    return len(got) == len(want) and all([l for l, _ in g] == [l for l, _ in w] and [p for _, p in g] ==
+                                          pytest.approx([p for _, p in w], abs=1e-5) for g, w in zip(got, want))
+
+
+def same_results(got: list, want: list) -> bool:
+    return [r["label"] for r in got] == [r["label"] for r in want] and all(
+        g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5) for g, w in zip(got, want))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, deadline: float) -> None:
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if call(url, "GET", "/health", timeout=2)[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError("lorakit serve did not start within 120 s")
+
+
+class Gated:
+    """A tokenizer whose calls wait until `gate` is set (at most 30 s), saying when the first one started."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.entered, self.gate, self.longest = tokenizer, threading.Event(), threading.Event(), 0
+
+    def __call__(self, text, **kwargs):
+        self.entered.set()
+        self.gate.wait(30)
+        self.longest = max(self.longest, len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)

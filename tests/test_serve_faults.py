@@ -17,7 +17,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from serve_helpers import LABELS, TEXTS, Server, call, send_big_body, train_like
+from serve_helpers import (
+    LABELS,
+    TEXTS,
+    Gated,
+    Server,
+    call,
+    free_port,
+    same_results,
+    same_rows,
+    send_big_body,
+    train_like,
+    wait_ready,
+)
 from typer.testing import CliRunner
 
 from lorakit.adapter_cache import MemoryFull, Settings, open_state, unload, use
@@ -73,45 +85,17 @@ def _alone(server: Server, names) -> dict:
     return {name: server.call("POST", "/v1/classify", {"adapter": name, "texts": TEXTS})[1]["results"] for name in names}
 
 
-def _close(got: list, want: list) -> bool:
-    """Two run_batch results for one request: per text, the same labels in the same order, probabilities within 1e-5."""
-    return len(got) == len(want) and all([l for l, _ in g] == [l for l, _ in w] and [p for _, p in g] ==
-                                          pytest.approx([p for _, p in w], abs=1e-5) for g, w in zip(got, want))
-
-
-def _same(got: list, want: list) -> bool:
-    return [r["label"] for r in got] == [r["label"] for r in want] and all(
-        g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5) for g, w in zip(got, want))
-
-
 # ---- the fault test: a real `lorakit serve` process ----
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, deadline: float) -> None:
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if call(url, "GET", "/health", timeout=2)[0] == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError("lorakit serve did not start within 120 s")
-
-
 def test_corrupt_adapter_fails_only_its_own_requests_and_sigterm_stops_the_server(bert_dir, dirs, tmp_path):
-    port, log = _free_port(), tmp_path / "serve.log"
+    port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(bert_dir), "--adapter",
                              f"news={dirs / 'pinned' / 'news'}", "--adapter-dir", str(dirs / "dir"), "--port",
                              str(port), "--max-wait-ms", "20"], cwd=ROOT, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        _wait_ready(proc, url, log, time.time() + 120)
+        wait_ready(proc, url, log, time.time() + 120)
         alone = {n: call(url, "POST", "/v1/classify", {"adapter": n, "texts": TEXTS})[1]["results"]
                  for n in ("news", "sentiment")}
         names = ["news", "broken", "sentiment", "news", "broken", "news"] * 10
@@ -122,9 +106,9 @@ def test_corrupt_adapter_fails_only_its_own_requests_and_sigterm_stops_the_serve
                 assert status == 422 and "'broken' could not be loaded" in body["error"], body
                 assert str(dirs) not in body["error"]  # no absolute server path
             else:
-                assert status == 200 and _same(body["results"], alone[name]), (name, body)
+                assert status == 200 and same_results(body["results"], alone[name]), (name, body)
         status, body = call(url, "POST", "/v1/classify", {"adapter": "news", "texts": TEXTS})
-        assert status == 200 and _same(body["results"], alone["news"])
+        assert status == 200 and same_results(body["results"], alone["news"])
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -157,22 +141,6 @@ def test_max_body_bytes_is_the_limit(serving):
     assert server.call("POST", "/v1/classify", small)[0] == 200
     status, body = server.call("POST", "/v1/classify", {"adapter": "news", "texts": ["x" * 1001]})
     assert status == 413 and "--max-body-bytes 1,000" in body["error"]
-
-
-class Gated:
-    """A tokenizer whose calls wait until `gate` is set (at most 30 s), saying when the first one started."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.entered, self.gate, self.longest = tokenizer, threading.Event(), threading.Event(), 0
-
-    def __call__(self, text, **kwargs):
-        self.entered.set()
-        self.gate.wait(30)
-        self.longest = max(self.longest, len(text))
-        return self.tokenizer(text, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
 
 
 def test_tokenizing_runs_off_the_event_loop_so_health_answers_meanwhile(bert_dir, dirs):
@@ -252,7 +220,7 @@ def test_pinned_adapters_cannot_be_deleted_and_racing_loads_of_one_name_get_409(
     before = _alone(server, ["news"])["news"]
     status, body = server.call("DELETE", "/v1/adapters/news")
     assert status == 409 and "pinned" in body["error"]
-    assert _same(_alone(server, ["news"])["news"], before)
+    assert same_results(_alone(server, ["news"])["news"], before)
     assert {a["name"]: a["pinned"] for a in server.call("GET", "/v1/adapters")[1]["adapters"]}["news"]
     with ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(lambda _: server.call("POST", "/v1/adapters", {"name": "race", "path": "extra"})[0],
@@ -301,8 +269,8 @@ def test_adapters_that_fit_only_one_at_a_time_are_served_in_turn(bert_dir, dirs)
     results = run_batch(state, [Item("classify", "sentiment", ids), Item("classify", "extra", ids),
                                 Item("classify", "news", ids), Item("classify", "sentiment", ids[:1])])
     assert not any(isinstance(r, BaseException) for r in results), results
-    assert _close(results[0], alone["sentiment"]) and _close(results[1], alone["extra"])
-    assert _close(results[3], alone["sentiment"][:1])
+    assert same_rows(results[0], alone["sentiment"]) and same_rows(results[1], alone["extra"])
+    assert same_rows(results[3], alone["sentiment"][:1])
     assert results[2][0][0][0] in LABELS["news"]
     assert state.stats["evictions"] > evictions  # they took turns
 
@@ -415,4 +383,4 @@ def test_the_server_runs_on_the_gpu_when_there_is_one(bert_dir, dirs, monkeypatc
     assert next(p for n, p in state.model.named_parameters() if "lora_A" in n).device.type == "cuda"
     monkeypatch.setattr(lorakit.adapter_cache, "default_device", lambda: torch.device("cpu"))
     on_cpu = run_batch(open_state(_settings(bert_dir, dirs)), batch)
-    assert _close(on_gpu[0], on_cpu[0]) and _close(on_gpu[1], on_cpu[1])
+    assert same_rows(on_gpu[0], on_cpu[0]) and same_rows(on_gpu[1], on_cpu[1])
