@@ -102,7 +102,8 @@ def open_state(settings: Settings) -> State:
     task = task_of(path, first, settings.task)
     device = default_device()  # the GPU when there is one, as predict
     net, tokenizer = load_model(path, task, device=device)
-    state = State(settings, net.to(device).eval(), tokenizer, task, path, Path(path).name if Path(path).is_dir() else path)
+    name = Path(path).resolve().name if Path(path).is_dir() else path  # a hub id is no secret
+    state = State(settings, net.to(device).eval(), tokenizer, task, path, name)
     state.private = _private_paths(settings, path, state.model_name)
     for name, directory in settings.adapters.items():
         state.paths[name] = Path(directory)
@@ -114,13 +115,15 @@ def open_state(settings: Settings) -> State:
 
 
 def _private_paths(settings: Settings, model_path: str, model_name: str) -> list[tuple[str, str]]:
-    # The server's own paths as messages may hold them (given and resolved), and the names clients see instead.
-    pairs = []
-    for given, label in [(model_path, model_name), *((d, f"<adapter {n}>") for n, d in settings.adapters.items())]:
-        pairs += [(str(Path(given)), label), (str(Path(given).resolve()), label)]
-    if settings.adapter_dir is not None:
-        for root in {str(Path(settings.adapter_dir)), str(Path(settings.adapter_dir).resolve())}:
-            pairs += [(root + "/", ""), (root, "--adapter-dir")]
+    # The server's absolute paths as messages may hold them (as given and resolved), and what clients see instead.
+    def absolute(given: str) -> set[str]:
+        return {p for p in (str(Path(given)), str(Path(given).resolve())) if Path(p).is_absolute()}
+
+    pairs = [(p, model_name) for p in absolute(model_path) if Path(model_path).is_dir()]
+    for name, directory in settings.adapters.items():
+        pairs += [(p, f"<adapter {name}>") for p in absolute(directory)]
+    for root in absolute(settings.adapter_dir) if settings.adapter_dir is not None else ():
+        pairs += [(root + "/", ""), (root, "--adapter-dir")]
     return sorted(set(pairs), key=lambda pair: -len(pair[0]))
 
 
