@@ -366,8 +366,9 @@ def serve(
     adapter_memory_mb: float = typer.Option(1024.0, help="Memory budget of the loaded adapters, MiB."),
     no_batching: bool = typer.Option(False, "--no-batching", help="One request at a time with set_adapter "
                                      "(the baseline the serving benchmark compares with)."),
-    max_body_bytes: int = typer.Option(2_000_000, help="Largest request body; past it 413, before more is read."),
-    max_concurrent_requests: int = typer.Option(256, help="Requests in progress at once; past it 429."),
+    max_body_bytes: int = typer.Option(2_000_000, min=1, help="Largest request body; past it 413, before more is "
+                                       "read."),
+    max_concurrent_requests: int = typer.Option(256, min=1, help="Requests in progress at once; past it 429."),
     api_key: Optional[str] = typer.Option(None, envvar="LORAKIT_API_KEY", show_default=False, help="Every route "
                                           "but /health then needs 'Authorization: Bearer KEY' (else 401)."),
     allow_adapter_management: bool = typer.Option(False, "--allow-adapter-management", help="Let clients load and "
