@@ -210,7 +210,7 @@ def start_server(path: str, adapter_dir: Path, batching: bool, log: Path) -> tup
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", path, "--task", "classify", "--adapter-dir",
-           str(adapter_dir), "--port", str(port)] + ([] if batching else ["--no-batching"])
+           str(adapter_dir), "--port", str(port), "--allow-adapter-management"] + ([] if batching else ["--no-batching"])
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the servers use the threads we use
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), port
 

@@ -29,3 +29,10 @@ class ServeError(ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+class MemoryFull(ServeError):
+    """The adapters that must stay loaded leave no room for one more (503 when it does not fit even alone)."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message)

@@ -2,90 +2,35 @@
 errors while correct requests keep working, concurrent requests batched, adapters loaded, unloaded and evicted."""
 
 import json
-import threading
-import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
+from serve_helpers import LABELS, TEXTS, Server, train_like
 from typer.testing import CliRunner
 
 import lorakit
-from lorakit.adapters.parts import task_heads
-from lorakit.io import models
-from lorakit.training.tasks import TASKS
-from lorakit.training.rundir import LABELS_FILE, write_json
-from lorakit.serving.cache import Settings, ensure, open_state
-from lorakit.errors import ServeError
+from lorakit.errors import MemoryFull
+from lorakit.serving.cache import Settings, open_state, use
 from lorakit.cli.main import app as cli
-from lorakit.adapters.parts import saved_modules
 from lorakit.serving.app import create_app
-
-LABELS = {"news": ["World", "Sports", "Business"], "sentiment": ["negative", "positive"], "extra": ["a", "b", "c", "d"]}
-TEXTS = ["striker scores in the league final", "shares fall as investors fret", "summit ends without a treaty"]
-
-
-def _train_like(model_dir, task, out, labels=None, seed=0, targets=("query", "value")):
-    """An adapter saved as `lorakit train` saves one: random B and head, so that it changes the output."""
-    net, _ = models.load_model(str(model_dir), TASKS[task], labels)
-    config = lorakit.LoraConfig(r=4, alpha=8, targets=list(targets), init="random",
-                                modules_to_save=task_heads(net, "SEQ_CLS") if task == "classify" else None)
-    torch.manual_seed(seed)
-    lorakit.inject(net, config)
-    with torch.no_grad():
-        for wrapper in saved_modules(net).values():
-            for p in wrapper.modules_to_save["default"].parameters():
-                p.normal_()
-    lorakit.save_adapter(net, out)
-    if labels:
-        write_json(out / LABELS_FILE, labels)
-    return out
 
 
 @pytest.fixture(scope="module")
 def classify_dirs(bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    _train_like(bert_dir, "classify", root / "pinned" / "news", LABELS["news"], seed=1)
-    _train_like(bert_dir, "classify", root / "dir" / "sentiment", LABELS["sentiment"], seed=2)
-    _train_like(bert_dir, "classify", root / "dir" / "extra", LABELS["extra"], seed=3)
+    train_like(bert_dir, "classify", root / "pinned" / "news", LABELS["news"], seed=1)
+    train_like(bert_dir, "classify", root / "dir" / "sentiment", LABELS["sentiment"], seed=2)
+    train_like(bert_dir, "classify", root / "dir" / "extra", LABELS["extra"], seed=3)
     (root / "outside").mkdir()
     return root
-
-
-class Server:
-    """uvicorn serving `app` in a thread on a free port of 127.0.0.1."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def call(self, method: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def server(bert_dir, classify_dirs):
     settings = Settings(model=str(bert_dir), adapters={"news": str(classify_dirs / "pinned" / "news")},
-                        adapter_dir=str(classify_dirs / "dir"), max_texts=8, max_batch_tokens=512, max_wait_ms=20)
+                        adapter_dir=str(classify_dirs / "dir"), max_texts=8, max_batch_tokens=512, max_wait_ms=20,
+                        allow_adapter_management=True)
     running = Server(create_app(open_state(settings)))
     yield running
     running.stop()
@@ -178,19 +123,18 @@ def test_least_recently_used_adapters_are_evicted_pinned_stay(bert_dir, classify
     settings = Settings(model=str(bert_dir), adapters={"news": str(classify_dirs / "pinned" / "news")},
                         adapter_dir=str(classify_dirs / "dir"))
     state = open_state(settings)
-    assert ensure(state, {"sentiment"}) == {}
+    assert use(state, "sentiment") is None
     one = state.loaded["sentiment"].bytes
     state.settings.adapter_memory_mb = (state.loaded["news"].bytes + one * 1.9) / 2**20  # room for one more only
-    assert ensure(state, {"extra"}) == {}
+    assert use(state, "extra") is None
     assert list(state.loaded) == ["news", "extra"] and state.stats["evictions"] == 1
-    assert ensure(state, {"sentiment"}) == {} and list(state.loaded) == ["news", "sentiment"]
-    failed = ensure(state, {"sentiment", "extra"})  # both needed by one batch and only one fits
-    assert isinstance(failed.get("extra") or failed.get("sentiment"), ServeError)
+    assert use(state, "sentiment") is None and list(state.loaded) == ["news", "sentiment"]
+    assert isinstance(use(state, "extra", keep=["sentiment"]), MemoryFull)  # both needed at once: only one fits
     assert "news" in state.loaded and sorted(lorakit.configs(state.model)) == sorted(state.loaded)
 
 
 def test_generate_gives_the_generation_lorakit_predict_gives(gpt2_dir, tmp_path):
-    adapter = _train_like(gpt2_dir, "causal-lm", tmp_path / "qa", targets=("c_attn",))
+    adapter = train_like(gpt2_dir, "causal-lm", tmp_path / "qa", targets=("c_attn",))
     settings = Settings(model=str(gpt2_dir), adapters={"qa": str(adapter)})
     running = Server(create_app(open_state(settings)))
     try:

@@ -326,6 +326,13 @@ def serve(
     adapter_memory_mb: float = typer.Option(1024.0, help="Memory budget of the loaded adapters, MiB."),
     no_batching: bool = typer.Option(False, "--no-batching", help="One request at a time with set_adapter "
                                      "(the baseline the serving benchmark compares with)."),
+    max_body_bytes: int = typer.Option(2_000_000, min=1, help="Largest request body; past it 413, before more is "
+                                       "read."),
+    max_concurrent_requests: int = typer.Option(256, min=1, help="Requests in progress at once; past it 429."),
+    api_key: Optional[str] = typer.Option(None, envvar="LORAKIT_API_KEY", show_default=False, help="Every route "
+                                          "but /health then needs 'Authorization: Bearer KEY' (else 401)."),
+    allow_adapter_management: bool = typer.Option(False, "--allow-adapter-management", help="Let clients load and "
+                                                  "unload adapters (POST/DELETE /v1/adapters; else 403)."),
 ):
     """Serve one base model with many adapters over HTTP; concurrent requests share mixed-adapter batches."""
     with user_errors():
@@ -343,5 +350,7 @@ def serve(
         settings = Settings(model=model, adapters=pinned, adapter_dir=adapter_dir, task=task, max_wait_ms=max_wait_ms,
                             max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_length=max_length,
                             max_new_tokens=max_new_tokens, adapter_memory_mb=adapter_memory_mb,
-                            batching=not no_batching)
+                            batching=not no_batching, max_body_bytes=max_body_bytes,
+                            max_concurrent_requests=max_concurrent_requests, api_key=api_key or None,
+                            allow_adapter_management=allow_adapter_management)
         run(settings, host, port)

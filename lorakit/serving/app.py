@@ -2,32 +2,54 @@
 requests into mixed-adapter forwards (batcher.py) and keeps adapters in an LRU under a memory budget (adapter_cache.py).
 
     POST   /v1/classify       {"adapter": "news", "texts": [...]}  ->  {"results": [{"label", "probabilities"}, ...]}
-    POST   /v1/generate       {"adapter", "prompt", "max_new_tokens": 40, "temperature": 0}  ->  {"generation": ...}
+    POST   /v1/generate       {"adapter", "prompt", "max_new_tokens": 40, "temperature": 0, "top_p": 1}
+                              ->  {"generation": ...}
     GET    /v1/adapters       the loaded adapters, LRU order, and the memory budget
-    POST   /v1/adapters       {"name", "path"}: load an adapter from a path under --adapter-dir
-    DELETE /v1/adapters/NAME  unload it
+    POST   /v1/adapters       {"name", "path"}: load an adapter from a path under --adapter-dir (with
+                              --allow-adapter-management only)
+    DELETE /v1/adapters/NAME  unload it (the same; never a pinned adapter)
     GET    /health            status and counters;  /docs: the OpenAPI docs
 
-Handlers run on the event loop and only validate, tokenize and decode (the tokenizer is used on that thread alone);
-model work runs on the batcher's worker thread. Every error is JSON, {"error": message}: 400 bad adapter name or
-task, 403/400 paths outside --adapter-dir, 404 unknown adapter, 409 name taken, 413 over a limit (named),
-422 malformed JSON or wrong types, 503 adapter memory full, 500 anything else; the server keeps serving.
+Before a request is read, serve_limits.Guard checks the API key, the number of requests in progress and the body's
+size. Handlers then validate on the event loop; tokenizing and decoding run on the batcher's tokenizer thread, model
+work and adapter loading on its worker thread, so /health answers whatever the requests. An adapter a request needs
+is loaded before the request joins a batch: an adapter that cannot be loaded fails its own requests alone.
+Every error is JSON, {"error": message}, and names no absolute server path: 400 bad adapter name, path or task,
+401 no or wrong API key, 403 adapter management off, 404 unknown adapter, 409 name taken or adapter pinned,
+413 over a limit (named), 422 malformed request or an adapter that cannot be loaded, 429 too many requests in
+progress, 503 adapter memory full with pinned adapters, 500 anything else; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from .cache import Settings, State, adapter_path, adapter_task, check_name, inside_adapter_dir
 from ..errors import ServeError
-from .cache import load, open_state, unload
+from ..training.tasks import CAUSAL_LM, CLASSIFY
+from .cache import Settings, State, adapter_task, add, check_name, inside_adapter_dir, open_state
+from .cache import public, remove, use
 from .batcher import Batcher, Item
+from .limits import Guard, encode
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate no tokenizer can take
+        raise ValueError(f"not valid Unicode: {e.reason} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class Strict(BaseModel):
@@ -36,19 +58,20 @@ class Strict(BaseModel):
 
 class ClassifyRequest(Strict):
     adapter: str
-    texts: list[str] = Field(min_length=1)
+    texts: list[Text] = Field(min_length=1)
 
 
 class GenerateRequest(Strict):
     adapter: str
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     max_new_tokens: int = Field(40, ge=1)
-    temperature: float = Field(0.0, ge=0.0)  # 0: greedy, as `lorakit predict`
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)  # 0: greedy, as `lorakit predict`
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
 
 
 class LoadRequest(Strict):
     name: str
-    path: str
+    path: Text
 
 
 def create_app(state: State) -> FastAPI:
@@ -62,11 +85,16 @@ def create_app(state: State) -> FastAPI:
         task = asyncio.create_task(batcher.run())
         yield
         task.cancel()
-        batcher.worker.shutdown(wait=True)
+        batcher.close()  # never waits for a batch in progress: shutting down stays prompt
 
+    limits = state.settings
     app = FastAPI(title="lorakit serve", lifespan=lifespan,
                   description="One base model, many LoRA adapters; concurrent requests share mixed-adapter batches.")
-    _error_handlers(app)
+    app.state.batcher = batcher
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limits.max_body_bytes)  # counts chunked bodies
+    app.add_middleware(Guard, api_key=limits.api_key, max_concurrent=limits.max_concurrent_requests,
+                       max_body_bytes=limits.max_body_bytes)  # added last: runs first
+    _error_handlers(app, state)
     _adapter_routes(app, state, batcher)
     _task_routes(app, state, batcher)
     return app
@@ -78,7 +106,7 @@ def _adapter_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.model_path, "task": state.task, "batching": limits.batching,
+        return {"status": "ok", "model": state.model_name, "task": state.task.name, "batching": limits.batching,
                 "loaded": len(state.loaded), **state.stats}
 
     @app.get("/v1/adapters")
@@ -90,53 +118,77 @@ def _adapter_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(body: LoadRequest):
+        _check_management(limits)
         check_name(body.name)
-        if body.name in state.loaded:
-            raise ServeError(409, f"adapter {body.name!r} is already loaded; DELETE /v1/adapters/{body.name} first")
         path = inside_adapter_dir(state, body.path)
-        entry = await batcher.call(load, state, body.name, path)
-        state.paths[body.name] = path
+        entry = await batcher.call(add, state, body.name, path)  # 409 for a name taken, checked where loads are serial
         return {"name": body.name, "bytes": entry.bytes, "labels": entry.labels}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
+        _check_management(limits)
         check_name(name)
-        await batcher.call(unload, state, name)
-        state.paths.pop(name, None)
+        await batcher.call(remove, state, name)  # 409 for a pinned adapter
         return {"unloaded": name}
 
 
+def _check_management(limits: Settings) -> None:
+    if not limits.allow_adapter_management:
+        raise ServeError(403, "loading and unloading adapters over HTTP is off: start the server with "
+                              "--allow-adapter-management (adapters under --adapter-dir still load on first use)")
+
+
 def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
-    """/v1/classify and /v1/generate: checked, tokenized here, batched and run by the batcher."""
+    """/v1/classify and /v1/generate: checked, their adapter loaded, tokenized off the event loop, then batched."""
     limits = state.settings
+    positions = getattr(state.model.config, "max_position_embeddings", None) or float("inf")
+    text_tokens = int(min(limits.max_length, positions))
 
     @app.post("/v1/classify")
-    async def classify(body: ClassifyRequest):
-        _check_adapter(state, body.adapter, "classify")
+    async def classify(body: ClassifyRequest, request: Request):
         if len(body.texts) > limits.max_texts:
             raise ServeError(413, f"too many texts: {len(body.texts)} > --max-texts {limits.max_texts}")
-        ids = state.tokenizer(body.texts, truncation=True, max_length=limits.max_length)["input_ids"]
-        _check_tokens(len(ids) * max(map(len, ids)), limits, f"{len(ids)} texts of up to {limits.max_length} tokens")
-        rows = await batcher.submit(Item("classify", body.adapter, ids))
+        await _ready(state, batcher, body.adapter, CLASSIFY.endpoint)
+        ids = await batcher.tokenize(lambda: [encode(state.tokenizer, t, text_tokens, True) for t in body.texts])
+        _check_tokens(len(ids) * max(map(len, ids)), limits, f"{len(ids)} texts of up to {text_tokens} tokens")
+        rows = await batcher.submit(Item("classify", body.adapter, ids, disconnected=request.is_disconnected))
         return {"results": [{"label": ranked[0][0], "probabilities": dict(ranked)} for ranked in rows]}
 
     @app.post("/v1/generate")
-    async def generate(body: GenerateRequest):
-        _check_adapter(state, body.adapter, "causal-lm")
+    async def generate(body: GenerateRequest, request: Request):
         if body.max_new_tokens > limits.max_new_tokens:
             raise ServeError(413, f"max_new_tokens {body.max_new_tokens} > --max-new-tokens {limits.max_new_tokens}")
-        ids = state.tokenizer(body.prompt)["input_ids"]
-        _check_tokens(len(ids) + body.max_new_tokens, limits, "prompt tokens + max_new_tokens")
-        rows = await batcher.submit(Item("generate", body.adapter, [ids], (body.max_new_tokens, body.temperature)))
-        return {"generation": state.tokenizer.decode(rows[0], skip_special_tokens=True)}
+        await _ready(state, batcher, body.adapter, CAUSAL_LM.endpoint)
+        room = int(min(positions, limits.max_batch_tokens)) - body.max_new_tokens  # the most prompt tokens
+        ids = await batcher.tokenize(encode, state.tokenizer, body.prompt, room, False) if room > 0 else None
+        if ids is None:
+            raise _too_long(body.max_new_tokens, positions, limits)
+        if not ids:
+            raise ServeError(422, "the prompt has no tokens")
+        options = (body.max_new_tokens, body.temperature, body.top_p)
+        rows = await batcher.submit(Item("generate", body.adapter, [ids], options, disconnected=request.is_disconnected))
+        decode = functools.partial(state.tokenizer.decode, rows[0], skip_special_tokens=True)
+        return {"generation": await batcher.tokenize(decode)}
 
 
-def _check_adapter(state: State, name: str, task: str) -> None:
-    adapter_path(state, name)  # 400 for a bad name, 404 for an unknown adapter
-    found = adapter_task(state, name)
-    if found != task:
-        endpoint = "/v1/generate" if found == "causal-lm" else "/v1/classify"
-        raise ServeError(400, f"adapter {name!r} is a {found} adapter: use {endpoint}")
+async def _ready(state: State, batcher: Batcher, name: str, endpoint: str) -> None:
+    """Check that adapter `name` exists and is served at `endpoint`, and load it now if it is not: a failure to load is
+    this request's error, before it can join a batch with others."""
+    found = adapter_task(state, name)  # 400 for a bad name, 404 for an unknown adapter, 422 an unreadable config
+    if found.endpoint != endpoint:
+        raise ServeError(400, f"adapter {name!r} is a {found.name} adapter: use {found.endpoint}")
+    if name not in state.loaded:
+        error = await batcher.call(use, state, name)
+        if error is not None:
+            raise error
+
+
+def _too_long(max_new_tokens: int, positions: float, limits: Settings) -> ServeError:
+    if positions <= limits.max_batch_tokens:
+        return ServeError(422, f"prompt tokens + max_new_tokens {max_new_tokens} are more than the model's "
+                               f"{int(positions)} positions")
+    return ServeError(413, f"too many tokens: prompt tokens + max_new_tokens {max_new_tokens} > --max-batch-tokens "
+                           f"{limits.max_batch_tokens}")
 
 
 def _check_tokens(tokens: int, limits: Settings, what: str) -> None:
@@ -144,12 +196,12 @@ def _check_tokens(tokens: int, limits: Settings, what: str) -> None:
         raise ServeError(413, f"too many tokens: {what} make {tokens} > --max-batch-tokens {limits.max_batch_tokens}")
 
 
-def _error_handlers(app: FastAPI) -> None:
-    """Every error as JSON {"error": message}."""
+def _error_handlers(app: FastAPI, state: State) -> None:
+    """Every error as JSON {"error": message}, with no absolute server path in it."""
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, e: ServeError):
-        return JSONResponse({"error": e.message}, status_code=e.status)
+        return JSONResponse({"error": public(state, e.message)}, status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -158,15 +210,20 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+        if e.status_code == 413:  # a body without Content-Length, counted by RequestBodyLimitMiddleware as it came
+            message = f"request body over --max-body-bytes {state.settings.max_body_bytes:,}"
+        else:
+            message = str(e.detail)
+        return JSONResponse({"error": message}, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
-        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+        return JSONResponse({"error": public(state, f"internal error: {type(e).__name__}: {e}")}, status_code=500)
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Load the model and the pinned adapters, then serve until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(open_state(settings)), host=host, port=port, log_level="info")
+    # SIGTERM: stop taking requests and give those in progress a few seconds, then exit whatever they do.
+    uvicorn.run(create_app(open_state(settings)), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -1,21 +1,27 @@
 """Dynamic batching for `lorakit serve`: requests gathered into mixed-adapter batches, run on one worker thread.
 
 The batcher (an asyncio task) takes queued requests, waiting up to max_wait_ms for more when the queue is empty, up to
-max_batch_tokens padded tokens, whatever their adapters. The worker thread loads and evicts adapters (adapter_cache)
-and runs one routed forward, or one generate, per kind of request in the batch: each row through its own adapter and
-head (routing.route). Results go back to each request's future; a failure fails only its own requests.
+max_batch_tokens padded tokens, whatever their adapters, and drops those whose client has gone. The worker thread
+loads and evicts adapters (adapter_cache) and runs one routed forward, or one generate, per kind of request in the
+batch: each row through its own adapter and head (routing.route). When the batch's adapters do not fit in memory
+together, it runs in groups that do, one after the other. Results go back to each request's future; a failure
+(an adapter that cannot be loaded, a forward that raises) fails only its own requests. Tokenizing and decoding run on
+a second thread of their own (the tokenizer is used there alone), so that the event loop only ever waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .cache import State, ensure
+from ..errors import MemoryFull, ServeError
+from .cache import State, use
+from .generation import Sampling
 from ..adapters.inject import set_adapter
 from ..adapters.routing import route
 
@@ -27,8 +33,9 @@ class Item:
     kind: str  # classify | generate
     adapter: str
     ids: list[list[int]]
-    options: tuple = ()  # generate: (max_new_tokens, temperature)
+    options: tuple = ()  # generate: (max_new_tokens, temperature, top_p)
     future: asyncio.Future | None = None
+    disconnected: Callable[[], Awaitable[bool]] | None = None  # whether the client has gone (Request.is_disconnected)
 
     def padded(self) -> tuple[int, int]:
         extra = self.options[0] if self.kind == "generate" else 0
@@ -38,34 +45,56 @@ class Item:
 # ---- one batch on the worker thread ----
 
 def run_batch(state: State, batch: list[Item]) -> list:
-    """Results (or exceptions) for every item of `batch`: adapters loaded, then one forward per kind of request."""
-    failed = ensure(state, {item.adapter for item in batch})
-    results = {id(item): failed[item.adapter] for item in batch if item.adapter in failed}
-    groups = {}
-    for item in batch:
-        if item.adapter not in failed:
+    """Results (or exceptions) for every item of `batch`: per group of adapters that fit in memory together, the
+    adapters loaded, then one forward per kind of request."""
+    results = {}
+    for items in fitting_groups(state, batch, results):
+        groups = {}
+        for item in items:
             groups.setdefault((item.kind, item.options), []).append(item)
-    for (kind, options), items in groups.items():
-        try:
-            rows = (classify_rows if kind == "classify" else generate_rows)(state, items)
-        except Exception as e:  # a failed forward fails its requests, never the server
-            rows = [e] * len(items)
-        results.update({id(item): r for item, r in zip(items, rows)})
+        for (kind, options), same in groups.items():
+            try:
+                rows = (classify_rows if kind == "classify" else generate_rows)(state, same)
+            except Exception as e:  # noqa: BLE001 (a failed forward fails its requests, never the server)
+                rows = [e] * len(same)
+            results.update({id(item): r for item, r in zip(same, rows)})
     state.stats["batches"] += 1
     state.stats["requests"] += len(batch)
     state.stats["rows"] += sum(len(item.ids) for item in batch)
     return [results[id(item)] for item in batch]
 
 
-def padded_batch(ids: list[list[int]], pad: int, left: bool) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask padded to the longest row (on the left for generation)."""
+def fitting_groups(state: State, batch: list[Item], results: dict):
+    """The items of `batch` in groups whose adapters are loaded together, each group yielded once its adapters are
+    in memory (the next group may evict them). An adapter that cannot be loaded, or does not fit even alone, puts
+    its error in `results` for its own items."""
+    by_adapter = {}
+    for item in batch:
+        by_adapter.setdefault(item.adapter, []).append(item)
+    group = []
+    for name, items in by_adapter.items():
+        error = use(state, name, keep=group)
+        if isinstance(error, MemoryFull) and group:  # run what fits, then start over with this adapter
+            yield [item for n in group for item in by_adapter[n]]
+            group = []
+            error = use(state, name)
+        if error is None:
+            group.append(name)
+        else:
+            results.update({id(item): error for item in items})
+    if group:
+        yield [item for n in group for item in by_adapter[n]]
+
+
+def padded_batch(ids: list[list[int]], pad: int, left: bool, device="cpu") -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask padded to the longest row (on the left for generation), on `device`."""
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
         where = slice(width - len(row), width) if left else slice(0, len(row))
         input_ids[i, where], mask[i, where] = torch.tensor(row, dtype=torch.long), 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 @contextlib.contextmanager
@@ -83,7 +112,8 @@ def _adapters_of(state: State, names: list[str]):
 def classify_rows(state: State, items: list[Item]) -> list[list[tuple[str, float]]]:
     """Per item, per text: (label, probability) pairs of the adapter's own labels, most probable first."""
     names = [item.adapter for item in items for _ in item.ids]
-    batch = padded_batch([row for item in items for row in item.ids], state.tokenizer.pad_token_id or 0, left=False)
+    batch = padded_batch([row for item in items for row in item.ids], state.tokenizer.pad_token_id or 0, left=False,
+                         device=state.model.device)
     with _adapters_of(state, names):
         logits = state.model(**batch).logits.float()
     out, i = [], 0
@@ -97,14 +127,14 @@ def classify_rows(state: State, items: list[Item]) -> list[list[tuple[str, float
 
 @torch.no_grad()
 def generate_rows(state: State, items: list[Item]) -> list[list[list[int]]]:
-    """Per item, per prompt: the generated token ids (all items share max_new_tokens and temperature)."""
-    max_new_tokens, temperature = items[0].options
+    """Per item, per prompt: the generated token ids (all items share max_new_tokens, temperature and top_p)."""
+    max_new_tokens, temperature, top_p = items[0].options
     names = [item.adapter for item in items for _ in item.ids]
     pad = state.tokenizer.pad_token_id or 0
-    batch = padded_batch([row for item in items for row in item.ids], pad, left=True)
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    batch = padded_batch([row for item in items for row in item.ids], pad, left=True, device=state.model.device)
+    sampling = Sampling(max_new_tokens, temperature, top_p).generate_kwargs()
     with _adapters_of(state, names):
-        ids = state.model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+        ids = state.model.generate(**batch, pad_token_id=pad, **sampling)
     new = ids[:, batch["input_ids"].shape[1]:].tolist()
     out, i = [], 0
     for item in items:
@@ -121,6 +151,7 @@ class Batcher:
     def __init__(self, state: State):
         self.state, self.queue, self.carry = state, asyncio.Queue(), None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-serve")
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-tokenize")
 
     async def submit(self, item: Item):
         item.future = asyncio.get_running_loop().create_future()
@@ -131,16 +162,40 @@ class Batcher:
         """fn(*args) on the worker thread, between batches."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
+    async def tokenize(self, fn, *args):
+        """fn(*args) on the tokenizer's thread: the event loop goes on answering meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+
     async def run(self) -> None:
         while True:
-            batch = await self.gather()
+            batch = [item for item in await self.gather() if not await self.abandoned(item)]
+            if not batch:
+                continue
             try:
                 results = await self.call(run_batch, self.state, batch)
-            except Exception as e:  # run_batch catches per group; this is the last line of defence
+            except Exception as e:  # noqa: BLE001 (run_batch catches per group; this is the last line of defence)
                 results = [e] * len(batch)
             for item, result in zip(batch, results):
                 if not item.future.done():  # a client that went away cancelled its future
                     (item.future.set_exception if isinstance(result, BaseException) else item.future.set_result)(result)
+
+    async def abandoned(self, item: Item) -> bool:
+        """Whether nobody waits for `item` any more (its client disconnected): then it is dropped, never computed."""
+        gone = item.future.done() or (item.disconnected is not None and await item.disconnected())
+        if gone:
+            _fail(item, ServeError(499, "the client closed the connection"))  # nginx's code; nobody reads it
+            self.state.stats["abandoned"] += 1
+        return gone
+
+    def close(self) -> None:
+        """Fail what is still queued and let the threads go (at shutdown)."""
+        stopping = ServeError(503, "the server is shutting down")
+        while not self.queue.empty():
+            _fail(self.queue.get_nowait(), stopping)
+        if self.carry is not None:
+            _fail(self.carry, stopping)
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     async def gather(self) -> list[Item]:
         first = self.carry or await self.queue.get()
@@ -160,3 +215,8 @@ class Batcher:
             batch.append(item)
             rows, longest = rows + n, max(longest, width)
         return batch
+
+
+def _fail(item: Item, error: ServeError) -> None:
+    if not item.future.done():
+        item.future.set_exception(error)
