@@ -1,0 +1,246 @@
+"""Preference tuning (lorakit/preference): the first step's loss, rewards and adapter gradients equal TRL's trainers
+(DPOTrainer: sigmoid DPO, IPO, cDPO via its `aot` loss on one pair; KTOTrainer; ORPOTrainer from trl.experimental) on
+a tiny Llama with the same data and the same initial adapter, in fp32; data checks; and training runs through
+`lorakit train --task dpo|ipo|orpo|kto`."""
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.data import DataError
+from lorakit.preference.data import PAIRED, UNPAIRED, collate_pairs, collate_unpaired, read_rows, tokenize_rows
+from lorakit.preference.objectives import OBJECTIVES, Settings, batch_loss
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+
+TOL = 1e-5
+PAIRS = [{"prompt": "hello there how are", "chosen": " you fine thanks", "rejected": " sports news"},
+         {"prompt": "what is the topic", "chosen": " world news", "rejected": " fine thanks what"},
+         {"prompt": "be brief", "chosen": " answer", "rejected": " question there is the topic"}]
+UNPAIRED_ROWS = [{"prompt": "hello there how are", "completion": " you fine thanks", "label": True},
+                 {"prompt": "what is the topic", "completion": " fine thanks what", "label": False},
+                 {"prompt": "be brief", "completion": " answer", "label": True},
+                 {"prompt": "how are you", "completion": " sports world news", "label": False}]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(chat_llama_dir, tmp_path_factory):
+    """A PEFT adapter on q_proj/v_proj with random A and B (B not zero: the policy differs from the base)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(chat_llama_dir, dtype=torch.float32),
+                                peft_lora_config())
+    path = tmp_path_factory.mktemp("random-adapter")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned_adapter_dir(chat_llama_dir, adapter_dir, tmp_path_factory):
+    """The random adapter after a few steps of supervised tuning on UNPAIRED_ROWS' completions after every prompt:
+    the policy then likes the mismatched pairs better than the base does, so that KTO's KL estimate is positive (a
+    random adapter's is negative and clamped to 0) and its reference point takes part."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama_dir)
+    rows = tokenize_rows(UNPAIRED_ROWS, tokenizer, 64, None, "rows", paired=False).rows
+    batch = collate_unpaired(rows, tokenizer.pad_token_id, 64)
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chat_llama_dir, dtype=torch.float32),
+                                           adapter_dir, is_trainable=True)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(10):
+        for prefix in ("", "KL_"):
+            labels = batch[prefix + "input_ids"].masked_fill(batch[prefix + "completion_mask"] == 0, -100)
+            model(input_ids=batch[prefix + "input_ids"], attention_mask=batch[prefix + "attention_mask"],
+                  labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path_factory.mktemp("tuned-adapter")
+    model.save_pretrained(path)
+    return path
+
+
+def peft_lora_config():
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           init_lora_weights=False, task_type="CAUSAL_LM")
+
+
+def trl_trainer(kind: str, model_dir, adapter_dir, rows, ref_copy: bool = False, **args):
+    """TRL's trainer for `kind` (its own tokenisation of `rows`) on a PEFT model holding the random adapter: as a new
+    adapter (TRL then takes the base, adapters off, as reference) or, with `ref_copy`, as a pretrained adapter (TRL
+    then keeps a frozen copy of it named "ref" as reference)."""
+    from datasets import Dataset
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    common = dict(output_dir=str(Path(adapter_dir) / f"trl-{kind}"), report_to=[], use_cpu=True, bf16=False,
+                  per_device_train_batch_size=len(rows), max_length=64, **args)
+    data = Dataset.from_list(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "kto":
+            trainer = trl.KTOTrainer(model=base, args=trl.KTOConfig(**common), train_dataset=data,
+                                     processing_class=tokenizer, peft_config=peft_lora_config())
+        elif kind == "orpo":
+            from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+            trainer = ORPOTrainer(model=base, args=ORPOConfig(**common), train_dataset=data,
+                                  processing_class=tokenizer, peft_config=peft_lora_config())
+        elif ref_copy:
+            model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+            trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**common), train_dataset=data,
+                                     processing_class=tokenizer)
+        else:
+            trainer = trl.DPOTrainer(model=base, args=trl.DPOConfig(**common), train_dataset=data,
+                                     processing_class=tokenizer, peft_config=peft_lora_config())
+    if not ref_copy:
+        set_peft_model_state_dict(trainer.model, load_file(Path(adapter_dir) / "adapter_model.safetensors"))
+    trainer.model.train()
+    return trainer
+
+
+def lorakit_model(model_dir, adapter_dir, ref_copy: bool = False):
+    """The tiny Llama with the same adapter loaded by lorakit, trainable (and a frozen copy named "ref")."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lorakit.load_adapter(model, adapter_dir, trainable=True)
+    if ref_copy:
+        lorakit.load_adapter(model, adapter_dir, name="ref")
+    return model.train()
+
+
+def adapter_grads(model) -> dict:
+    """{PEFT-style parameter path: gradient} of the trained ("default") adapter."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            name = name.removeprefix("base_model.model.").removesuffix(".weight")
+            out[name] = p.grad.detach().clone()
+    return out
+
+
+def assert_same_grads(ours: dict, theirs: dict):
+    assert sorted(ours) == sorted(theirs) and len(ours) == 8
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=TOL, rtol=0, msg=name)
+    assert any(g.abs().max() > 1e-3 for g in ours.values())  # the comparison is not between zeros
+
+
+def last(metrics: dict) -> dict:
+    return {k: v[-1] for k, v in metrics.items()}
+
+
+def run_lorakit(kind, model_dir, adapter_dir, rows, ref_copy=False, **settings):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    objective = OBJECTIVES[kind]
+    tokenized = tokenize_rows(rows, tokenizer, 64, None, "rows", paired=objective.paired)
+    batch = objective.collate(tokenizer.pad_token_id, 64)(tokenized.rows)
+    model = lorakit_model(model_dir, adapter_dir, ref_copy)
+    loss, metrics = batch_loss(objective, Settings(precision="fp32", max_length=64, **settings), model, batch)
+    loss.backward()
+    return loss.item(), metrics, adapter_grads(model), batch
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_first_step_equal_trl(chat_llama_dir, adapter_dir, loss_type):
+    trainer = trl_trainer("dpo", chat_llama_dir, adapter_dir, PAIRS, beta=0.2, loss_type=[loss_type])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+    kind = "dpo" if loss_type == "sigmoid" else "ipo"
+    loss, metrics, grads, ours_batch = run_lorakit(kind, chat_llama_dir, adapter_dir, PAIRS, beta=0.2)
+    assert torch.equal(ours_batch["input_ids"], batch["input_ids"])  # TRL's tokenisation, EOS included
+    assert torch.equal(ours_batch["completion_mask"], batch["completion_mask"])
+    assert loss == pytest.approx(theirs.item(), abs=TOL) and abs(loss - math.log(2)) > 1e-3
+    reference = last(trainer._metrics["train"])
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected"):
+        assert metrics[key] == pytest.approx(reference[key], abs=TOL), key
+    assert_same_grads(grads, adapter_grads(trainer.model))
+
+
+def test_ref_adapter_equals_trl_with_a_pretrained_adapter(chat_llama_dir, adapter_dir):
+    """A pretrained adapter: TRL keeps a frozen copy named "ref" as reference, as --ref-adapter does."""
+    trainer = trl_trainer("dpo", chat_llama_dir, adapter_dir, PAIRS, ref_copy=True)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+    loss, metrics, grads, _ = run_lorakit("dpo", chat_llama_dir, adapter_dir, PAIRS, ref_copy=True)
+    assert loss == pytest.approx(theirs.item(), abs=TOL) and loss == pytest.approx(math.log(2), abs=1e-7)
+    assert metrics["rewards/margins"] == 0.0
+    assert_same_grads(grads, adapter_grads(trainer.model))
+
+
+def test_cdpo_equals_trl_aot_on_one_pair(chat_llama_dir, adapter_dir):
+    """trl 1.16's sigmoid loss has no label smoothing; its `aot` loss sorts log-ratios over the batch and, for one
+    pair, is exactly conservative DPO."""
+    rows = PAIRS[:1]
+    trainer = trl_trainer("dpo", chat_llama_dir, adapter_dir, rows, loss_type=["aot"], label_smoothing=0.2)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+    loss, _, grads, _ = run_lorakit("dpo", chat_llama_dir, adapter_dir, rows, label_smoothing=0.2)
+    assert loss == pytest.approx(theirs.item(), abs=TOL)
+    assert_same_grads(grads, adapter_grads(trainer.model))
+
+
+def test_kto_first_step_equals_trl(chat_llama_dir, tuned_adapter_dir):
+    adapter_dir = tuned_adapter_dir
+    trainer = trl_trainer("kto", chat_llama_dir, adapter_dir, UNPAIRED_ROWS, beta=0.3, desirable_weight=1.5,
+                          undesirable_weight=0.7)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(UNPAIRED_ROWS))])
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+    loss, metrics, grads, ours_batch = run_lorakit("kto", chat_llama_dir, adapter_dir, UNPAIRED_ROWS, beta=0.3,
+                                                   desirable_weight=1.5, undesirable_weight=0.7)
+    assert torch.equal(ours_batch["KL_input_ids"], batch["KL_input_ids"])  # the same mismatched pairs
+    assert loss == pytest.approx(theirs.item(), abs=TOL)
+    reference = last(trainer._metrics["train"])
+    assert reference["kl"] > 0  # the KL term takes part
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert metrics[key] == pytest.approx(reference[key], abs=TOL), key
+    assert_same_grads(grads, adapter_grads(trainer.model))
+
+
+def test_orpo_odds_ratio_term_equals_trl(chat_llama_dir, adapter_dir):
+    """ORPO (trl.experimental.orpo in trl 1.16) on TRL's own batch: log-probabilities, rewards, log odds and the
+    odds-ratio term's gradients equal; the NLL differs by design (TRL's counts the prompt tokens, lorakit's the
+    chosen completion's only, as the paper's L_SFT), so it is checked against a plain cross-entropy."""
+    trainer = trl_trainer("orpo", chat_llama_dir, adapter_dir, PAIRS, beta=0.25)
+    raw = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    chosen_logps, rejected_logps, _, _, _ = trainer.concatenated_forward(trainer.model, raw)
+    terms, chosen_rewards, rejected_rewards, _, log_odds = trainer.odds_ratio_loss(chosen_logps, rejected_logps)
+    (-terms.mean()).backward()
+    # TRL's batch in lorakit's layout: chosen rows then rejected rows, the completion where labels are not -100.
+    cat = trainer.concatenated_inputs(raw, padding_value=trainer.padding_value)
+    batch = {"input_ids": cat["concatenated_input_ids"], "attention_mask": cat["concatenated_attention_mask"],
+             "completion_mask": (cat["concatenated_labels"] != -100).long()}
+    model = lorakit_model(chat_llama_dir, adapter_dir)
+    loss, metrics = batch_loss(OBJECTIVES["orpo"], Settings(beta=0.25, orpo_alpha=0.0), model, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(-terms.mean().item(), abs=TOL)
+    assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=TOL)
+    assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=TOL)
+    assert metrics["log_odds"] == pytest.approx(log_odds.item(), abs=TOL)
+    assert_same_grads(adapter_grads(model), adapter_grads(trainer.model))
+    # The NLL term: a cross-entropy over the chosen rows' completion tokens, computed here with torch alone.
+    with torch.no_grad():
+        n = len(PAIRS)
+        logits = model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n]).logits
+        labels = batch["input_ids"][:n].masked_fill(batch["completion_mask"][:n] == 0, -100)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        weighted, _ = batch_loss(OBJECTIVES["orpo"], Settings(beta=0.25, orpo_alpha=2.0), model, batch)
+    assert weighted.item() == pytest.approx(loss.item() + 2.0 * nll.item(), abs=TOL)
