@@ -45,7 +45,9 @@ def train(
                                           "dashes or underscores); flags given on the command line win."),
     model: Optional[str] = typer.Option(None, help="Hugging Face model id or local directory "
                                         "(default: the packaged sentence-transformers/all-MiniLM-L6-v2)"),
-    task: Optional[str] = typer.Option(None, help="classify | causal-lm (default: classify)"),
+    task: Optional[str] = typer.Option(None, help="classify | causal-lm | dpo | ipo | orpo | kto (preference "
+                                       "tuning: prompt/chosen/rejected rows; kto: prompt/completion/label) "
+                                       "(default: classify)"),
     data: Optional[str] = typer.Option(None, help="Training data: .csv, .tsv, .jsonl or .parquet file, or a Hugging "
                                        "Face dataset name (name or name:split). None: the shipped news demo."),
     eval_data: Optional[str] = typer.Option(None, help="Evaluation data, same formats."),
@@ -102,12 +104,28 @@ def train(
     report_to: Optional[str] = typer.Option(None, help="none | tensorboard | wandb: also send the log there "
                                             "(default: none)"),
     keep_best: bool = typer.Option(False, "--keep-best", help="The final adapter is the checkpoint with the best eval "
-                                   "metric (accuracy, or loss for causal-lm); needs --eval-data."),
+                                   "metric (accuracy, or loss for causal-lm and the preference tasks); needs --eval-data."),
     early_stopping: Optional[int] = typer.Option(None, help="Stop after N evaluations without a better eval metric."),
     save_total_limit: Optional[int] = typer.Option(None, help="Keep the newest K checkpoints (and the best), also "
                                                    "after the run (default: only the newest, removed at the end)"),
     sharding: Optional[str] = typer.Option(None, help="fsdp: shard the model across torchrun's processes (FSDP2: "
                                            "each holds 1/N of the frozen weights); none: DDP (default: none)"),
+    beta: Optional[float] = typer.Option(None, help="dpo/ipo/kto: how far the policy may move from the reference "
+                                         "(ipo's tau); orpo: the odds-ratio term's weight (default: 0.1)"),
+    label_smoothing: Optional[float] = typer.Option(None, help="dpo: cDPO, the probability that a pair's preference "
+                                                    "is flipped, in [0, 0.5) (default: 0)"),
+    ref_adapter: Optional[str] = typer.Option(None, help="dpo/ipo/kto: start from this (supervised) adapter; a frozen "
+                                              "copy of it is the reference, on the same base (its rank, alpha and "
+                                              "targets are used). Default: a fresh adapter, the base as reference."),
+    precompute_ref: bool = typer.Option(False, "--precompute-ref", help="dpo/ipo: compute the reference's "
+                                        "log-probabilities once before training, none per step."),
+    max_prompt_length: Optional[int] = typer.Option(None, help="Preference tasks: prompts longer than this keep "
+                                                    "their last tokens (default: no limit but --max-length)"),
+    orpo_alpha: Optional[float] = typer.Option(None, help="orpo: the weight of the chosen completions' NLL "
+                                               "(default: 1)"),
+    desirable_weight: Optional[float] = typer.Option(None, help="kto: weight of desirable rows' losses (default: 1)"),
+    undesirable_weight: Optional[float] = typer.Option(None, help="kto: weight of undesirable rows' losses "
+                                                       "(default: 1)"),
 ):
     """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
     flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}

@@ -19,6 +19,8 @@ from .distributed import World, barrier
 from .models import resolve_model
 from .packing import PackedCollator, attention_mode, pack
 from .prepare import Prepared, prepare
+from .preference.run import collator as preference_collator
+from .preference.run import is_preference, load_rows
 from .settings import ConfigError, TrainConfig
 
 DEMO_SOURCES = ("demo headlines (train)", "demo headlines (eval)")
@@ -54,6 +56,10 @@ def load_data(cfg: TrainConfig, world: World = World(), say=print) -> RunData:
         tokenizer = load_tokenizer(cfg.model)
         train, evaluation = run_examples(tables, cfg, tokenizer)
         return RunData(train, evaluation, tables.labels, tokenizer)
+    if is_preference(cfg.task):
+        tokenizer = load_tokenizer(cfg.model)
+        train, evaluation, chat = load_rows(cfg, tokenizer, say)
+        return RunData(train, evaluation, None, tokenizer, chat)
     return causal_data(cfg, load_tokenizer(cfg.model), world, say)
 
 
@@ -179,4 +185,6 @@ def train_collator(run_data: RunData, model, cfg: TrainConfig):
     as packing needs) or examples padded to the longest."""
     if cfg.packing:
         return PackedCollator(run_data.tokenizer.pad_token_id, attention_mode(model))
+    if is_preference(cfg.task):
+        return preference_collator(cfg, run_data.tokenizer.pad_token_id)
     return data.collator(run_data.tokenizer, cfg.task)

@@ -10,7 +10,7 @@ import torch
 from .precision import autocast
 
 # The metric shown in the plot and the summary, per task.
-MAIN_METRIC = {"classify": "accuracy", "causal-lm": "loss"}
+MAIN_METRIC = {"classify": "accuracy", "causal-lm": "loss", "dpo": "loss", "ipo": "loss", "orpo": "loss", "kto": "loss"}
 # Which way each metric improves: True if higher is better (--keep-best, --early-stopping).
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
 MAX_LOG_PERPLEXITY = 50.0  # exp(50) ~ 5e21: an untrained model's perplexity, reported without overflowing

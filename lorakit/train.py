@@ -23,6 +23,7 @@ from .inject import count_parameters, enable_gradient_checkpointing, quantized_w
 from .models import add_adapter, load_model, resolve_model
 from .optim import optimizer as make_optimizer
 from .precision import NAMES, compute_dtype, fast_bf16, resolve
+from .preference import run as preference
 from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log, check_output, clear_run,
                      first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
                      restore_trainable, save_chat_template, save_checkpoint, start_files, write_json)
@@ -51,13 +52,18 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
 
     model, _, adapter = setup_model(cfg, run_data.labels, world)
+    if preference.is_preference(cfg.task):  # --precompute-ref: the reference's log-probabilities, once
+        run_data.train, run_data.eval = preference.with_reference(model, run_data.train, run_data.eval, cfg,
+                                                                  run_data.tokenizer.pad_token_id, say)
     batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
     loop = plan(cfg, batches.per_epoch)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
     state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)
 
     check = None
-    if len(run_data.eval):
+    if len(run_data.eval) and preference.is_preference(cfg.task):
+        check = preference.evaluator(model, run_data.eval, cfg, run_data.tokenizer.pad_token_id)
+    elif len(run_data.eval):
         check = partial(evaluate, model, run_data.eval, collator(run_data.tokenizer, cfg.task), cfg.task,
                         cfg.batch_size, cfg.precision)
     reporter = open_reporter(cfg.report_to, out, resolved(cfg, adapter.targets),
@@ -99,9 +105,11 @@ def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
     # Sharded, the model loads into host memory and fully_shard moves each process's shards to the device: the
     # device never holds the whole model, quantized or not.
     device = torch.device("cpu") if cfg.sharding == "fsdp" else world.device
-    model, tokenizer = load_model(path, cfg.task, labels, cfg.dtype, cfg.quantize, compute, device)
+    task = preference.MODEL_TASK if preference.is_preference(cfg.task) else cfg.task
+    model, tokenizer = load_model(path, task, labels, cfg.dtype, cfg.quantize, compute, device)
     warn_if_slow(model, compute, world.device)
-    adapter = add_adapter(model, cfg)
+    adapter = (preference.attach_adapter(model, cfg, add_adapter) if preference.is_preference(cfg.task)
+               else add_adapter(model, cfg))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.sharding == "fsdp":
@@ -134,8 +142,9 @@ def plan(cfg: TrainConfig, micro_per_epoch: int) -> Loop:
     return Loop(total_steps=total, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                 precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every,
                 eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every,
-                count=TARGETS[cfg.task], select_by=main_metric(cfg.task) if select else None,
-                keep_best=cfg.keep_best, early_stopping=cfg.early_stopping)
+                select_by=main_metric(cfg.task) if select else None, keep_best=cfg.keep_best,
+                early_stopping=cfg.early_stopping,
+                **(preference.loop_parts(cfg) if preference.is_preference(cfg.task) else {"count": TARGETS[cfg.task]}))
 
 
 def optimizer_and_scheduler(model, cfg: TrainConfig, total_steps: int):
@@ -235,7 +244,7 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
         save_chat_template(out, run_data.tokenizer.chat_template)
     metrics["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
     write_json(out / METRICS_FILE, metrics)
-    plot(read_log(out / LOG_FILE), out / PLOT_FILE, main_metric(cfg.task))
+    plot(read_log(out / LOG_FILE), out / PLOT_FILE, preference.PLOTTED.get(cfg.task, main_metric(cfg.task)))
     if not (cfg.keep_best or cfg.save_total_limit):
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
@@ -243,7 +252,9 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
 def summary(say, metrics: dict, task: str, out: Path, demo: bool) -> None:
     """The end of a run in a few lines: the eval metric before and after, the trainable share, the adapter's size."""
     before, after = metrics.get("eval_before"), metrics.get("eval")
-    if before and after:
+    if preference.is_preference(task):
+        preference.summary(say, before, after, task)
+    elif before and after:
         if main_metric(task) == "accuracy":
             say(f"accuracy before: {100 * before['accuracy']:.1f}%  after: {100 * after['accuracy']:.1f}%  "
                 f"(macro-F1 {after['macro_f1']:.3f})")

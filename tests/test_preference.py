@@ -244,3 +244,166 @@ def test_orpo_odds_ratio_term_equals_trl(chat_llama_dir, adapter_dir):
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         weighted, _ = batch_loss(OBJECTIVES["orpo"], Settings(beta=0.25, orpo_alpha=2.0), model, batch)
     assert weighted.item() == pytest.approx(loss.item() + 2.0 * nll.item(), abs=TOL)
+
+
+# ---- lorakit train --task dpo|ipo|orpo|kto ----
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_cfg(model, data, out, **kw):
+    from lorakit.settings import TrainConfig
+
+    base = dict(model=str(model), task="dpo", data=str(data), output=str(out), batch_size=4, max_length=48, lr=1e-2,
+                dropout=0.0, max_steps=2, log_every=1, save_every=100, warmup=0, targets="all-linear",
+                precision="fp32", overwrite=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def adapter_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float = 1e-6):
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=k)
+
+
+def test_dpo_run_logs_rewards_and_accumulation_counts_pairs(chat_llama_dir, tmp_path):
+    """One step over 4 pairs equals 2 micro-batches of 2 (each pair weighs the same), the first step's loss is
+    ln 2 (a fresh adapter: policy = reference), rewards are logged per step and at eval, training.png is drawn."""
+    from lorakit.rundir import read_log
+    from lorakit.train import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS + [{"prompt": "sports", "chosen": " news", "rejected": " hello"}])
+    whole = train(train_cfg(chat_llama_dir, data, tmp_path / "whole", eval_data=str(data), max_steps=1),
+                  echo=lambda *_: None, progress=False)
+    parts = train(train_cfg(chat_llama_dir, data, tmp_path / "parts", eval_data=str(data), max_steps=1,
+                            batch_size=2, grad_accum=2), echo=lambda *_: None, progress=False)
+    assert_same_adapter(tmp_path / "whole", tmp_path / "parts")
+    log = read_log(tmp_path / "whole" / "log.jsonl")
+    step = next(r for r in log if r.get("step") == 1 and "loss" in r)
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(step)
+    assert whole["eval_before"]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert whole["eval_before"]["rewards/accuracies"] == 0.0 and whole["eval"]["rewards/margins"] > 0
+    assert parts["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-6)
+    assert (tmp_path / "whole" / "training.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("task", ["ipo", "orpo", "kto"])
+def test_every_task_trains_with_nf4_and_dora(chat_llama_dir, tmp_path, task):
+    from lorakit.train import train
+
+    rows = UNPAIRED_ROWS if task == "kto" else PAIRS
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    metrics = train(train_cfg(chat_llama_dir, data, tmp_path / "run", task=task, quantize="nf4", use_dora=True,
+                              eval_data=str(data), max_steps=3), echo=lambda *_: None, progress=False)
+    assert "nf4" in metrics["weights"] and math.isfinite(metrics["train_loss"])
+    assert metrics["eval"]["loss"] < metrics["eval_before"]["loss"]  # it learns the training rows
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+
+
+def test_ref_adapter_with_and_without_precomputed_reference(chat_llama_dir, adapter_dir, tmp_path):
+    """--ref-adapter: the run starts from the adapter (first loss ln 2: policy = the frozen copy); precomputing the
+    reference's log-probabilities trains the same adapter."""
+    from lorakit.rundir import read_log
+    from lorakit.train import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    for name, precompute in (("live", False), ("pre", True)):
+        train(train_cfg(chat_llama_dir, data, tmp_path / name, ref_adapter=str(adapter_dir), precompute_ref=precompute,
+                        batch_size=3, max_steps=2), echo=lambda *_: None, progress=False)
+    assert_same_adapter(tmp_path / "live", tmp_path / "pre")
+    first = next(r for r in read_log(tmp_path / "live" / "log.jsonl") if r.get("step") == 1)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    started = adapter_tensors(adapter_dir)
+    assert any(not torch.equal(v, adapter_tensors(tmp_path / "live")[k]) for k, v in started.items())
+
+
+def test_resume_ends_with_the_adapter_of_an_uninterrupted_run(chat_llama_dir, tmp_path):
+    import shutil
+
+    from lorakit.train import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)
+    train(train_cfg(chat_llama_dir, data, tmp_path / "full", max_steps=4, batch_size=2, save_every=2,
+                    save_total_limit=5, dropout=0.1), echo=lambda *_: None, progress=False)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for later in ("step-3", "step-4"):
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / later, ignore_errors=True)
+    train(train_cfg(chat_llama_dir, data, tmp_path / "cut", max_steps=4, batch_size=2, save_every=2,
+                    save_total_limit=5, dropout=0.1, overwrite=False, resume=True), echo=lambda *_: None,
+          progress=False)
+    assert_same_adapter(tmp_path / "full", tmp_path / "cut", atol=0)
+
+
+def refused(cfg, error, match):
+    from lorakit.train import train
+
+    with pytest.raises(error, match=match):
+        train(cfg, echo=lambda *_: None, progress=False)
+
+
+def test_bad_rows_and_settings_are_refused_before_training(chat_llama_dir, bert_dir, tmp_path):
+    from lorakit.settings import ConfigError
+
+    good = write_jsonl(tmp_path / "good.jsonl", PAIRS)
+    missing = write_jsonl(tmp_path / "missing.jsonl", [PAIRS[0], {"prompt": "hello", "chosen": " there"}])
+    refused(train_cfg(chat_llama_dir, missing, tmp_path / "o"), DataError, r"row 2: missing or empty field 'rejected'")
+    same = write_jsonl(tmp_path / "same.jsonl", [PAIRS[0], {"prompt": "a", "chosen": " b", "rejected": " b"}])
+    refused(train_cfg(chat_llama_dir, same, tmp_path / "o"), DataError, r"row 2: chosen and rejected are the same")
+    long = write_jsonl(tmp_path / "long.jsonl", [PAIRS[0], {**PAIRS[1], "prompt": "hello there " * 40}])
+    refused(train_cfg(chat_llama_dir, long, tmp_path / "o"), DataError, r"row 2: the prompt alone has \d+ tokens")
+    label = write_jsonl(tmp_path / "label.jsonl", [{"prompt": "a", "completion": " b", "label": "maybe"}])
+    refused(train_cfg(chat_llama_dir, label, tmp_path / "o", task="kto"), DataError, r"row 1: label must be")
+    refused(train_cfg(chat_llama_dir, good, tmp_path / "o", packing=True), ConfigError, "--packing does not apply")
+    refused(train_cfg(chat_llama_dir, good, tmp_path / "o", task="kto", precompute_ref=True), ConfigError,
+            "not for kto")
+    refused(train_cfg(chat_llama_dir, good, tmp_path / "o", task="orpo", ref_adapter=str(good)), ConfigError,
+            "no reference model")
+    assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_a_ref_adapter_for_another_base_is_refused(chat_llama_dir, llama_dir, adapter_dir, tmp_path):
+    from lorakit.settings import ConfigError
+
+    good = write_jsonl(tmp_path / "good.jsonl", PAIRS)
+    refused(train_cfg(llama_dir, good, tmp_path / "o", ref_adapter=str(adapter_dir)), ConfigError,
+            "was trained on")
+
+
+def test_a_prompt_cut_to_max_prompt_length_keeps_its_end_and_is_counted(chat_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama_dir)
+    rows = read_rows([{**PAIRS[0], "prompt": "be brief " * 10 + "hello there"}, PAIRS[1]], PAIRED, "rows")
+    whole = tokenize_rows(rows, tokenizer, 200, None, "rows")
+    keep = len(whole.rows[1]["prompt_ids"])  # the second prompt fits; the first is longer
+    cut = tokenize_rows(rows, tokenizer, 200, keep, "rows")
+    assert cut.prompts_cut == 1 and whole.prompts_cut == 0 and cut.rows[1] == whole.rows[1]
+    assert cut.rows[0]["prompt_ids"] == whole.rows[0]["prompt_ids"][-keep:]
+    short = tokenize_rows(rows, tokenizer, len(whole.rows[0]["prompt_ids"]) + 2, None, "rows")
+    assert short.completions_cut >= 2 and len(short.rows[0]["chosen_ids"]) == 2
+    assert "1 prompts cut" in cut.summary()
+
+
+def test_conversational_pairs_use_the_chat_template(chat_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama_dir)
+    row = {"prompt": [{"role": "user", "content": "how are you"}],
+           "chosen": [{"role": "assistant", "content": "fine thanks"}],
+           "rejected": [{"role": "assistant", "content": "sports news"}]}
+    tokenized = tokenize_rows(read_rows([row], PAIRED, "rows"), tokenizer, 64, None, "rows")
+    assert tokenized.chat
+    r = tokenized.rows[0]
+    assert tokenizer.decode(r["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(r["chosen_ids"]) == "fine thanks<|im_end|>\n"
