@@ -407,3 +407,24 @@ def test_conversational_pairs_use_the_chat_template(chat_llama_dir):
     r = tokenized.rows[0]
     assert tokenizer.decode(r["prompt_ids"]).endswith("<|im_start|>assistant\n")
     assert tokenizer.decode(r["chosen_ids"]) == "fine thanks<|im_end|>\n"
+
+
+def test_preference_benchmark_runs_at_tiny_size(tmp_path):
+    """benchmarks/preference.py end to end at a tiny size (numbers are measured there, not asserted here)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.preference", "--tiny"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| lorakit |" in out.stdout and "| TRL DPOTrainer + PEFT |" in out.stdout
+
+
+def test_the_shipped_demo_pairs_are_valid_preference_data():
+    from lorakit.preference.data import read_rows
+
+    demo = Path(lorakit.__file__).parent / "demo"
+    train_rows = read_rows(str(demo / "news_preferences_train.jsonl"), PAIRED, "train")
+    eval_rows = read_rows(str(demo / "news_preferences_eval.jsonl"), PAIRED, "eval")
+    assert len(train_rows) == 320 and len(eval_rows) == 80
+    assert {r["chosen"] for r in train_rows} == {" World", " Sports", " Business", " Science"}
