@@ -104,7 +104,8 @@ def train(
     report_to: Optional[str] = typer.Option(None, help="none | tensorboard | wandb: also send the log there "
                                             "(default: none)"),
     keep_best: bool = typer.Option(False, "--keep-best", help="The final adapter is the checkpoint with the best eval "
-                                   "metric (accuracy, or loss for causal-lm and the preference tasks); needs --eval-data."),
+                                   "metric (accuracy; loss for causal-lm and the preference tasks); "
+                                   "needs --eval-data."),
     early_stopping: Optional[int] = typer.Option(None, help="Stop after N evaluations without a better eval metric."),
     save_total_limit: Optional[int] = typer.Option(None, help="Keep the newest K checkpoints (and the best), also "
                                                    "after the run (default: only the newest, removed at the end)"),

@@ -281,7 +281,8 @@ def test_dpo_run_logs_rewards_and_accumulation_counts_pairs(chat_llama_dir, tmp_
     from lorakit.rundir import read_log
     from lorakit.train import train
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS + [{"prompt": "sports", "chosen": " news", "rejected": " hello"}])
+    data = write_jsonl(tmp_path / "pairs.jsonl",
+                       PAIRS + [{"prompt": "sports", "chosen": " news", "rejected": " hello"}])
     whole = train(train_cfg(chat_llama_dir, data, tmp_path / "whole", eval_data=str(data), max_steps=1),
                   echo=lambda *_: None, progress=False)
     parts = train(train_cfg(chat_llama_dir, data, tmp_path / "parts", eval_data=str(data), max_steps=1,

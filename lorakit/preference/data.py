@@ -155,7 +155,8 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict:
     prompts = [r["prompt_ids"] for r in rows] * 2
     batch = _sequences(prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_id)
     if "ref_chosen_logps" in rows[0]:
-        batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows])
+        batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
+                                          + [r["ref_rejected_logps"] for r in rows])
     return batch
 
 
