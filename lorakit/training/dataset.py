@@ -20,6 +20,7 @@ from ..io.models import load_tokenizer, resolve_model
 from ..data.packing import PackedCollator, attention_mode, pack
 from ..data.prepare import Prepared, prepare
 from .settings import TrainConfig
+from .preference import run as preference
 from .tasks import task_named
 from ..errors import ConfigError
 
@@ -56,6 +57,10 @@ def load_data(cfg: TrainConfig, world: World = World(), say=print) -> RunData:
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         train, evaluation = run_examples(tables, cfg, tokenizer)
         return RunData(train, evaluation, tables.labels, tokenizer)
+    if task_named(cfg.task).preference:
+        tokenizer = load_tokenizer(resolve_model(cfg.model))
+        train, evaluation, chat = preference.load_rows(cfg, tokenizer, say)
+        return RunData(train, evaluation, None, tokenizer, chat)
     return causal_data(cfg, load_tokenizer(resolve_model(cfg.model)), world, say)
 
 
@@ -171,4 +176,6 @@ def train_collator(run_data: RunData, model, cfg: TrainConfig):
     as packing needs) or examples padded to the longest."""
     if cfg.packing:
         return PackedCollator(run_data.tokenizer.pad_token_id, attention_mode(model))
+    if task_named(cfg.task).preference:
+        return preference.collator(cfg, run_data.tokenizer.pad_token_id)
     return task_named(cfg.task).collator(run_data.tokenizer)

@@ -80,6 +80,9 @@ class Loop:
     select_by: str | None = None  # the eval metric that tells the best step (evaluation.better); None: not tracked
     keep_best: bool = False  # checkpoint each step whose evaluation is the best so far (needs select_by)
     early_stopping: int | None = None  # stop after this many evaluations in a row none better than the best
+    # A batch's (mean loss over Loop.count's targets, metrics): None is the model's own loss, model(**batch).loss.
+    # Preference tasks compute theirs here (preference/objectives.py); metrics are logged, averaged like the loss.
+    loss_of: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]] | None = None
 
 
 @dataclass
@@ -205,7 +208,7 @@ def _optimizer_step(run: _Run) -> dict:
     """grad_accum micro-batches, then clip, step and zero the gradients; returns the step record."""
     start = time.perf_counter()
     run.net.train()
-    value, tokens = _accumulate(run)
+    value, tokens, metrics = _accumulate(run)
     _stop_if_not_finite(value, run.state)
     if run.loop.max_grad_norm > 0:
         params = [p for p in run.model.parameters() if p.requires_grad]
@@ -216,11 +219,12 @@ def _optimizer_step(run: _Run) -> dict:
     run.state.step += 1
     return {"step": run.state.step, "epoch": round(run.state.micro / run.batches.per_epoch, 3), "loss": value,
             "lr": run.sched.get_last_lr()[0], "tokens": tokens * run.world.size,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, **metrics}
 
 
-def _accumulate(run: _Run) -> tuple[float, int]:
-    """Forward and backward passes of one step's micro-batches: (the step's loss, tokens seen by this process).
+def _accumulate(run: _Run) -> tuple[float, int, dict]:
+    """Forward and backward passes of one step's micro-batches: (the step's loss, tokens seen by this process, the
+    step's metrics from Loop.loss_of, each weighted like the loss, over this process's micro-batches).
 
     The step's loss is the mean over every target of the step (Loop.count: tokens or examples), across its
     micro-batches and processes, however their sizes differ. The model's loss of micro-batch i is a mean over its
@@ -235,19 +239,29 @@ def _accumulate(run: _Run) -> tuple[float, int]:
     counts = [loop.count(batch) for batch, _ in fetched]
     total = max(_sum_over_processes(torch.tensor(float(sum(counts)), device=world.device), world).item(), 1.0)
     loss_sum = torch.zeros((), device=world.device)
+    sums, weights = {}, {}
     for a, ((batch, _), n) in enumerate(zip(fetched, counts)):
         # DDP averages gradients across processes on the last micro-batch only: one all-reduce per step (FSDP: one
         # reduce-scatter, averaging as well).
         sync = a == loop.grad_accum - 1 or world.size == 1
         with gradient_sync(run.net, sync):
             with autocast(loop.precision, world.device):
-                out = run.net(**batch)
-            # A micro-batch with no target has a NaN mean; it still runs backward, with zeros, as DDP expects.
-            (out.loss * (n * world.size / total) if n else out.logits.sum() * 0.0).backward()
+                loss, metrics = loop.loss_of(run.net, batch) if loop.loss_of else _model_loss(run.net, batch, n)
+            (loss * (n * world.size / total)).backward()
         if n:
-            loss_sum += out.loss.detach().float() * n
+            loss_sum += loss.detach().float() * n
+        for k, v in metrics.items():
+            sums[k], weights[k] = sums.get(k, 0.0) + v * n, weights.get(k, 0) + n
         run.state.micro += 1
-    return _sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched)
+    metrics = {k: sums[k] / weights[k] for k in sums if weights[k]}
+    return _sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched), metrics
+
+
+def _model_loss(net: torch.nn.Module, batch: dict, n: int) -> tuple[torch.Tensor, dict]:
+    """The model's own loss of a batch with n targets. With none its mean is NaN: a zero that still reaches every
+    weight takes its place, so that backward runs as DDP expects."""
+    out = net(**batch)
+    return (out.loss if n else out.logits.sum() * 0.0), {}
 
 
 def _sum_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:
@@ -278,8 +292,15 @@ def _write_log(run: _Run) -> None:
     if run.hooks.log and run.world.main:
         run.hooks.log({"step": window[-1]["step"], "epoch": window[-1]["epoch"],
                        "loss": sum(r["loss"] for r in window) / len(window), "lr": window[-1]["lr"],
-                       "tokens_per_s": round(sum(r["tokens"] for r in window) / (now - run.window_start), 1)})
+                       "tokens_per_s": round(sum(r["tokens"] for r in window) / (now - run.window_start), 1),
+                       **_mean_metrics(window)})
     run.window, run.window_start = [], now
+
+
+def _mean_metrics(window: list[dict]) -> dict:
+    """Loop.loss_of's metrics averaged over the steps of a log window that have them."""
+    names = {k for r in window for k in r} - {"step", "epoch", "loss", "lr", "tokens", "seconds"}
+    return {k: sum(r[k] for r in window if k in r) / sum(k in r for r in window) for k in sorted(names)}
 
 
 def _evaluate(run: _Run) -> None:

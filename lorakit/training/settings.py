@@ -31,8 +31,9 @@ SHARDINGS = ("none", "fsdp")
 log = logging.getLogger("lorakit")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
 
 
-DATA, MODEL, LORA, TRAINING, EVALUATION, OUTPUT, DISTRIBUTED = (
-    "Data", "Model", "LoRA", "Training", "Evaluation and model selection", "Output and tracking", "Distributed")
+DATA, MODEL, LORA, TRAINING, EVALUATION, OUTPUT, DISTRIBUTED, PREFERENCE = (
+    "Data", "Model", "LoRA", "Training", "Evaluation and model selection", "Output and tracking", "Distributed",
+    "Preference tuning (--task dpo | ipo | orpo | kto)")
 
 
 def setting(default, group: str, help: str, flag: str | None = None):
@@ -105,6 +106,21 @@ class TrainConfig:
                                            "the run (default: only the newest, removed at the end).")
     sharding: str | None = setting(None, DISTRIBUTED, "fsdp: shard the model across torchrun's processes (FSDP2: "
                                    "each holds 1/N of the frozen weights); none: DDP.")
+    # preference tasks (training/preference; TRL's names and defaults)
+    beta: float = setting(0.1, PREFERENCE, "dpo/ipo/kto: how far the policy may move from the reference (ipo's "
+                          "tau); orpo: the odds-ratio term's weight.")
+    label_smoothing: float = setting(0.0, PREFERENCE, "dpo: cDPO, the probability that a pair's preference is "
+                                     "flipped, in [0, 0.5).")
+    ref_adapter: str | None = setting(None, PREFERENCE, "dpo/ipo/kto: start from this (supervised) adapter; a frozen "
+                                      "copy of it is the reference, on the same base. Default: a fresh adapter, the "
+                                      "base as reference.")
+    precompute_ref: bool = setting(False, PREFERENCE, "dpo/ipo: compute the reference's log-probabilities once "
+                                   "before training, none per step.")
+    max_prompt_length: int | None = setting(None, PREFERENCE, "Prompts longer than this keep their last tokens "
+                                            "(default: no limit but --max-length).")
+    orpo_alpha: float = setting(1.0, PREFERENCE, "orpo: the weight of the chosen completions' NLL.")
+    desirable_weight: float = setting(1.0, PREFERENCE, "kto: weight of desirable rows' losses.")
+    undesirable_weight: float = setting(1.0, PREFERENCE, "kto: weight of undesirable rows' losses.")
 
 
 # Names a setting had before, still read (from flags, YAML and old runs' train_config.yaml) with a note.
@@ -210,6 +226,10 @@ def check_values(cfg: TrainConfig) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    if TASKS[cfg.task].preference:
+        from .preference.run import check
+
+        check(cfg)
     check_reporter(cfg.report_to)
     try:
         lora_config(cfg)

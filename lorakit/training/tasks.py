@@ -13,6 +13,7 @@ from ..adapters.files import read_adapter_config
 from ..data.tables import label_collator, token_collator
 from ..errors import ConfigError
 from .fit import examples, target_tokens
+from .preference.objectives import OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Task:
     count: Callable[[dict], int]  # what a step's loss is a mean over (fit.Loop.count)
     collator: Callable  # tokenizer -> the batch builder of its examples
     endpoint: str  # the server's route for it
+    preference: bool = False  # tuned on preferences (preference/run.py's hooks: its data, loss, reference, eval)
+    plotted: str | None = None  # the eval metric of training.png when it is not `metric`
 
 
 CLASSIFY = Task(name="classify", peft_type="SEQ_CLS", auto_class="AutoModelForSequenceClassification",
@@ -37,7 +40,20 @@ CLASSIFY = Task(name="classify", peft_type="SEQ_CLS", auto_class="AutoModelForSe
 CAUSAL_LM = Task(name="causal-lm", peft_type="CAUSAL_LM", auto_class="AutoModelForCausalLM",
                  architectures=("ForCausalLM", "LMHeadModel"), labelled=False, generates=True, metric="loss",
                  count=target_tokens, collator=token_collator, endpoint="/v1/generate")
-TASKS = {task.name: task for task in (CLASSIFY, CAUSAL_LM)}
+
+
+def _preference(name: str, plotted: str) -> Task:
+    # A language model tuned on preferences: loaded and saved as a causal LM, selected on eval loss.
+    return Task(name=name, peft_type=CAUSAL_LM.peft_type, auto_class=CAUSAL_LM.auto_class, architectures=(),
+                labelled=False, generates=True, metric="loss", count=OBJECTIVES[name].count, collator=token_collator,
+                endpoint=CAUSAL_LM.endpoint, preference=True, plotted=plotted)
+
+
+# KTO's rows are unpaired: no reward accuracy, its margin is plotted instead.
+DPO, IPO, ORPO, KTO = (_preference(name, plotted) for name, plotted in (
+    ("dpo", "rewards/accuracies"), ("ipo", "rewards/accuracies"), ("orpo", "rewards/accuracies"),
+    ("kto", "rewards/margins")))
+TASKS = {task.name: task for task in (CLASSIFY, CAUSAL_LM, DPO, IPO, ORPO, KTO)}
 DEFAULT = CLASSIFY
 
 

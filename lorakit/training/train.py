@@ -18,6 +18,7 @@ from ..runtime.distributed import World, barrier, from_main, init_distributed, p
 from .evaluation import describe, evaluate
 from .fit import Hooks, Loop, RunState, fit, seeded_batches
 from ..errors import ConfigError, Interrupted
+from ..adapters.config import LoraConfig
 from ..adapters.inject import count_parameters, enable_gradient_checkpointing, inject, quantized_weights
 from ..adapters.parts import default_targets
 from ..io.models import PACKAGED_MODEL, load_model, resolve_model
@@ -26,6 +27,7 @@ from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
 from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log, check_output, clear_run,
                      first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
                      restore_trainable, save_chat_template, save_checkpoint, start_files, write_json)
+from .preference import run as preference
 from .tasks import Task, task_named
 from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, resolved
 from ..runtime.sharding import check_launch, is_sharded, local, save_adapter, shard
@@ -51,14 +53,19 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     cfg = capped_batch(cfg, len(run_data.train), world, say)
 
     model, adapter = setup_model(cfg, run_data, world)
+    task = task_named(cfg.task)
+    if task.preference:  # --precompute-ref: the reference's log-probabilities, once
+        run_data.train, run_data.eval = preference.with_reference(model, run_data.train, run_data.eval, cfg,
+                                                                  run_data.tokenizer.pad_token_id, say)
     batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
     loop = plan(cfg, batches.per_epoch)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
     state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)
 
     check = None
-    if len(run_data.eval):
-        task = task_named(cfg.task)
+    if len(run_data.eval) and task.preference:
+        check = preference.evaluator(model, run_data.eval, cfg, run_data.tokenizer.pad_token_id)
+    elif len(run_data.eval):
         check = partial(evaluate, model, run_data.eval, task.collator(run_data.tokenizer), task, cfg.batch_size,
                         cfg.precision)
     reporter = open_reporter(cfg.report_to, out, resolved(cfg, adapter.targets),
@@ -90,6 +97,16 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     return metrics
 
 
+def add_adapter(model, cfg: TrainConfig) -> LoraConfig:
+    """Inject the run's adapter into `model`; its LoraConfig. A target that matches nothing names --targets."""
+    adapter = lora_config(cfg, default_targets(model))
+    try:
+        inject(model, adapter)
+    except ValueError as e:
+        raise ConfigError(f"--targets: {e}") from None
+    return adapter
+
+
 def capped_batch(cfg: TrainConfig, rows: int, world: World, say) -> TrainConfig:
     """`cfg` with --batch-size no larger than the training rows each process gets, saying so: a batch the data cannot
     fill would only repeat rows (and take memory for them)."""
@@ -114,11 +131,10 @@ def setup_model(cfg: TrainConfig, run_data: RunData, world: World):
     model, _ = load_model(path, task_named(cfg.task), run_data.labels, cfg.dtype, cfg.quantize, compute, device,
                           tokenizer=run_data.tokenizer)
     warn_if_slow(model, compute, world.device)
-    adapter = lora_config(cfg, default_targets(model))
-    try:
-        inject(model, adapter)
-    except ValueError as e:  # a target that matches nothing
-        raise ConfigError(f"--targets: {e}") from None
+    if task_named(cfg.task).preference:  # with --ref-adapter: its trainable copy beside the frozen reference
+        adapter = preference.attach_adapter(model, cfg, add_adapter)
+    else:
+        adapter = add_adapter(model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.sharding == "fsdp":
@@ -152,6 +168,7 @@ def plan(cfg: TrainConfig, micro_per_epoch: int) -> Loop:
                 precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every,
                 eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every,
                 count=task_named(cfg.task).count, select_by=task_named(cfg.task).metric if select else None,
+                loss_of=preference.loop_parts(cfg)["loss_of"] if task_named(cfg.task).preference else None,
                 keep_best=cfg.keep_best, early_stopping=cfg.early_stopping)
 
 
@@ -252,7 +269,8 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
         save_chat_template(out, run_data.tokenizer.chat_template)
     metrics["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
     write_json(out / METRICS_FILE, metrics)
-    plot(read_log(out / LOG_FILE), out / PLOT_FILE, task_named(cfg.task).metric)
+    task = task_named(cfg.task)
+    plot(read_log(out / LOG_FILE), out / PLOT_FILE, task.plotted or task.metric)
     if not (cfg.keep_best or cfg.save_total_limit):
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
@@ -260,7 +278,9 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
 def summary(say, metrics: dict, task: Task, out: Path, demo: bool) -> None:
     """The end of a run in a few lines: the eval metric before and after, the trainable share, the adapter's size."""
     before, after = metrics.get("eval_before"), metrics.get("eval")
-    if before and after:
+    if task.preference:
+        preference.summary(say, before, after, task.plotted)
+    elif before and after:
         if task.labelled:
             say(f"accuracy before: {100 * before['accuracy']:.1f}%  after: {100 * after['accuracy']:.1f}%  "
                 f"(macro-F1 {after['macro_f1']:.3f})")
