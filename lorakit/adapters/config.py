@@ -12,35 +12,14 @@ INIT_MODES = ("kaiming", "gaussian", "zeros", "random", "pissa")
 QUANTIZE_MODES = (None, "nf4")
 
 # Attention projections adapted by default, per Hugging Face `config.model_type` (as in the LoRA paper: query and value).
+QUERY_VALUE, Q_V_PROJ, FUSED_QKV = ["query", "value"], ["q_proj", "v_proj"], ["query_key_value"]
 DEFAULT_TARGETS = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "albert": ["query", "value"],
-    "mpnet": ["q", "v"],
-    "deberta": ["in_proj"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "t5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "albert", "vit"), QUERY_VALUE),
+    **dict.fromkeys(("gptj", "gpt_neo", "opt", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
+                     "phi", "bart"), Q_V_PROJ),
+    **dict.fromkeys(("gpt_neox", "bloom", "falcon"), FUSED_QKV),
+    "mpnet": ["q", "v"], "t5": ["q", "v"], "deberta": ["in_proj"], "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"], "gpt2": ["c_attn"], "phi3": ["qkv_proj"],
 }
 
 

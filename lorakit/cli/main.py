@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -25,7 +26,8 @@ from ..training.rundir import LABELS_FILE, METRICS_FILE, write_json
 from ..training.settings import TrainConfig, command_line_config
 from ..errors import ConfigError
 from ..training.train import train as run_training
-from .options import with_train_flags
+from ..serving.cache import Settings as ServeSettings
+from .options import field_parameters, pairs, train_parameters, with_flags
 
 TASK_NAMES = " | ".join(TASKS)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -69,10 +71,11 @@ TRAIN_EXAMPLES = """Examples:
 
 
 @app.command(epilog=TRAIN_EXAMPLES)
-@with_train_flags
-def train(config: Optional[Path], flags: dict):
+@with_flags(train_parameters())
+def train(flags: dict):
     """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
     with user_errors():
+        config = flags.pop("config", None)
         cfg = command_line_config(flags, config)
         if cfg.data is None and not cfg.resume:
             typer.echo("No --data: demo run, fine-tuning all-MiniLM-L6-v2 on lorakit's shipped news headlines.")
@@ -308,49 +311,35 @@ def _human(key: str, value) -> str:
     return str(value)
 
 
-@app.command()
-def serve(
-    model: Optional[str] = typer.Option(None, help="Base model (default: the first adapter's base model)"),
-    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=DIR, repeatable: adapters loaded at "
-                                                "start and never evicted (a run directory or an adapter directory)"),
-    adapter_dir: Optional[str] = typer.Option(None, help="Adapters loaded by name on first use, the least recently "
-                                              "used evicted; nothing outside this directory is read."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
-    task: Optional[str] = typer.Option(None, help=f"{TASK_NAMES} (default: from the adapters or model)"),
-    max_wait_ms: float = typer.Option(5.0, help="How long a batch waits for more requests."),
-    max_batch_tokens: int = typer.Option(8192, help="Padded tokens in one batch (and the most one request may use)."),
-    max_texts: int = typer.Option(64, help="Texts in one classify request."),
-    max_length: int = typer.Option(128, help="Tokens per text (longer ones truncated, as predict does)."),
-    max_new_tokens: int = typer.Option(256, help="Most tokens one generate request may ask for."),
-    adapter_memory_mb: float = typer.Option(1024.0, help="Memory budget of the loaded adapters, MiB."),
-    no_batching: bool = typer.Option(False, "--no-batching", help="One request at a time with set_adapter "
-                                     "(the baseline the serving benchmark compares with)."),
-    max_body_bytes: int = typer.Option(2_000_000, min=1, help="Largest request body; past it 413, before more is "
-                                       "read."),
-    max_concurrent_requests: int = typer.Option(256, min=1, help="Requests in progress at once; past it 429."),
-    api_key: Optional[str] = typer.Option(None, envvar="LORAKIT_API_KEY", show_default=False, help="Every route "
-                                          "but /health then needs 'Authorization: Bearer KEY' (else 401)."),
-    allow_adapter_management: bool = typer.Option(False, "--allow-adapter-management", help="Let clients load and "
-                                                  "unload adapters (POST/DELETE /v1/adapters; else 403)."),
-):
+SERVE_EXAMPLES = """Examples:
+
+  lorakit serve --adapter news=runs/news --adapter sentiment=runs/sst2
+
+  lorakit serve --model gpt2 --adapter-dir runs/ --api-key $KEY --allow-adapter-management
+"""
+
+
+def serve_parameters() -> list[inspect.Parameter]:
+    """Every serving.cache.Settings flag, then where to listen."""
+    where = [("host", str, "127.0.0.1", "Address to listen on."), ("port", int, 8000, "Port to listen on.")]
+    return field_parameters(ServeSettings) + [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                          default=typer.Option(default, help=text, rich_help_panel="Listening"))
+        for name, kind, default, text in where]
+
+
+@app.command(epilog=SERVE_EXAMPLES)
+@with_flags(serve_parameters())
+def serve(flags: dict):
     """Serve one base model with many adapters over HTTP; concurrent requests share mixed-adapter batches."""
+    import os
+
     with user_errors():
         try:
-            from ..serving.cache import Settings
             from ..serving.app import run
-        except ImportError as e:
+        except ImportError as e:  # FastAPI and uvicorn are an extra
             raise ConfigError(f"lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]' ({e})") from None
-        pinned = {}
-        for item in adapter or []:
-            name, sep, directory = item.partition("=")
-            if not sep or not name or not directory:
-                raise ConfigError(f"--adapter {item!r}: expected NAME=DIR")
-            pinned[name] = directory
-        settings = Settings(model=model, adapters=pinned, adapter_dir=adapter_dir, task=task, max_wait_ms=max_wait_ms,
-                            max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_length=max_length,
-                            max_new_tokens=max_new_tokens, adapter_memory_mb=adapter_memory_mb,
-                            batching=not no_batching, max_body_bytes=max_body_bytes,
-                            max_concurrent_requests=max_concurrent_requests, api_key=api_key or None,
-                            allow_adapter_management=allow_adapter_management)
-        run(settings, host, port)
+        host, port = flags.pop("host"), flags.pop("port")
+        flags["adapters"] = pairs(flags.get("adapters", []), "--adapter")
+        flags.setdefault("api_key", os.environ.get("LORAKIT_API_KEY") or None)
+        run(ServeSettings(**flags), host, port)

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import ConfigError
 from ..training.settings import RENAMED, TrainConfig
 
 # typer's option type for each field type (TrainConfig's annotations are strings under `from __future__ import
@@ -29,35 +30,58 @@ def _default_text(value) -> str:
     return "" if value is None or value is False else f" (default: {value})"
 
 
-def train_parameters() -> list[inspect.Parameter]:
-    """--config, then one keyword parameter with its typer.Option per TrainConfig field, in its help panel."""
-    hints = typing.get_type_hints(TrainConfig)
-    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
-        None, "--config", help="YAML file of settings (keys as the flags, dashes or underscores); flags given on the "
-        "command line win.", rich_help_panel="Config"))]
-    for field in dataclasses.fields(TrainConfig):
-        meta, kind = field.metadata, _option_type(hints[field.name])
+def field_parameters(cls) -> list[inspect.Parameter]:
+    """One keyword parameter with its typer.Option per field of dataclass `cls` (fields made with settings.setting):
+    left out, a flag is None; booleans are --x/--no-x; a dict field is a repeatable NAME=VALUE flag."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        kind = list[str] if typing.get_origin(hints[field.name]) is dict else _option_type(hints[field.name])
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
         names = [f"{flag}/--no-{flag[2:]}"] if kind is Optional[bool] else [flag]
         option = typer.Option(None, *names, help=meta["help"] + _default_text(field.default),
                               rich_help_panel=meta["group"], metavar="" if kind is Optional[bool] else None)
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
-    for old, new in RENAMED.items():  # former flags still work (settings.setting_names says so)
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[kind] if kind is list[str] else kind))
+    return params
+
+
+def train_parameters() -> list[inspect.Parameter]:
+    """--config, then every TrainConfig field's flag, then the former flags (settings.RENAMED), hidden."""
+    config = typer.Option(None, "--config", help="YAML file of settings (keys as the flags, dashes or underscores); "
+                          "flags given on the command line win.", rich_help_panel="Config")
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=config)]
+    params += field_parameters(TrainConfig)
+    for old in RENAMED:  # former flags still work (settings.setting_names says so)
         params.append(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
                                         default=typer.Option(None, f"--{old}", hidden=True)))
     return params
 
 
+def pairs(items: list[str], flag: str) -> dict[str, str]:
+    """["news=runs/news", ...] -> {"news": "runs/news"}; ConfigError naming the flag for an item without NAME=."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag} {item!r}: expected NAME=DIR")
+        out[name] = value
+    return out
+
+
 def given(values: dict) -> dict:
-    """The flags given on the command line (None: not given), --config left out."""
-    return {k: v for k, v in values.items() if k != "config" and v is not None}
+    """The flags given on the command line (None: not given)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
-def with_train_flags(command):
-    """`command(config, flags)` as a typer command taking --config and every TrainConfig flag."""
-    def run(**values):
-        return command(values.get("config"), given(values))
+def with_flags(parameters: list[inspect.Parameter]):
+    """Decorate `command(flags: dict)` into a typer command taking `parameters`: it gets the flags given."""
+    def wrap(command):
+        def run(**values):
+            return command(given(values))
 
-    run.__signature__ = inspect.Signature(train_parameters())
-    run.__doc__, run.__name__ = command.__doc__, command.__name__
-    return run
+        run.__signature__ = inspect.Signature(parameters)
+        run.__doc__, run.__name__ = command.__doc__, command.__name__
+        return run
+    return wrap

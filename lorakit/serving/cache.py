@@ -21,6 +21,7 @@ from ..data.tables import load_labels
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors, read_adapter_config
 from ..adapters.inject import delete_adapter
 from ..io.models import load_model, resolve_model
+from ..training.settings import setting
 from ..training.tasks import TASKS, Task, task_of
 from ..training.trained import default_device
 from ..adapters.parts import saved_modules
@@ -30,25 +31,40 @@ from ..errors import ConfigError, MemoryFull, ServeError
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # adapter names: no separators, no dots, nothing to escape with
 
 
+SERVER, LIMITS, ACCESS = "Model and adapters", "Batching and limits", "Access"
+
+
 @dataclass
 class Settings:
-    """What `lorakit serve` takes; the limits are per request (texts, tokens) and per batch (tokens)."""
+    """What `lorakit serve` takes (each field is a flag of it, made by cli/options.py); the limits are per request
+    (texts, tokens, bytes) and per batch (tokens)."""
 
-    model: str | None = None  # default: the first pinned adapter's base model
-    adapters: dict[str, str] = field(default_factory=dict)  # pinned: name -> adapter or run directory
-    adapter_dir: str | None = None  # adapters loaded at run time come only from here
-    task: str | None = None  # default: from the adapters or the model
-    max_wait_ms: float = 5.0
-    max_batch_tokens: int = 8192  # padded tokens of one forward
-    max_texts: int = 64
-    max_length: int = 128  # tokens per text, truncated as `lorakit predict` truncates
-    max_new_tokens: int = 256
-    adapter_memory_mb: float = 1024.0
-    batching: bool = True  # False: one request at a time with set_adapter (the benchmark's baseline)
-    max_body_bytes: int = 2_000_000  # a request body past this is refused (413) before more of it is read
-    max_concurrent_requests: int = 256  # requests in progress (/health aside); past it: 429
-    api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer KEY"
-    allow_adapter_management: bool = False  # POST/DELETE /v1/adapters; off: 403
+    model: str | None = setting(None, SERVER, "Base model (default: the first adapter's base model).")
+    adapters: dict[str, str] = setting(None, SERVER, "NAME=DIR, repeatable: adapters loaded at start and never "
+                                       "evicted (a run directory or an adapter directory).", flag="--adapter")
+    adapter_dir: str | None = setting(None, SERVER, "Adapters loaded by name on first use, the least recently used "
+                                      "evicted; nothing outside this directory is read.")
+    task: str | None = setting(None, SERVER, f"{' | '.join(TASKS)} (default: from the adapters or model).")
+    max_wait_ms: float = setting(5.0, LIMITS, "How long a batch waits for more requests.")
+    max_batch_tokens: int = setting(8192, LIMITS, "Padded tokens in one batch (and the most one request may use).")
+    max_texts: int = setting(64, LIMITS, "Texts in one classify request.")
+    max_length: int = setting(128, LIMITS, "Tokens per text (longer ones truncated, as predict does).")
+    max_new_tokens: int = setting(256, LIMITS, "Most tokens one generate request may ask for.")
+    adapter_memory_mb: float = setting(1024.0, LIMITS, "Memory budget of the loaded adapters, MiB.")
+    batching: bool = setting(True, LIMITS, "Mixed-adapter batches; off: one request at a time with set_adapter (the "
+                             "baseline the serving benchmark compares with).")
+    max_body_bytes: int = setting(2_000_000, LIMITS, "Largest request body; past it 413, before more is read.")
+    max_concurrent_requests: int = setting(256, LIMITS, "Requests in progress at once (/health aside); past it 429.")
+    api_key: str | None = setting(None, ACCESS, "Every route but /health then needs 'Authorization: Bearer KEY' "
+                                  "(else 401); also read from LORAKIT_API_KEY.")
+    allow_adapter_management: bool = setting(False, ACCESS, "Let clients load and unload adapters (POST/DELETE "
+                                             "/v1/adapters; else 403).")
+
+    def __post_init__(self):
+        self.adapters = dict(self.adapters or {})
+        for name in ("max_body_bytes", "max_concurrent_requests", "max_batch_tokens", "max_texts", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
