@@ -160,18 +160,22 @@ def uninterrupted(bert_dir, topics_csv, tmp_path_factory):
     return adapter(out)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_ends_identical(bert_dir, topics_csv, tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_ends_identical(bert_dir, topics_csv, tmp_path, uninterrupted,
+                                                                        signum):
+    # SIGTERM is what a timeout or a preempted cluster job sends: it saves as Ctrl-C does.
     out = tmp_path / "run"
     cfg = run_cfg(bert_dir, topics_csv, out, dropout=0.1, max_steps=8)
+    before = signal.getsignal(signal.SIGTERM)
 
-    def ctrl_c(record):
+    def stop(record):
         if record["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
     with pytest.raises(Interrupted, match="interrupted at step 3 of 8"):
-        train(cfg, on_step=ctrl_c, progress=False)
+        train(cfg, on_step=stop, progress=False)
     assert latest_checkpoint(out).name == "step-3" and not (out / "adapter_model.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is before
     train(TrainConfig(**{**cfg.__dict__, "resume": True}), progress=False)
     assert_same(adapter(out), uninterrupted)
     assert [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r] == list(range(1, 9))

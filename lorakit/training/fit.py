@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..errors import Interrupted, TrainingError
+from .stops import StopOnSignal
 from ..data.tables import epoch_order, micro_batch
 from ..runtime.distributed import World, any_rank, barrier, gradient_sync, is_sharded, wrap
 from .evaluation import better, describe
@@ -163,7 +162,7 @@ def fit(model: torch.nn.Module, batches: Batches, opt: torch.optim.Optimizer, sc
     state, hooks = state or RunState(), hooks or Hooks()
     seed_dropout(loop.seed, world, state)
     run = _Run(model, wrap(model, world), batches, opt, sched, loop, world, hooks, state, state.seconds)
-    with _StopOnSigint() as stop, _progress_bar(loop.total_steps, state.step, hooks.progress and world.main) as bar:
+    with StopOnSignal() as stop, _progress_bar(loop.total_steps, state.step, hooks.progress and world.main) as bar:
         run.bar = bar
         while state.step < loop.total_steps:
             record = _optimizer_step(run)
@@ -357,7 +356,7 @@ def _checkpoint(run: _Run) -> None:
 
 
 def _interrupt(run: _Run) -> None:
-    """Ctrl-C: checkpoint (if the run saves any) and stop."""
+    """Ctrl-C or SIGTERM: checkpoint (if the run saves any) and stop."""
     saved = ""
     if run.hooks.checkpoint:
         _checkpoint(run)
@@ -383,22 +382,3 @@ def _progress_bar(total: int, initial: int, enabled: bool):
         yield bar
     finally:
         bar.close()
-
-
-class _StopOnSigint:
-    # The first Ctrl-C asks the loop to checkpoint and stop after the current step; a second one interrupts at once.
-    def __init__(self):
-        self.requested, self.previous = False, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
