@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve."""
+"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve, export."""
 
 from __future__ import annotations
 
@@ -385,3 +385,8 @@ def serve(
                             max_new_tokens=max_new_tokens, adapter_memory_mb=adapter_memory_mb,
                             batching=not no_batching)
         run(settings, host, port)
+
+
+from .deploy.cli import export  # noqa: E402  (lorakit export, in deploy/: GGUF for llama.cpp and Ollama, vLLM)
+
+app.command()(export)
