@@ -156,6 +156,7 @@ def export_model_gguf(model: nn.Module, tokenizer, path: Path, outtype_name: str
         check_mergeable(model)
     else:
         for layer in lora_layers(model).values():
+            layer.restore_pissa(layer.adapters, +1)  # a PiSSA layer holds a residual: give W its original value
             layer.set_active(())  # plain_tensors then yields the base weight, dequantized, nothing merged
     planned = model_tensors(model, names, out)
 
