@@ -374,8 +374,8 @@ def test_vllm_refuses_what_it_cannot_serve_with_the_reason(runs, chat_llama_dir,
 # ---- the rest of the Llama family ----
 
 def family_dir(root: Path, model_type: str) -> Path:
-    """A 1-layer Qwen2 (q/k/v biases, tied embeddings, rotate-half RoPE in llama.cpp too) or Mistral (head_dim 16
-    beside hidden 32 / 4 heads) with random weights and the chat tokenizer, more embeddings than tokens (as Qwen2's:
+    """A 1-layer Qwen2 (q/k/v biases, tied embeddings, rotate-half RoPE in llama.cpp too), Mistral (head_dim 16
+    beside hidden 32 / 4 heads) or Llama with Llama 3.1's RoPE scaling (scaled from position 16 on) with random weights and the chat tokenizer, more embeddings than tokens (as Qwen2's:
     Qwen2's tokenizer class adds <|endoftext|>, and the rest become unused padding tokens in GGUF)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -386,7 +386,10 @@ def family_dir(root: Path, model_type: str) -> Path:
     shape = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=len(tokenizer) + 16, max_position_embeddings=64,
                  initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    extra = {"qwen2": dict(tie_word_embeddings=True), "mistral": dict(head_dim=16)}[model_type]
+    llama31_rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    extra = {"qwen2": dict(tie_word_embeddings=True), "mistral": dict(head_dim=16),
+             "llama": dict(rope_scaling=llama31_rope)}[model_type]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shape, **extra))
     if model_type == "qwen2":
@@ -399,14 +402,14 @@ def family_dir(root: Path, model_type: str) -> Path:
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
-def test_qwen2_and_mistral_merged_and_separate(tmp_path, model_type):
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "llama"])
+def test_qwen2_mistral_and_llama31_rope_merged_and_separate(tmp_path, model_type):
     run = make_adapter(family_dir(tmp_path / "base-model", model_type), tmp_path / "run")
     merged, adapter, base = tmp_path / "m.gguf", tmp_path / "a.gguf", tmp_path / "b.gguf"
     export("--adapter", run, "--format", "gguf", "--output", merged, "--outtype", "f32")
     export("--adapter", run, "--format", "gguf-lora", "--output", adapter, "--base-output", base, "--outtype", "f32")
     assert gguf.GGUFReader(merged).fields["general.architecture"].contents() == {"qwen2": "qwen2",
-                                                                                  "mistral": "llama"}[model_type]
+                                                                                  "mistral": "llama", "llama": "llama"}[model_type]
     net, tokenizer = merged_model(run)
     ids = prompt_ids(tokenizer)
     expected = hf_logits(net, ids)
