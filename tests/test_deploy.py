@@ -20,6 +20,7 @@ from lorakit.generate import use_chat_template
 from lorakit.models import load_model, load_trained
 from lorakit.parts import lora_layers
 from lorakit.rundir import save_chat_template
+from test_chat_cli import ANSWER, chat_run  # noqa: F401  (a fixture: a tiny Llama trained on conversations)
 
 try:
     import gguf
@@ -233,6 +234,17 @@ def test_bad_flags_are_refused_before_loading(runs, tmp_path):
     (tmp_path / "m.gguf").write_text("keep")
     assert "pass --overwrite" in refused("--adapter", runs["lora"], "--format", "gguf", "--output", tmp_path / "m.gguf")
     assert (tmp_path / "m.gguf").read_text() == "keep"
+
+
+@needs_llama_cpp
+def test_a_trained_chat_run_answers_in_llama_cpp_as_in_lorakit(chat_run, tmp_path):
+    """The chat run of test_chat_cli (trained to answer "fine thanks"), exported with the default outtype: llama.cpp's
+    chat completion renders the GGUF's template, answers as `lorakit predict` does and stops at <|im_end|>."""
+    out = tmp_path / "chat.gguf"
+    export("--adapter", chat_run, "--format", "gguf", "--output", out)
+    reply = llama(out).create_chat_completion([{"role": "user", "content": "hello there"}], max_tokens=20,
+                                              temperature=0.0)["choices"][0]
+    assert (reply["message"]["content"], reply["finish_reason"]) == (ANSWER, "stop")
 
 
 # ---- tokenizers: the pre-tokenizer from tokenizer.json ----
