@@ -49,7 +49,8 @@ def make_adapter(base: Path, out: Path, quantize: str | None = None, **options) 
         if options.get("init") == "pissa":  # PiSSA starts where the base is: move B so that the adapter changes it
             layer.lora_B["default"].data += 0.5 * torch.randn_like(layer.lora_B["default"])
         if options.get("use_dora"):  # DoRA starts as the LoRA it wraps: move the magnitudes away from the norms
-            layer.lora_magnitude_vector["default"].data *= 1 + 0.5 * torch.rand_like(layer.lora_magnitude_vector["default"])
+            magnitude = layer.lora_magnitude_vector["default"]
+            magnitude.data *= 1 + 0.5 * torch.rand_like(magnitude)
     lorakit.save_adapter(net, out, base_model_name_or_path=str(base))
     save_chat_template(out, tokenizer.chat_template)
     return out
@@ -237,7 +238,7 @@ def test_bad_flags_are_refused_before_loading(runs, tmp_path):
 
 
 @needs_llama_cpp
-def test_a_trained_chat_run_answers_in_llama_cpp_as_in_lorakit(chat_run, tmp_path):
+def test_a_trained_chat_run_answers_in_llama_cpp_as_in_lorakit(chat_run, tmp_path):  # noqa: F811 (the fixture)
     """The chat run of test_chat_cli (trained to answer "fine thanks"), exported with the default outtype: llama.cpp's
     chat completion renders the GGUF's template, answers as `lorakit predict` does and stops at <|im_end|>."""
     out = tmp_path / "chat.gguf"
@@ -387,8 +388,9 @@ def test_vllm_refuses_what_it_cannot_serve_with_the_reason(runs, chat_llama_dir,
 
 def family_dir(root: Path, model_type: str) -> Path:
     """A 1-layer Qwen2 (q/k/v biases, tied embeddings, rotate-half RoPE in llama.cpp too), Mistral (head_dim 16
-    beside hidden 32 / 4 heads) or Llama with Llama 3.1's RoPE scaling (scaled from position 16 on) with random weights and the chat tokenizer, more embeddings than tokens (as Qwen2's:
-    Qwen2's tokenizer class adds <|endoftext|>, and the rest become unused padding tokens in GGUF)."""
+    beside hidden 32 / 4 heads) or Llama with Llama 3.1's RoPE scaling (scaled from position 16 on), with random
+    weights and the chat tokenizer, and more embeddings than tokens (as Qwen2's: Qwen2's tokenizer class adds
+    <|endoftext|>, and the rest become unused padding tokens in GGUF)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from chat_tokenizers import chat_tokenizer
@@ -420,8 +422,8 @@ def test_qwen2_mistral_and_llama31_rope_merged_and_separate(tmp_path, model_type
     merged, adapter, base = tmp_path / "m.gguf", tmp_path / "a.gguf", tmp_path / "b.gguf"
     export("--adapter", run, "--format", "gguf", "--output", merged, "--outtype", "f32")
     export("--adapter", run, "--format", "gguf-lora", "--output", adapter, "--base-output", base, "--outtype", "f32")
-    assert gguf.GGUFReader(merged).fields["general.architecture"].contents() == {"qwen2": "qwen2",
-                                                                                  "mistral": "llama", "llama": "llama"}[model_type]
+    arch = gguf.GGUFReader(merged).fields["general.architecture"].contents()
+    assert arch == {"qwen2": "qwen2", "mistral": "llama", "llama": "llama"}[model_type]
     net, tokenizer = merged_model(run)
     ids = prompt_ids(tokenizer)
     expected = hf_logits(net, ids)

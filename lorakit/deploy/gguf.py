@@ -118,10 +118,10 @@ def model_tensors(model: nn.Module, names: TensorNames, out: OutType) -> list[Pl
     planned, layers = [], lora_layers(model)
     for key, shape, _, make in _unique(model, list(plain_tensors(model))):
         kind, name = names.find(key)
-        produce = (lambda make=make, kind=kind: names.reorder_rows(kind, make(torch.float32)))
         layer = layers.get(key.rpartition(".")[0]) if key.endswith(".weight") else None
-        done = (lambda layer=layer: _free_weight(layer)) if layer is not None else (lambda: None)
-        planned.append(Planned(name, tuple(shape), ggml_type(tuple(shape), out), produce, done))
+        planned.append(Planned(name, tuple(shape), ggml_type(tuple(shape), out),
+                               lambda make=make, kind=kind: names.reorder_rows(kind, make(torch.float32)),
+                               (lambda layer=layer: _free_weight(layer)) if layer is not None else (lambda: None)))
     for name, tensor in extra_tensors(model.config).items():
         planned.append(Planned(name, tuple(tensor.shape), ggml_type(tuple(tensor.shape), OUTTYPES["f32"]),
                                lambda tensor=tensor: tensor))

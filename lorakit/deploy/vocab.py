@@ -44,7 +44,8 @@ def pre_tokenizer(spec: dict) -> str:
                               "add_prefix_space), which llama.cpp's BPE tokenizer does not do")
         split = GPT2_SPLIT
     elif (len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated"
-          and not parts[0].get("invert") and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+          and not parts[0].get("invert") and parts[1].get("type") == "ByteLevel"
+          and not parts[1].get("use_regex", True)):
         split = parts[0].get("pattern", {}).get("Regex")
     if split not in PRE_TOKENIZERS:
         raise ConfigError(f"GGUF export: llama.cpp has no pre-tokenizer for this tokenizer's "
