@@ -402,10 +402,10 @@ def family_dir(root: Path, model_type: str) -> Path:
                  initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     llama31_rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-    extra = {"qwen2": dict(tie_word_embeddings=True), "mistral": dict(head_dim=16),
+    extra = {"qwen2": dict(tie_word_embeddings=True), "mistral": dict(head_dim=16, max_position_embeddings=8192),
              "llama": dict(rope_scaling=llama31_rope)}[model_type]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shape, **extra))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**shape, **extra}))
     if model_type == "qwen2":
         with torch.no_grad():
             for layer in model.model.layers:
@@ -420,7 +420,8 @@ def family_dir(root: Path, model_type: str) -> Path:
 def test_qwen2_mistral_and_llama31_rope_merged_and_separate(tmp_path, model_type):
     run = make_adapter(family_dir(tmp_path / "base-model", model_type), tmp_path / "run")
     merged, adapter, base = tmp_path / "m.gguf", tmp_path / "a.gguf", tmp_path / "b.gguf"
-    export("--adapter", run, "--format", "gguf", "--output", merged, "--outtype", "f32")
+    said = export("--adapter", run, "--format", "gguf", "--output", merged, "--outtype", "f32")
+    assert ("sliding window of 4096 tokens" in said) == (model_type == "mistral")  # llama.cpp would attend past it
     export("--adapter", run, "--format", "gguf-lora", "--output", adapter, "--base-output", base, "--outtype", "f32")
     arch = gguf.GGUFReader(merged).fields["general.architecture"].contents()
     assert arch == {"qwen2": "qwen2", "mistral": "llama", "llama": "llama"}[model_type]

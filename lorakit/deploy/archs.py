@@ -47,6 +47,15 @@ def arch_of(config) -> Arch:
     return ARCHS[model_type]
 
 
+def notes(config) -> list[str]:
+    """What llama.cpp will run differently from transformers, said once at export."""
+    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    if window and window < config.max_position_embeddings:
+        return [f"note: this Mistral model attends within a sliding window of {window} tokens; llama.cpp runs it as "
+                f"'llama' over the whole context, so outputs differ past {window} tokens"]
+    return []
+
+
 def gguf_arch(arch: Arch):
     import gguf
 

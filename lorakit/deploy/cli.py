@@ -67,6 +67,7 @@ def _export_gguf(adapter: str, model: str | None, format: str, out: Path, outtyp
                  ollama: bool) -> None:
     from ..generate import use_chat_template
     from ..models import load_trained
+    from .archs import notes
     from .gguf import check_exportable, export_model_gguf
     from .gguf_lora import check_separable, export_lora_gguf
 
@@ -75,6 +76,8 @@ def _export_gguf(adapter: str, model: str | None, format: str, out: Path, outtyp
         raise ConfigError(f"{adapter} is a {task} adapter; GGUF export takes causal language models")
     use_chat_template(tokenizer, adapter)  # the template the run was trained with, if it was on conversations
     check_exportable(net, tokenizer, outtype)
+    for line in notes(net.config):
+        typer.echo(line)
     if format == "gguf":
         arch = export_model_gguf(net, tokenizer, out, outtype)
         typer.echo(f"GGUF written to {out} ({arch}, {outtype}, adapter merged, {_mib(out)}); "
