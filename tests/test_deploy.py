@@ -216,6 +216,7 @@ def test_dora_run_merges_and_is_refused_as_separate_lora(runs, tmp_path):
     assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "b.gguf").exists()
 
 
+@needs_llama_cpp
 def test_model_types_outside_the_llama_family_are_refused_naming_the_supported(gpt2_dir, tmp_path):
     net, _ = load_model(str(gpt2_dir), "causal-lm")
     lorakit.inject(net, lorakit.LoraConfig(r=2, targets=["c_attn"]))

@@ -65,6 +65,10 @@ def _check_options(format: str, out: Path, base_out: Path | None, ollama: bool, 
 
 def _export_gguf(adapter: str, model: str | None, format: str, out: Path, outtype: str, base_out: Path | None,
                  ollama: bool) -> None:
+    try:
+        import gguf  # noqa: F401  (llama.cpp's writer: checked before the model loads)
+    except ImportError:
+        raise ConfigError(f"--format {format} needs llama.cpp's gguf package: pip install 'lorakit[gguf]'") from None
     from ..generate import use_chat_template
     from ..models import load_trained
     from .archs import notes
