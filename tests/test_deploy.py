@@ -200,6 +200,19 @@ def test_qlora_run_merged_and_as_separate_lora(runs, tmp_path):
 
 
 @needs_llama_cpp
+def test_a_qlora_export_frees_each_dequantized_weight_once_written(runs, tmp_path):
+    """The base is never held in full precision: each NF4 weight is dequantized (and merged) when it is written,
+    then released, so after the export no adapted layer holds a full-precision weight."""
+    from lorakit.deploy.gguf import export_model_gguf
+
+    net, tokenizer, _, _ = load_trained(None, str(runs["qlora"]), precision="fp32")
+    layers = lora_layers(net)
+    assert all(layer.kind.quantized for layer in layers.values())
+    export_model_gguf(net, tokenizer, tmp_path / "m.gguf", "f16")
+    assert all(layer.weight.device.type == "meta" for layer in layers.values())
+
+
+@needs_llama_cpp
 def test_dora_run_merges_and_is_refused_as_separate_lora(runs, tmp_path):
     merged = tmp_path / "merged.gguf"
     export("--adapter", runs["dora"], "--format", "gguf", "--output", merged, "--outtype", "f32")
