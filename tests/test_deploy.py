@@ -20,6 +20,7 @@ from lorakit.generate import use_chat_template
 from lorakit.models import load_model, load_trained
 from lorakit.parts import lora_layers
 from lorakit.rundir import save_chat_template
+from chat_tokenizers import CORPUS
 from test_chat_cli import ANSWER, chat_run  # noqa: F401  (a fixture: a tiny Llama trained on conversations)
 
 try:
@@ -444,3 +445,61 @@ def test_qwen2_mistral_and_llama31_rope_merged_and_separate(tmp_path, model_type
     expected = hf_logits(net, ids)
     assert np.abs(cpp_logits(llama(merged), ids) - expected).max() < TOLERANCE["f32"]
     assert np.abs(cpp_logits(llama(base, adapter), ids) - expected).max() < TOLERANCE["f32"]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style_dir(tmp_path_factory):
+    """A tiny Llama with a tokenizer laid out as transformers converts Llama 2's SentencePiece model: BPE with byte
+    fallback (<0x00>..<0xFF> in the vocabulary), "▁" for spaces and before the text, and merges that are every
+    split of every piece into two pieces, in the order of the pieces (SentencePiece's scores)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from chat_tokenizers import LLAMA2
+
+    path = tmp_path_factory.mktemp("sentencepiece-style")
+    fixed = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trained.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=420, special_tokens=fixed))
+    pieces = sorted(trained.get_vocab(), key=trained.get_vocab().get)
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    splits = [(p[:k], p[k:]) for p in pieces[len(fixed):] for k in range(1, len(p)) if {p[:k], p[k:]} <= vocab.keys()]
+    merges = sorted(splits, key=lambda m: (vocab[m[0] + m[1]], vocab[m[0]], vocab[m[1]]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = trained.normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template=LLAMA2)
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=len(fast), max_position_embeddings=64,
+                                 initializer_range=0.2, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+    return path
+
+
+@needs_llama_cpp
+def test_sentencepiece_style_tokenizer_runs_in_llama_cpp_as_in_transformers(sentencepiece_style_dir, tmp_path):
+    run = make_adapter(sentencepiece_style_dir, tmp_path / "run")
+    out = tmp_path / "m.gguf"
+    export("--adapter", run, "--format", "gguf", "--output", out, "--outtype", "f32")
+    fields = gguf.GGUFReader(out).fields
+    assert (fields["tokenizer.ggml.model"].contents(), fields["tokenizer.ggml.add_space_prefix"].contents()) == \
+        ("llama", True)
+    net, tokenizer = merged_model(run)
+    llm = llama(out)
+    # Word fragments make pieces that several merge orders could build: these need the merge ranks as scores (with
+    # equal scores llama.cpp tokenizes some of them differently, "question is ws" among them).
+    rng = np.random.default_rng(0)
+    words = " ".join(CORPUS).split()
+    fragments = [" ".join(w[rng.integers(3):] for w in rng.choice(words, 4)) for _ in range(200)]
+    for text in ["hello there how are you", "what is the topic? sports news", "be brief é 7", "[INST] hi [/INST]",
+                 "question is ws assistant", *fragments]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False)[
+            "input_ids"], text
+    ids = tokenizer.apply_chat_template(PROMPT, tokenize=True, return_dict=False)
+    assert llm.tokenize(tokenizer.apply_chat_template(PROMPT, tokenize=False).encode(), add_bos=False,
+                        special=True) == ids
+    assert np.abs(cpp_logits(llm, ids) - hf_logits(net, ids)).max() < TOLERANCE["f32"]

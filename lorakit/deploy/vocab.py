@@ -1,17 +1,23 @@
-"""A Hugging Face tokenizer as GGUF's tokenizer.ggml.* keys: the byte-level BPE model ("gpt2" in llama.cpp), its
-tokens, token types, merges, special token ids, whether BOS/EOS are added, the pre-tokenizer and the chat template.
+"""A Hugging Face tokenizer as GGUF's tokenizer.ggml.* keys: its llama.cpp tokenizer model, tokens, token types,
+merges or scores, special token ids, whether BOS/EOS are added, the pre-tokenizer and the chat template.
 
-llama.cpp's converter names the pre-tokenizer by hashing the token ids of a test string and looking the hash up in a
-list of known tokenizers; a tokenizer built from standard parts that is on no list is refused there. Here the
-pre-tokenizer is read from what tokenizer.json says it does (its split regex), and named by the llama.cpp
-pre-tokenizer that runs that same regex. Hand-written because the `gguf` package's vocab classes read only files
-and treat every token of the BPE vocabulary as a normal token, while chat tokens trained into it must be control
-tokens for llama.cpp to parse them in prompts.
+Two kinds of tokenizer.json are written. Byte-level BPE (GPT-2, Llama 3, Qwen2) becomes llama.cpp's "gpt2" model
+with its merges. llama.cpp's converter names its pre-tokenizer by hashing the token ids of a test string and looking
+the hash up in a list of known tokenizers, so a tokenizer built from standard parts that is on no list is refused
+there; here the pre-tokenizer is read from what tokenizer.json says it does (its split regex) and named by the
+llama.cpp pre-tokenizer that runs the same regex. SentencePiece's BPE with byte fallback, as transformers converts
+Llama 2's and Mistral's tokenizer.model, becomes llama.cpp's "llama" model; its scores (which llama.cpp merges by)
+are the merge ranks, so that the highest score is the merge BPE makes first.
+
+Hand-written because the `gguf` package's vocab classes read only files, treat every token of a BPE vocabulary as a
+normal token (chat tokens trained into it must be control tokens for llama.cpp to parse them in prompts), and give
+every SentencePiece-style token the same score.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from ..settings import ConfigError
 
@@ -54,21 +60,45 @@ def pre_tokenizer(spec: dict) -> str:
     return PRE_TOKENIZERS[split]
 
 
-def check_byte_level_bpe(spec: dict) -> None:
-    """ConfigError unless tokenizer.json `spec` is a byte-level BPE llama.cpp's "gpt2" tokenizer model runs."""
+def tokenizer_model(spec: dict) -> str:
+    """llama.cpp's tokenizer model for tokenizer.json `spec`: "gpt2" for byte-level BPE, "llama" for SentencePiece's
+    BPE with byte fallback (as transformers converts Llama 2's and Mistral's); ConfigError for any other."""
     model, decoder = spec.get("model", {}), spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ConfigError(f"GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style); this one "
-                          f"is a {model.get('type')} model{' with byte fallback' if model.get('byte_fallback') else ''}"
-                          f" decoded by {decoder.get('type')} (a SentencePiece-style tokenizer is not supported yet)")
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    if normalizer not in NORMALIZERS:
-        raise ConfigError(f"GGUF export: llama.cpp would not apply this tokenizer's {normalizer} normalizer")
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder.get("type") == "ByteLevel":
+        normalizer = (spec.get("normalizer") or {}).get("type")
+        if normalizer not in NORMALIZERS:
+            raise ConfigError(f"GGUF export: llama.cpp would not apply this tokenizer's {normalizer} normalizer")
+        pre_tokenizer(spec.get("pre_tokenizer") or {})
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        space_prefix(spec)
+        return "llama"
+    raise ConfigError(f"GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style) and "
+                      f"SentencePiece-style BPE with byte fallback (Llama 2, Mistral); this one is a "
+                      f"{model.get('type')} model decoded by {decoder.get('type')}")
 
 
-def token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+def space_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text (llama.cpp's add_space_prefix); ConfigError
+    for a normalizer or pre-tokenizer llama.cpp's SentencePiece tokenizer does not reproduce."""
+    normalizer, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    steps = [step for step in steps if step]
+    kinds = [step.get("type") for step in steps]
+    replaces_spaces = bool(steps) and steps[-1].get("pattern", {}).get("String") == " " and \
+        steps[-1].get("content") == "\u2581"
+    if not pre and kinds in (["Prepend", "Replace"], ["Replace"]) and replaces_spaces:
+        return kinds[0] == "Prepend"  # Llama 2's "legacy" tokenizer.json
+    if not normalizer and pre.get("type") == "Metaspace" and not pre.get("split", True):
+        return pre.get("prepend_scheme", "always") != "never"
+    raise ConfigError(f"GGUF export: llama.cpp's SentencePiece tokenizer does not reproduce this tokenizer's "
+                      f"normalizer {json.dumps(normalizer)[:200]} and pre-tokenizer {json.dumps(pre)[:200]}")
+
+
+def token_list(tokenizer, vocab_size: int, byte_tokens: bool = False) -> tuple[list[str], list[int]]:
     """(tokens, GGUF token types) for ids 0..vocab_size-1: special added tokens are control tokens, other added
-    tokens user-defined, ids the tokenizer does not use (embedding rows past its end) unused padding."""
+    tokens user-defined, ids the tokenizer does not use (embedding rows past its end) unused padding; with
+    `byte_tokens` (SentencePiece), <0xXX> tokens are byte tokens and the unknown token is one."""
     import gguf
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
@@ -78,14 +108,17 @@ def token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
+        token = by_id.get(i)
+        tokens.append(f"[PAD{i}]" if token is None else token)
+        if token is None:
             types.append(gguf.TokenType.UNUSED)
+        elif byte_tokens and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types.append(gguf.TokenType.BYTE)
+        elif byte_tokens and i == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
         elif i in added:
-            tokens.append(by_id[i])
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
-            tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
 
@@ -101,6 +134,16 @@ def merges(spec: dict) -> list[str]:
     return out
 
 
+def merge_scores(spec: dict, tokens: list[str]) -> list[float]:
+    """SentencePiece scores for llama.cpp, from the merges: minus the rank of the first merge making each token (its
+    tokenizer merges the adjacent pair whose result scores highest, as BPE merges the pair of lowest rank); 0 for
+    tokens no merge makes."""
+    rank = {}
+    for i, merge in enumerate(spec["model"].get("merges", [])):
+        rank.setdefault("".join(merge.split(" ") if isinstance(merge, str) else merge), i)
+    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+
+
 def adds_special(tokenizer) -> tuple[bool, bool]:
     """(adds BOS, adds EOS): what the tokenizer puts around a text when asked for special tokens."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -113,22 +156,26 @@ def adds_special(tokenizer) -> tuple[bool, bool]:
 def check_tokenizer(tokenizer, vocab_size: int) -> None:
     """ConfigError if the tokenizer cannot be written to GGUF (the checks write_tokenizer makes, writing nothing)."""
     spec = tokenizer_json(tokenizer)
-    check_byte_level_bpe(spec)
-    pre_tokenizer(spec.get("pre_tokenizer") or {})
+    if tokenizer_model(spec) == "gpt2":
+        merges(spec)
     token_list(tokenizer, vocab_size)
-    merges(spec)
 
 
 def write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """tokenizer.ggml.* keys and the chat template (the tokenizer's `chat_template`, if any)."""
     spec = tokenizer_json(tokenizer)
-    check_byte_level_bpe(spec)
-    tokens, types = token_list(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(spec.get("pre_tokenizer") or {}))
+    model = tokenizer_model(spec)
+    tokens, types = token_list(tokenizer, vocab_size, byte_tokens=model == "llama")
+    writer.add_tokenizer_model(model)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges(spec))
+    if model == "gpt2":
+        writer.add_tokenizer_pre(pre_tokenizer(spec.get("pre_tokenizer") or {}))
+        writer.add_token_merges(merges(spec))
+    else:
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(merge_scores(spec, tokens))
+        writer.add_add_space_prefix(space_prefix(spec))
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None:
