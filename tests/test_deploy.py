@@ -245,6 +245,8 @@ def test_bad_flags_are_refused_before_loading(runs, tmp_path):
                                                               "--output", tmp_path / "x")
     assert "--base-output goes with --format gguf-lora" in refused(
         "--adapter", runs["lora"], "--format", "gguf", "--output", tmp_path / "m.gguf", "--base-output", tmp_path / "b")
+    assert "expected one of f32, f16, bf16, q8_0" in refused("--adapter", runs["lora"], "--format", "gguf",
+                                                             "--output", tmp_path / "m.gguf", "--outtype", "q4_k")
     assert "needs --base-output" in refused("--adapter", runs["lora"], "--format", "gguf-lora", "--output",
                                             tmp_path / "a.gguf", "--ollama")
     (tmp_path / "m.gguf").write_text("keep")

@@ -34,7 +34,7 @@ def export(
     with user_errors():
         out = Path(output)
         base_out = Path(base_output) if base_output else None
-        _check_options(format, out, base_out, ollama, overwrite)
+        _check_options(format, outtype, out, base_out, ollama, overwrite)
         if format == "vllm":
             from .vllm import write
 
@@ -44,10 +44,14 @@ def export(
         _export_gguf(adapter, model, format, out, outtype, base_out, ollama)
 
 
-def _check_options(format: str, out: Path, base_out: Path | None, ollama: bool, overwrite: bool) -> None:
+def _check_options(format: str, outtype: str, out: Path, base_out: Path | None, ollama: bool, overwrite: bool) -> None:
     # Everything the flags alone can tell, before any model loads.
+    from .gguf import OUTTYPES
+
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    if format != "vllm" and outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     if base_out and format != "gguf-lora":
         raise ConfigError("--base-output goes with --format gguf-lora (the merged GGUF needs no base)")
     if ollama and format == "vllm":
@@ -60,6 +64,7 @@ def _check_options(format: str, out: Path, base_out: Path | None, ollama: bool, 
             raise ConfigError(f"{path} exists; pass --overwrite to replace it")
         if format != "vllm" and path.is_dir():
             raise ConfigError(f"--output {path} is a directory; give the GGUF file's path")
+    for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
