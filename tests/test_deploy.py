@@ -505,3 +505,12 @@ def test_sentencepiece_style_tokenizer_runs_in_llama_cpp_as_in_transformers(sent
     assert llm.tokenize(tokenizer.apply_chat_template(PROMPT, tokenize=False).encode(), add_bos=False,
                         special=True) == ids
     assert np.abs(cpp_logits(llm, ids) - hf_logits(net, ids)).max() < TOLERANCE["f32"]
+
+
+def test_export_is_a_command_with_help_for_every_option():
+    from typer.main import get_command
+
+    text = runner.invoke(app, ["export", "--help"]).output
+    spec = get_command(app).commands["export"]
+    missing = [o for p in spec.params for o in p.opts if o.startswith("--") and o not in text]
+    assert "Usage: root export [OPTIONS]" in text and not missing
