@@ -23,7 +23,7 @@ def ok(*args: str) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "chat", "merge", "info"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "chat", "merge", "info", "serve", "export"])
 def test_every_command_has_help(command):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "250"})  # wide: no flag name cut short
     assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve."""
+"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve, export."""
 
 from __future__ import annotations
 
@@ -343,3 +343,8 @@ def serve(flags: dict):
         flags["adapters"] = pairs(flags.get("adapters", []), "--adapter")
         flags.setdefault("api_key", os.environ.get("LORAKIT_API_KEY") or None)
         run(ServeSettings(**flags), host, port)
+
+
+from .export import export  # noqa: E402  (lorakit export: GGUF for llama.cpp and Ollama, vLLM; the work is in deploy/)
+
+app.command()(export)
