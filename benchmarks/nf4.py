@@ -103,7 +103,7 @@ def cuda_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
     """On CUDA: elements/s of each dequantize path (pure torch, torch.compile, bitsandbytes' kernel) to bf16, and
     whether it equals the pure-torch output bit for bit; a path that cannot run gets its error instead. (dtypes:
     unused, the rows are bf16.)"""
-    from lorakit import quant
+    from lorakit.nn import nf4 as quant
 
     paths = {"torch": quant._dequantize_torch, "torch.compile": quant._dequantize_compiled,
              "bitsandbytes": quant._dequantize_bnb}

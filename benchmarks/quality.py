@@ -93,7 +93,7 @@ def frozen_weight_bytes(model) -> tuple[int, int]:
 
 def load(name: str, rows: int | None, dev_rows: int | None, tokenizer):
     """(train examples, dev examples, number of labels) for dataset `name`, tokenised."""
-    from lorakit import data
+    from lorakit.data import tables as data
 
     train_file, dev_file, train_cols, dev_cols, max_length, _, default_rows = DATASETS[name]
     train_df, dev_df = data.read_table(DATA / train_file), data.read_table(DATA / dev_file)
@@ -123,6 +123,7 @@ def train_and_eval(model, rows: list[dict], dev: list[dict], collate, lr: float,
     from transformers import get_scheduler
 
     from lorakit.training.evaluation import evaluate
+    from lorakit.training.tasks import CLASSIFY
     from lorakit.training.fit import Batches, Hooks, Loop, fit
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -133,7 +134,7 @@ def train_and_eval(model, rows: list[dict], dev: list[dict], collate, lr: float,
 
     def check() -> dict:
         tick = time.perf_counter()
-        result = evaluate(model, dev, collate, "classify", batch_size=64)
+        result = evaluate(model, dev, collate, CLASSIFY, batch_size=64)
         by_epoch.append(result["accuracy"])
         eval_seconds.append(time.perf_counter() - tick)
         return result
