@@ -14,7 +14,7 @@ from lorakit.training.trained import load_trained
 from lorakit.training.settings import saved_settings
 
 runner = CliRunner()
-FAST = ["--max-length", "16", "--batch-size", "8", "--log-every", "1", "--dropout", "0"]
+FAST = ["--max-length", "16", "--batch-size", "8", "--log-every", "1", "--dropout", "0", "--precision", "fp32"]
 
 
 def ok(*args: str) -> str:
@@ -57,7 +57,8 @@ def test_info_shows_the_adapter(classify_run, bert_dir):
 
 
 def test_eval_base_adapter_and_merged_export(classify_run, bert_dir, topics_csv, tmp_path):
-    tuned = json.loads(ok("eval", "--adapter", classify_run, "--data", topics_csv, "--max-length", "16", "--json"))
+    tuned = json.loads(ok("eval", "--adapter", classify_run, "--data", topics_csv, "--max-length", "16",
+                          "--precision", "fp32", "--json"))
     metrics = json.loads((classify_run / "metrics.json").read_text())
     assert tuned["accuracy"] == metrics["eval"]["accuracy"] and tuned["examples"] == 60
     assert tuned["macro_f1"] == metrics["eval"]["macro_f1"]
@@ -70,7 +71,8 @@ def test_eval_base_adapter_and_merged_export(classify_run, bert_dir, topics_csv,
 
     # The base model, its head seeded here: the CLI's metrics are those of the model loaded directly.
     torch.manual_seed(0)
-    base = json.loads(ok("eval", "--model", bert_dir, "--task", "classify", "--data", topics_csv, "--json"))
+    base = json.loads(ok("eval", "--model", bert_dir, "--task", "classify", "--data", topics_csv, "--precision", "fp32",
+                         "--json"))
     torch.manual_seed(0)
     labels = ["Business", "Sports", "World"]  # the eval data's labels, sorted: the base model has none
     direct, tok, _, _ = load_trained(str(bert_dir), None, "classify", labels)
@@ -83,7 +85,7 @@ def test_eval_base_adapter_and_merged_export(classify_run, bert_dir, topics_csv,
 
     ok("merge", "--adapter", classify_run, "--output", tmp_path / "merged")
     merged = json.loads(ok("eval", "--model", tmp_path / "merged", "--data", topics_csv, "--max-length", "16",
-                           "--json"))
+                           "--precision", "fp32", "--json"))
     assert merged["accuracy"] == tuned["accuracy"] and merged["loss"] == pytest.approx(tuned["loss"], abs=1e-5)
 
     # The export is a plain transformers model with the adapter's outputs.

@@ -29,6 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = Path(__file__).with_name("sharding_cases.py")
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 B, STEPS = 2, 3  # per process, in every 2-process case
+# Sharded and one-process runs sum gradients in another order; AdamW turns that float noise, on elements whose
+# gradient nearly cancels, into steps of up to lr. Measured: 3e-5 (2 processes, all-linear) and 9e-5 (3 processes,
+# odd sizes) on CPUs with AVX-512, under 2e-5 elsewhere. A real defect (a shard not stepping, the wrong rows) moves
+# the adapter by about as much as training does (> 1e-2, checked below).
+FP32_REDUCTION_NOISE = 2e-4
 
 
 def torchrun(n: int, *args: str) -> str:
@@ -80,7 +85,7 @@ def largest_difference(a: dict, b: dict) -> float:
 def test_fsdp_two_processes_train_the_adapter_of_one_process_with_double_batch(two, name, tmp_path):
     out, report, _ = two
     sharded, reference = adapter(out / name), one_process(tmp_path, **VARIANTS[name])
-    assert largest_difference(sharded, reference) < 2e-5
+    assert largest_difference(sharded, reference) < FP32_REDUCTION_NOISE
     untrained = one_process(tmp_path, name="untrained", steps=0, **VARIANTS[name])
     assert largest_difference(reference, untrained) > 1e-2  # the steps did train: the comparison can fail
     assert report[name]["frozen_share"] == pytest.approx(0.5, abs=0.01)  # each process holds half the frozen base
@@ -126,7 +131,7 @@ def test_three_processes_with_sizes_nothing_divides(tmp_path):
     torchrun(3, str(CASES), str(tmp_path), json.dumps([case("odd", **odd)]))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["odd"]["frozen_share"] < 0.4  # about a third, padding included
-    assert largest_difference(adapter(tmp_path / "odd"), one_process(tmp_path, batch=3 * B, **odd)) < 2e-5
+    assert largest_difference(adapter(tmp_path / "odd"), one_process(tmp_path, batch=3 * B, **odd)) < FP32_REDUCTION_NOISE
 
 
 # ---- lorakit train --sharding fsdp ----
@@ -254,7 +259,7 @@ def test_keep_best_under_fsdp_restores_the_best_step_on_every_process(sharded_ke
     from lorakit.cli.main import app
 
     done = CliRunner().invoke(app, ["eval", "--adapter", str(sharded_keep_best), "--data", str(mislabelled_csv),
-                                    "--max-length", "16", "--json"])
+                                    "--max-length", "16", "--precision", "fp32", "--json"])
     assert done.exit_code == 0, done.output
     loss = json.loads(done.output[done.output.index("{"):])["loss"]
     assert loss == pytest.approx(sharded["best_eval"]["loss"], abs=1e-5)
