@@ -99,6 +99,9 @@ def train(
                                            "or drop(ped) (default: truncate)"),
     packing: bool = typer.Option(False, "--packing", help="causal-lm: pack examples into rows of --max-length "
                                  "tokens (positions restart and attention stays inside each example)."),
+    loss_chunk_tokens: Optional[int] = typer.Option(None, help="causal-lm: the loss makes the head's logits this "
+                                                    "many target tokens at a time, never all at once; 0: the model's "
+                                                    "own loss (default: 512)"),
     report_to: Optional[str] = typer.Option(None, help="none | tensorboard | wandb: also send the log there "
                                             "(default: none)"),
     keep_best: bool = typer.Option(False, "--keep-best", help="The final adapter is the checkpoint with the best eval "

@@ -250,11 +250,17 @@ def _accumulate(run: _Run) -> tuple[float, int]:
             with autocast(loop.precision, world.device):
                 out = run.net(**batch)
             # A micro-batch with no target has a NaN mean; it still runs backward, with zeros, as DDP expects.
-            (out.loss * (n * world.size / total) if n else out.logits.sum() * 0.0).backward()
+            (out.loss * (n * world.size / total) if n else _no_target(out)).backward()
         if n:
             loss_sum += out.loss.detach().float() * n
         run.state.micro += 1
     return _sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched)
+
+
+def _no_target(out) -> torch.Tensor:
+    # A zero that reaches every trained weight. The model's own loss is NaN here, so its logits give it; a chunked
+    # loss (chunked_loss.py) has no logits and is 0 with zero gradients.
+    return out.logits.sum() * 0.0 if out.logits is not None else out.loss * 0.0
 
 
 def _sum_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:

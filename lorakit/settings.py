@@ -24,7 +24,7 @@ CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --conf
 # Settings that may change when a run is resumed: they do not change the trained weights.
 # Checkpoints hold whole tensors, so "sharding" is among them: a sharded run resumes unsharded, and the reverse.
 RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column",
-               "num_proc", "report_to", "save_total_limit", "sharding"}
+               "num_proc", "report_to", "save_total_limit", "sharding", "loss_chunk_tokens"}
 SHARDINGS = ("none", "fsdp")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
 
 
@@ -77,6 +77,7 @@ class TrainConfig:
     num_proc: int | None = None  # processes that tokenise; the result is cached between runs either way
     overlong: str = "truncate"  # rows longer than max_length: truncate | drop
     packing: bool = False  # examples packed into rows of max_length tokens, attention kept inside each example
+    loss_chunk_tokens: int = 512  # causal-lm: logits made this many target tokens at a time; 0: the model's loss
     # tracking and model selection
     report_to: str = "none"  # none | tensorboard | wandb (besides log.jsonl)
     keep_best: bool = False  # the final adapter is the checkpoint with the best eval metric (accuracy or loss)
@@ -162,6 +163,8 @@ def check_values(cfg: TrainConfig) -> None:
         (not (cfg.resume and cfg.output is None), "--resume needs --output DIR (the run to continue)"),
         (cfg.overlong in OVERLONG, f"overlong must be one of {OVERLONG}, got {cfg.overlong!r}"),
         (cfg.num_proc is None or cfg.num_proc >= 1, f"num_proc must be >= 1, got {cfg.num_proc}"),
+        (cfg.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0: the model's own loss), got "
+                                     f"{cfg.loss_chunk_tokens}"),
         (cfg.task == "causal-lm" or not (cfg.packing or cfg.chat_template),
          "--packing and --chat-template are for --task causal-lm"),
         (cfg.report_to in REPORTERS, f"report_to must be one of {tuple(REPORTERS)}, got {cfg.report_to!r}"),

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .chunked_loss import loss_model
 from .data import collator
 from .dataset import RunData, load_data, train_collator
 from .distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
@@ -51,6 +52,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
 
     model, _, adapter = setup_model(cfg, run_data.labels, world)
+    net = with_loss(model, cfg, say)  # what fit() and evaluate() run: the model with its loss chunked
     batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
     loop = plan(cfg, batches.per_epoch)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
@@ -58,7 +60,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
     check = None
     if len(run_data.eval):
-        check = partial(evaluate, model, run_data.eval, collator(run_data.tokenizer, cfg.task), cfg.task,
+        check = partial(evaluate, net, run_data.eval, collator(run_data.tokenizer, cfg.task), cfg.task,
                         cfg.batch_size, cfg.precision)
     reporter = open_reporter(cfg.report_to, out, resolved(cfg, adapter.targets),
                              state.step if cfg.resume else None) if world.main else None
@@ -72,7 +74,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     hooks = Hooks(evaluate=check, log=log, checkpoint=partial(save_checkpoint, out, model, opt, sched, keep=keep),
                   on_step=on_step, echo=say, progress=progress)
     try:
-        state = fit(model, batches, opt, sched, loop, state, world=world, hooks=hooks)
+        state = fit(net, batches, opt, sched, loop, state, world=world, hooks=hooks)
     except Interrupted as e:
         raise Interrupted(f"{e}; continue with: lorakit train --output {out} --resume") from None
     finally:
@@ -107,6 +109,17 @@ def setup_model(cfg: TrainConfig, labels: list[str] | None, world: World):
     if cfg.sharding == "fsdp":
         return shard(model, world, cfg.precision), tokenizer, adapter
     return model.to(world.device), tokenizer, adapter
+
+
+def with_loss(model, cfg: TrainConfig, say) -> torch.nn.Module:
+    """A causal LM whose loss never holds the whole logits (chunked_loss.py), unless --loss-chunk-tokens 0; a model
+    the chunked loss cannot run on keeps its own loss, and the run says why."""
+    if cfg.task != "causal-lm":
+        return model
+    net, why = loss_model(model, cfg.loss_chunk_tokens, sharded=is_sharded(model))
+    if why:
+        say(f"the model computes its own loss, all logits at once (not chunked): {why}")
+    return net
 
 
 def warn_if_slow(model, compute: torch.dtype, device: torch.device) -> None:
