@@ -19,6 +19,7 @@ from .dataset import RunData, load_data, train_collator
 from .distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
 from .evaluation import describe, evaluate, main_metric
 from .files import save_adapter
+from .heap import release_freed_memory
 from .fit import Hooks, Interrupted, Loop, RunState, examples, fit, seeded_batches, target_tokens
 from .inject import count_parameters, enable_gradient_checkpointing, quantized_weights
 from .models import add_adapter, load_model, resolve_model
@@ -44,6 +45,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     optimizer step's record (step, epoch, loss, lr, tokens, seconds). Under torchrun only rank 0 writes and prints."""
     check_values(cfg)
     check_launch(cfg.sharding)
+    release_freed_memory()  # resident memory follows the live tensors (heap.py)
     world = init_distributed(sharded=cfg.sharding == "fsdp")
     say = echo if world.main else (lambda *_: None)
     cfg = with_output(cfg, world)
