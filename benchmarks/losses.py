@@ -9,9 +9,9 @@ slow spell of the shared machine does not land on one side only. Memory is the p
 (VmHWM from /proc/self/status at its end: model loading, data, training, everything the user sees); the lorakit
 process also samples its resident set every 20 ms to say which phase peaked (before training: imports, data, model;
 training). Step time is each optimizer step's wall time (lorakit: fit's step record; PEFT: timed the same way);
-the median over the steps is reported, the first step included (both sides create AdamW's state there). The
-machine's load average is recorded before and after each process: other jobs slow both sides alike but widen the
-spread.
+the median over the steps is reported, the first step included (both sides create AdamW's state there), with the
+process's CPU seconds per step beside it (user + system, getrusage). The machine's load average is recorded before
+and after each process: other jobs slow both sides alike but widen the spread.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,12 @@ def _status(field: str) -> int:
         return int(next(line.split()[1] for line in f if line.startswith(field + ":"))) * 1024
 
 
+def _cpu_seconds() -> float:
+    # This process's CPU time (user + system, all threads): less sensitive than wall time to other jobs' load.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class _Sampler:
     # The resident set every 20 ms, its peak per phase (the phase is switched by the run's own messages).
     def __init__(self):
@@ -89,7 +96,11 @@ def run_lorakit(folder: Path, size: str, steps: int, checkpointing: bool) -> dic
     from lorakit.train import train
 
     _, (batch, tokens) = SIZES[size]
-    sampler, records, said = _Sampler(), [], []
+    sampler, records, said, cpu = _Sampler(), [], [], [_cpu_seconds()]
+
+    def on_step(record):
+        records.append(record)
+        cpu.append(_cpu_seconds())
 
     def echo(line):
         said.append(line)
@@ -100,9 +111,11 @@ def run_lorakit(folder: Path, size: str, steps: int, checkpointing: bool) -> dic
                       overwrite=True, r=8, alpha=16, dropout=0.05, targets="q_proj,v_proj", batch_size=batch,
                       max_length=tokens, max_steps=steps, lr=1e-4, precision="fp32", save_every=1000, log_every=1,
                       gradient_checkpointing=checkpointing)
-    train(cfg, on_step=records.append, echo=echo, progress=False)
+    train(cfg, on_step=on_step, echo=echo, progress=False)
     sampler.done = True
-    return {"steps_s": [r["seconds"] for r in records], "peak_bytes": _status("VmHWM"),
+    # fit's step record times the step alone; the CPU seconds between records add its logging (small)
+    return {"steps_s": [r["seconds"] for r in records], "cpu_s": [b - a for a, b in zip(cpu, cpu[1:])][-len(records):],
+            "peak_bytes": _status("VmHWM"),
             "phase_peaks": sampler.peaks, "said": [s for s in said if "loss" in s]}
 
 
@@ -123,18 +136,19 @@ def run_peft(folder: Path, size: str, steps: int, checkpointing: bool) -> dict:
                                                        target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    seconds = []
+    seconds, cpu = [], []
     for step in range(steps):
         rows = texts[step * batch:(step + 1) * batch]
         enc = tokenizer(rows, truncation=True, max_length=tokens, return_tensors="pt")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         loss = model(**enc, labels=enc["input_ids"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
-    return {"steps_s": seconds, "peak_bytes": _status("VmHWM"), "loss": float(loss)}
+        cpu.append(_cpu_seconds() - cpu_start)
+    return {"steps_s": seconds, "cpu_s": cpu, "peak_bytes": _status("VmHWM"), "loss": float(loss)}
 
 
 # ---- the side-by-side run ----
@@ -167,7 +181,9 @@ def verdicts(found: list[dict]) -> list[dict]:
                      "peft_peak_gib": pf["peak_bytes"] / 2**30, "memory_ratio": memory,
                      "memory_target": TARGETS[checkpointing], "memory_met": memory <= TARGETS[checkpointing],
                      "lorakit_step_s": statistics.median(lk["steps_s"]), "peft_step_s": statistics.median(pf["steps_s"]),
-                     "step_ratio": step, "step_target": STEP_TARGET if checkpointing else None,
+                     "step_ratio": step,
+                     "cpu_ratio": statistics.median(lk["cpu_s"]) / statistics.median(pf["cpu_s"]),
+                     "step_target": STEP_TARGET if checkpointing else None,
                      "step_met": step <= STEP_TARGET if checkpointing else None})
     return rows
 

@@ -12,9 +12,9 @@ a target reach the head: prompt and padding tokens cost nothing.
 
 Computing the gradients in forward (as Liger Kernel's fused linear cross-entropy does) rather than recomputing each
 chunk's logits in backward (as cut-cross-entropy and torchtune's chunked loss do) saves one (tokens × hidden ×
-vocabulary) matrix multiply per step, about 6% of a Llama-134M step on the CPU, for holding the hidden states'
-gradient (as large as the hidden states, which the recomputing variant must keep instead) from forward to backward.
-The loss is a scalar, so backward's incoming gradient is a number that scales them.
+vocabulary) matrix multiply per step (about 6% of a Llama-134M step's FLOPs with checkpointing), for holding the
+hidden states' gradient (as large as the hidden states, which the recomputing variant must keep instead) from forward
+to backward. The loss is a scalar, so backward's incoming gradient is a number that scales them.
 
 Hand-written because neither torch nor transformers has it on the CPU: Liger and cut-cross-entropy are Triton kernels
 for CUDA.

@@ -23,4 +23,4 @@ def test_losses_benchmark_runs_every_side_at_tiny_size(tmp_path):
     assert all(r["peak_bytes"] > 0 and len(r["steps_s"]) == 1 for r in data["runs"])
     assert all("training" in r["phase_peaks"] for r in data["runs"] if r["side"] == "lorakit")
     assert {v["checkpointing"] for v in data["verdicts"]} == {True, False}
-    assert all({"memory_ratio", "memory_met", "step_ratio"} <= v.keys() for v in data["verdicts"])
+    assert all({"memory_ratio", "memory_met", "step_ratio", "cpu_ratio"} <= v.keys() for v in data["verdicts"])
