@@ -258,9 +258,12 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
 
 def _model_loss(net: torch.nn.Module, batch: dict, n: int) -> tuple[torch.Tensor, dict]:
     """The model's own loss of a batch with n targets. With none its mean is NaN: a zero that still reaches every
-    weight takes its place, so that backward runs as DDP expects."""
+    trained weight takes its place, so that backward runs as DDP expects (a chunked loss, chunked_loss.py, has no
+    logits: it is 0 there, with zero gradients)."""
     out = net(**batch)
-    return (out.loss if n else out.logits.sum() * 0.0), {}
+    if n:
+        return out.loss, {}
+    return (out.logits.sum() * 0.0 if out.logits is not None else out.loss * 0.0), {}
 
 
 def _sum_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:

@@ -26,7 +26,7 @@ CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --conf
 # Settings that may change when a run is resumed: they do not change the trained weights.
 # Checkpoints hold whole tensors, so "sharding" is among them: a sharded run resumes unsharded, and the reverse.
 RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column",
-               "num_proc", "report_to", "save_total_limit", "sharding"}
+               "num_proc", "report_to", "save_total_limit", "sharding", "loss_chunk_tokens"}
 SHARDINGS = ("none", "fsdp")
 log = logging.getLogger("lorakit")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
 
@@ -98,6 +98,9 @@ class TrainConfig:
                             "drop(ped).")
     packing: bool = setting(False, DATA, "Language models: pack examples into rows of --max-length tokens "
                             "(positions restart and attention stays inside each example).")
+    loss_chunk_tokens: int = setting(512, TRAINING, "Language models: the output head's logits are made, used and "
+                                     "freed this many target tokens at a time (the loss never holds them all); 0: "
+                                     "the model's own loss.")
     report_to: str = setting("none", OUTPUT, "none | tensorboard | wandb: also send the log there.")
     keep_best: bool = setting(False, EVALUATION, "The final adapter is the checkpoint with the best eval metric "
                               "(accuracy, or loss for a language model); needs --eval-data.")
@@ -213,6 +216,8 @@ def check_values(cfg: TrainConfig) -> None:
         (not (cfg.resume and cfg.output is None), "--resume needs --output DIR (the run to continue)"),
         (cfg.overlong in OVERLONG, f"overlong must be one of {OVERLONG}, got {cfg.overlong!r}"),
         (cfg.num_proc is None or cfg.num_proc >= 1, f"num_proc must be >= 1, got {cfg.num_proc}"),
+        (cfg.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0: the model's own loss), got "
+                                     f"{cfg.loss_chunk_tokens}"),
         (cfg.task not in TASKS or TASKS[cfg.task].generates or not (cfg.packing or cfg.chat_template),
          f"--packing and --chat-template are for language models (--task {' or '.join(generating)})"),
         (cfg.report_to in REPORTERS, f"report_to must be one of {tuple(REPORTERS)}, got {cfg.report_to!r}"),

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ..runtime.heap import release_freed_memory
+from .chunked_loss import loss_model
 from .dataset import RunData, load_data, train_collator
 from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
 from .evaluation import describe, evaluate
@@ -44,6 +46,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     optimizer step's record (step, epoch, loss, lr, tokens, seconds). Under torchrun only rank 0 writes and prints."""
     check_values(cfg)
     check_launch(cfg.sharding)
+    release_freed_memory()  # resident memory follows the live tensors (runtime/heap.py)
     world = init_distributed(sharded=cfg.sharding == "fsdp")
     say = echo if world.main else (lambda *_: None)
     cfg = with_output(cfg, world)
@@ -54,6 +57,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
     model, adapter = setup_model(cfg, run_data, world)
     task = task_named(cfg.task)
+    net = with_loss(model, task, cfg, say)  # what fit() and evaluate() run: a language model's loss chunked
     if task.preference:  # --precompute-ref: the reference's log-probabilities, once
         run_data.train, run_data.eval = preference.with_reference(model, run_data.train, run_data.eval, cfg,
                                                                   run_data.tokenizer.pad_token_id, say)
@@ -62,12 +66,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
     state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)
 
-    check = None
-    if len(run_data.eval) and task.preference:
-        check = preference.evaluator(model, run_data.eval, cfg, run_data.tokenizer.pad_token_id)
-    elif len(run_data.eval):
-        check = partial(evaluate, model, run_data.eval, task.collator(run_data.tokenizer), task, cfg.batch_size,
-                        cfg.precision)
+    check = evaluator(task, model, net, run_data, cfg)
     reporter = open_reporter(cfg.report_to, out, resolved(cfg, adapter.targets),
                              state.step if cfg.resume else None) if world.main else None
     log = partial(log_record, out / LOG_FILE, reporter)
@@ -80,7 +79,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     hooks = Hooks(evaluate=check, log=log, checkpoint=partial(save_checkpoint, out, model, opt, sched, keep=keep),
                   on_step=on_step, echo=say, progress=progress)
     try:
-        state = fit(model, batches, opt, sched, loop, state, world=world, hooks=hooks)
+        state = fit(net, batches, opt, sched, loop, state, world=world, hooks=hooks)
     except Interrupted as e:
         raise Interrupted(f"{e}; continue with: lorakit train --output {out} --resume") from None
     finally:
@@ -95,6 +94,28 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     barrier(world)
     shutdown(world)
     return metrics
+
+
+def evaluator(task: Task, model, net, run_data: RunData, cfg: TrainConfig) -> Callable[[], dict] | None:
+    """The eval hook of fit(): the task's metrics over the eval data (None without eval data). `net` is `model` with
+    its loss chunked (with_loss); preference tasks score pairs with their own objective."""
+    if not len(run_data.eval):
+        return None
+    if task.preference:
+        return preference.evaluator(model, run_data.eval, cfg, run_data.tokenizer.pad_token_id)
+    return partial(evaluate, net, run_data.eval, task.collator(run_data.tokenizer), task, cfg.batch_size, cfg.precision)
+
+
+def with_loss(model, task: Task, cfg: TrainConfig, say) -> torch.nn.Module:
+    """A language model whose loss never holds the whole logits (chunked_loss.py), unless --loss-chunk-tokens 0; a
+    model the chunked loss cannot run on keeps its own loss, and the run says why. Preference tasks compute their
+    own loss (preference/objectives.py)."""
+    if not task.generates or task.preference:
+        return model
+    net, why = loss_model(model, cfg.loss_chunk_tokens, sharded=is_sharded(model))
+    if why:
+        say(f"the model computes its own loss, all logits at once (not chunked): {why}")
+    return net
 
 
 def add_adapter(model, cfg: TrainConfig) -> LoraConfig:
