@@ -20,9 +20,10 @@ OPS = ["save", "load", "merge"]
 def run_row(key: str, size: str = "full", device: str = "cpu") -> dict:
     """Median milliseconds of save_adapter / load_adapter (into a fresh copy of the base) / merge, lorakit and PEFT,
     interleaved; file sizes in KiB and the full model's safetensors size in MiB."""
-    import lorakit
     from peft import PeftModel
     from safetensors.torch import save_model
+
+    import lorakit
 
     name = ROWS[key]
     models, base = variants(name, size, ["lorakit", "peft"], random_b=True, device=device)

@@ -144,6 +144,7 @@ def variants(name: str, size: str, kinds: list[str], dropout: float = 0.0, rando
     random values first, so that the adapter changes the output (merging then has work to do). 'base' is the
     unchanged model. quantize="nf4": lorakit runs QLoRA (PEFT stays plain LoRA: its QLoRA needs bitsandbytes)."""
     import peft
+
     import lorakit
     from lorakit.adapters.parts import lora_layers
 

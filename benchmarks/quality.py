@@ -123,8 +123,8 @@ def train_and_eval(model, rows: list[dict], dev: list[dict], collate, lr: float,
     from transformers import get_scheduler
 
     from lorakit.training.evaluation import evaluate
-    from lorakit.training.tasks import CLASSIFY
     from lorakit.training.fit import Batches, Hooks, Loop, fit
+    from lorakit.training.tasks import CLASSIFY
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     per_epoch = math.ceil(len(rows) / BATCH)
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from lorakit import count_parameters
-    from lorakit.data.tables import label_collator
     from lorakit.adapters.files import atomic_write
+    from lorakit.data.tables import label_collator
 
     from .common import set_threads
 

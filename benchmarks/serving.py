@@ -72,9 +72,9 @@ def base_dir(size: str, tmp: Path) -> str:
 def adapters(path: str, n: int):
     """(model, tokenizer, names): the base with n adapters (random B ~ N(0, 0.02), each its own random head)."""
     import lorakit
+    from lorakit.adapters.parts import lora_layers, saved_modules
     from lorakit.io import models
     from lorakit.training.tasks import CLASSIFY
-    from lorakit.adapters.parts import lora_layers, saved_modules
 
     model, tokenizer = models.load_model(path, CLASSIFY, LABELS)
     names = [f"a{i}" for i in range(n)]

@@ -2,13 +2,19 @@
 
 from .adapters.config import LoraConfig
 from .adapters.files import load_adapter, read_adapter_config
-from .adapters.inject import (count_parameters, delete_adapter, enable_gradient_checkpointing, enable_input_grads, inject,
-                     set_adapter)
-from .nn.layers import LoraLayer, SavedModule
+from .adapters.inject import (
+                     count_parameters,
+                     delete_adapter,
+                     enable_gradient_checkpointing,
+                     enable_input_grads,
+                     inject,
+                     set_adapter,
+)
 from .adapters.merging import disable_adapters, is_merged, merge, unload, unmerge
+from .adapters.optim import optimizer
 from .adapters.parts import active_adapters, configs, default_targets
 from .adapters.routing import load_adapter_with_head, route
-from .adapters.optim import optimizer
+from .nn.layers import LoraLayer, SavedModule
 from .runtime.sharding import adapter_state_dict, save_adapter
 
 __version__ = "0.1.0"

@@ -134,9 +134,8 @@ def chat_llama_dir(tmp_path_factory) -> Path:
     <|im_start|> and <|im_end|> special tokens), saved in Hugging Face format. Weights drawn wide (std 0.2): with
     0.02, the frozen output head keeps every next-token distribution close to uniform."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from chat_tokenizers import chat_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-chat-llama")
     tokenizer = chat_tokenizer()

@@ -9,13 +9,13 @@ import torch
 from typer.testing import CliRunner
 
 import lorakit
+from lorakit.adapters.parts import lora_layers
 from lorakit.cli.main import app
-from lorakit.serving.generation import use_chat_template
 from lorakit.io.models import load_model
+from lorakit.serving.generation import use_chat_template
+from lorakit.training.rundir import save_chat_template
 from lorakit.training.tasks import CAUSAL_LM
 from lorakit.training.trained import load_trained
-from lorakit.adapters.parts import lora_layers
-from lorakit.training.rundir import save_chat_template
 
 try:
     import gguf

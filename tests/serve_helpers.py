@@ -15,11 +15,10 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.adapters.parts import task_heads
+from lorakit.adapters.parts import saved_modules, task_heads
 from lorakit.io import models
-from lorakit.training.tasks import TASKS
-from lorakit.adapters.parts import saved_modules
 from lorakit.training.rundir import LABELS_FILE, write_json
+from lorakit.training.tasks import TASKS
 
 LABELS = {"news": ["World", "Sports", "Business"], "sentiment": ["negative", "positive"], "extra": ["a", "b", "c", "d"]}
 TEXTS = ["striker scores in the league final", "shares fall as investors fret", "summit ends without a treaty"]

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.runtime.distributed import World, init_distributed, is_main_process, shutdown
-from lorakit.training.fit import Loop, RunState, fit, seeded_batches
 from lorakit.adapters.parts import lora_layers
-from lorakit.training.rundir import load_checkpoint, save_checkpoint
+from lorakit.runtime.distributed import World, init_distributed, is_main_process, shutdown
 from lorakit.runtime.sharding import shard
+from lorakit.training.fit import Loop, RunState, fit, seeded_batches
+from lorakit.training.rundir import load_checkpoint, save_checkpoint
 
 DIMS = {"small": dict(hidden=32, inter=64, heads=4, kv=2, vocab=96),
         "odd": dict(hidden=50, inter=129, heads=5, kv=1, vocab=127)}  # no size divides 2 or 3 processes

@@ -13,12 +13,12 @@ import time
 
 import pytest
 import torch
+from test_chat_train import chats, write_jsonl
 from typer.testing import CliRunner
 
 from lorakit.cli.main import app
 from lorakit.serving.generation import Sampling, end_of_turn_ids, generate, prompt_text, use_chat_template
 from lorakit.training.trained import load_trained
-from test_chat_train import chats, write_jsonl
 
 runner = CliRunner()
 ANSWER = "fine thanks"

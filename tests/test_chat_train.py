@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from chat_tokenizers import CHATML
-from lorakit.errors import DataError
+
+from lorakit.errors import ConfigError, DataError
 from lorakit.training.rundir import read_log
 from lorakit.training.settings import TrainConfig
-from lorakit.errors import ConfigError
 from lorakit.training.train import train
 
 QUESTIONS = ["hello there", "how are you", "what is the topic", "sports news", "world news today",

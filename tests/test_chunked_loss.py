@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tiny_models import tiny_gpt2, tiny_llama
 
 from lorakit import LoraConfig, inject
-from lorakit.training.chunked_loss import ChunkedLoss, Logits, linear_cross_entropy, loss_model
-from lorakit.training.evaluation import evaluate
 from lorakit.data.packing import PackedCollator, pack_groups, pack_rows
 from lorakit.errors import ConfigError
+from lorakit.training.chunked_loss import ChunkedLoss, Logits, linear_cross_entropy, loss_model
+from lorakit.training.evaluation import evaluate
 from lorakit.training.settings import TrainConfig
 from lorakit.training.tasks import CAUSAL_LM
 from lorakit.training.train import train
-from tiny_models import tiny_gpt2, tiny_llama
 
 FP32 = dict(atol=1e-6, rtol=1e-5)
 

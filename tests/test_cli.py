@@ -10,8 +10,8 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from lorakit.cli.main import app
-from lorakit.training.trained import load_trained
 from lorakit.training.settings import saved_settings
+from lorakit.training.trained import load_trained
 
 runner = CliRunner()
 FAST = ["--max-length", "16", "--batch-size", "8", "--log-every", "1", "--dropout", "0", "--precision", "fp32"]

@@ -2,8 +2,8 @@
 checked token by token against segments written out by hand for three template styles."""
 
 import pytest
-
 from chat_tokenizers import CHATML, CHATML_SYSTEM, LLAMA2, chat_tokenizer
+
 from lorakit.data import conversations as C
 from lorakit.errors import DataError
 

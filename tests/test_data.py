@@ -5,9 +5,9 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import shared_data
 from transformers import AutoTokenizer
 
-from conftest import shared_data
 from lorakit.data import tables as data
 
 

@@ -11,16 +11,32 @@ import json
 import numpy as np
 import pytest
 import torch
+from deploy_cases import (
+    PROMPT,
+    TOLERANCE,
+    base_logits,
+    cpp_greedy,
+    cpp_logits,
+    export,
+    gguf,
+    hf_greedy,
+    hf_logits,
+    llama,
+    make_adapter,
+    merged_model,
+    needs_llama_cpp,
+    prompt_ids,
+    refused,
+    runner,
+)
+from test_chat_cli import ANSWER, chat_run  # noqa: F401  (a fixture: a tiny Llama trained on conversations)
 
 import lorakit
-from deploy_cases import (PROMPT, TOLERANCE, base_logits, cpp_greedy, cpp_logits, export, gguf, hf_greedy, hf_logits,
-                          llama, make_adapter, merged_model, needs_llama_cpp, prompt_ids, refused, runner)
+from lorakit.adapters.parts import lora_layers
 from lorakit.cli.main import app
 from lorakit.io.models import load_model
 from lorakit.training.tasks import CAUSAL_LM
 from lorakit.training.trained import load_trained
-from lorakit.adapters.parts import lora_layers
-from test_chat_cli import ANSWER, chat_run  # noqa: F401  (a fixture: a tiny Llama trained on conversations)
 
 
 @pytest.fixture(scope="module")

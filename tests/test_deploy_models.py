@@ -8,12 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from chat_tokenizers import CORPUS
-from deploy_cases import (PROMPT, TOLERANCE, cpp_logits, export, gguf, hf_logits, llama, make_adapter, merged_model,
-                          needs_llama_cpp, prompt_ids)
-from lorakit.training.trained import load_trained
+from deploy_cases import (
+    PROMPT,
+    TOLERANCE,
+    cpp_logits,
+    export,
+    gguf,
+    hf_logits,
+    llama,
+    make_adapter,
+    merged_model,
+    needs_llama_cpp,
+    prompt_ids,
+)
 
+from lorakit.training.trained import load_trained
 
 # ---- tokenizers: the pre-tokenizer from tokenizer.json ----
 
@@ -96,9 +106,8 @@ def family_dir(root: Path, model_type: str) -> Path:
     beside hidden 32 / 4 heads) or Llama with Llama 3.1's RoPE scaling (scaled from position 16 on), with random
     weights and the chat tokenizer, and more embeddings than tokens (as Qwen2's: Qwen2's tokenizer class adds
     <|endoftext|>, and the rest become unused padding tokens in GGUF)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from chat_tokenizers import chat_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = chat_tokenizer()
     tokenizer.save_pretrained(root)
@@ -142,10 +151,9 @@ def sentencepiece_style_dir(tmp_path_factory):
     """A tiny Llama with a tokenizer laid out as transformers converts Llama 2's SentencePiece model: BPE with byte
     fallback (<0x00>..<0xFF> in the vocabulary), "▁" for spaces and before the text, and merges that are every
     split of every piece into two pieces, in the order of the pieces (SentencePiece's scores)."""
+    from chat_tokenizers import LLAMA2
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from chat_tokenizers import LLAMA2
 
     path = tmp_path_factory.mktemp("sentencepiece-style")
     fixed = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]

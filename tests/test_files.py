@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 
 import lorakit
 import lorakit.adapters.files
 from lorakit.nn.layers import LoraLayer
-from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 
 IDS = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102, 0], [101, 2023, 2003, 2307, 102, 0, 0, 0]])
 MASK = (IDS != 0).long()

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, inject
+from lorakit.adapters.optim import optimizer
 from lorakit.data import tables as data
-from lorakit.training.fit import Batches, Hooks, Loop, RunState, fit, seeded_batches
 from lorakit.errors import Interrupted, TrainingError
 from lorakit.io.models import load_model
+from lorakit.training.fit import Batches, Hooks, Loop, RunState, fit, seeded_batches
 from lorakit.training.tasks import CLASSIFY
-from lorakit.adapters.optim import optimizer
 
 RECORD = {"step", "epoch", "loss", "lr", "tokens", "seconds"}
 

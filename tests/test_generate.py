@@ -3,9 +3,9 @@ whole text, seeded sampling repeatable, bad settings refused."""
 
 import pytest
 import torch
+from chat_tokenizers import CHATML, LLAMA2, chat_tokenizer
 from torch import nn
 
-from chat_tokenizers import CHATML, LLAMA2, chat_tokenizer
 from lorakit.serving.generation import Sampling, end_of_turn_ids, generate, prompt_text, stream
 
 

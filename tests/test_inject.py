@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from tiny_models import minilm_classifier, small_cnn, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
 from lorakit.adapters.inject import saved_modules
 from lorakit.nn.layers import LoraLayer, SavedModule
-from tiny_models import minilm_classifier, small_cnn, tiny_gpt2, tiny_llama
 
 IDS = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102, 0]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])

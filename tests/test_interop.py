@@ -18,12 +18,12 @@ from typing import Callable
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import small_cnn, small_mlp, tiny_bert, tiny_gpt2, tiny_llama_classifier
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.nn.layers import LoraLayer
 from lorakit.nn.nf4 import NF4Linear, dequantize_nf4
-from tiny_models import small_cnn, small_mlp, tiny_bert, tiny_gpt2, tiny_llama_classifier
 
 peft = pytest.importorskip("peft")
 

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
 from lorakit.cli.main import app
+from lorakit.errors import ConfigError
 from lorakit.nn.nf4 import NF4Linear
 from lorakit.training.settings import TrainConfig
-from lorakit.errors import ConfigError
 from lorakit.training.train import train
 from lorakit.training.trained import load_trained
 

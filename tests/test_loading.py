@@ -9,13 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import lorakit
-from lorakit.io.export import export_merged
-from lorakit.io.checkpoints import load_quantized
 from lorakit.errors import CheckpointError
+from lorakit.io.checkpoints import load_quantized
+from lorakit.io.export import export_merged
 from lorakit.nn.nf4 import NF4Linear, NF4Weight
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -162,7 +170,6 @@ def test_export_refuses_when_the_disk_is_too_small(trained_qlora, tmp_path, monk
 
 def test_export_of_a_bf16_base_in_fp32_rounds_the_merge_once(tmp_path):
     from safetensors.torch import load_file
-
     from tiny_models import tiny_llama
 
     model = tiny_llama().to(torch.bfloat16)

@@ -5,10 +5,18 @@ import random
 
 import pytest
 import torch
-
-from lorakit.data.packing import (ATTENTION, STRATEGIES, PackedCollator, attention_mode, pack, pack_groups, pack_rows,
-                             padding_stats)
 from tiny_models import tiny_gpt2, tiny_llama
+
+from lorakit.data.packing import (
+    ATTENTION,
+    STRATEGIES,
+    PackedCollator,
+    attention_mode,
+    pack,
+    pack_groups,
+    pack_rows,
+    padding_stats,
+)
 
 
 def test_best_fit_and_sequential_by_hand():
@@ -152,9 +160,9 @@ def test_padding_stats_by_hand():
 def test_prepared_chat_data_packs_to_the_same_loss():
     # The whole route: conversations -> prepare (datasets) -> pack (datasets) -> collator -> a tiny Llama.
     import pandas as pd
+    from chat_tokenizers import CHATML, chat_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chat_tokenizers import CHATML, chat_tokenizer
     from lorakit.data import prepare as P
 
     tok = chat_tokenizer(CHATML)

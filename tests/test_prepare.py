@@ -5,12 +5,12 @@ import json
 
 import pandas as pd
 import pytest
+from chat_tokenizers import CHATML, LLAMA2, chat_tokenizer
 from transformers import AutoTokenizer
 
-from chat_tokenizers import CHATML, LLAMA2, chat_tokenizer
 from lorakit.data import conversations as C
-from lorakit.data import tables as D
 from lorakit.data import prepare as P
+from lorakit.data import tables as D
 from lorakit.errors import DataError
 
 

@@ -5,13 +5,13 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.nn.layers import LoraLayer, SavedModule
 from lorakit.nn.nf4 import NF4Linear, dequantize_nf4, quantize_nf4
-from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 
 
 def _ids():

@@ -6,8 +6,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.nn import nf4 as quant
-from lorakit.nn.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4,
-                           to_bitsandbytes)
+from lorakit.nn.nf4 import (
+    DYNAMIC_CODE,
+    NF4_CODE,
+    NF4Linear,
+    NF4Weight,
+    dequantize_nf4,
+    nf4_linear,
+    quantize_nf4,
+    to_bitsandbytes,
+)
 
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                  -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 import torch
+from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.adapters.parts import lora_layers, saved_modules
-from tiny_models import tiny_gpt2, tiny_llama
 
 ADAPTERS = {  # name: config changes; different ranks, an rsLoRA scale, a DoRA adapter where DoRA applies
     "a": dict(r=2, alpha=4),

@@ -9,15 +9,15 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import completion_loss
 
-from lorakit.training import train as train_module
-from lorakit.errors import Interrupted
 from lorakit.adapters.inject import inject
-from lorakit.training.trained import load_trained
+from lorakit.errors import Interrupted
+from lorakit.training import train as train_module
 from lorakit.training.rundir import read_log
 from lorakit.training.settings import TrainConfig
 from lorakit.training.train import train
-from test_train import completion_loss
+from lorakit.training.trained import load_trained
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ from serve_helpers import LABELS, TEXTS, Server, train_like
 from typer.testing import CliRunner
 
 import lorakit
-from lorakit.errors import MemoryFull
-from lorakit.serving.cache import Settings, open_state, use
 from lorakit.cli.main import app as cli
+from lorakit.errors import MemoryFull
 from lorakit.serving.app import create_app
+from lorakit.serving.cache import Settings, open_state, use
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,12 @@ from serve_helpers import (
 )
 from typer.testing import CliRunner
 
-from lorakit.errors import MemoryFull
-from lorakit.serving.cache import Settings, open_state, unload, use
-from lorakit.serving.batcher import Item, run_batch
-from lorakit.cli.main import app as cli
 from lorakit.adapters.files import WEIGHTS_NAME
+from lorakit.cli.main import app as cli
+from lorakit.errors import MemoryFull
 from lorakit.serving.app import create_app
+from lorakit.serving.batcher import Item, run_batch
+from lorakit.serving.cache import Settings, open_state, unload, use
 from lorakit.serving.limits import CHARS_PER_TOKEN, encode
 
 ROOT = Path(__file__).resolve().parents[1]

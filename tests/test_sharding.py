@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from sharding_cases import build, run_case
+
+from lorakit.errors import ConfigError
 from lorakit.runtime.distributed import World
 from lorakit.training.settings import TrainConfig
-from lorakit.errors import ConfigError
 from lorakit.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+from lorakit.errors import ConfigError
 from lorakit.training import tracking
 from lorakit.training.rundir import read_log
 from lorakit.training.settings import TrainConfig
-from lorakit.errors import ConfigError
 from lorakit.training.train import train
 
 

@@ -13,19 +13,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import topic_table
 from safetensors.torch import load_file
 
-from conftest import topic_table
 from lorakit.data import tables as data
-from lorakit.training import train as train_module
-from lorakit.errors import Interrupted, TrainingError
+from lorakit.errors import ConfigError, Interrupted, TrainingError
 from lorakit.io.models import load_model
-from lorakit.training.tasks import CLASSIFY
-from lorakit.training.trained import load_trained
+from lorakit.training import train as train_module
 from lorakit.training.rundir import latest_checkpoint, read_log
 from lorakit.training.settings import PACKAGED_MODEL, TrainConfig
-from lorakit.errors import ConfigError
+from lorakit.training.tasks import CLASSIFY
 from lorakit.training.train import train
+from lorakit.training.trained import load_trained
 
 REPO = Path(__file__).resolve().parents[1]
 

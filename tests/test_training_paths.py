@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from tiny_models import minilm_classifier
 from torch import nn
 
 import lorakit
-from tiny_models import minilm_classifier
 
 IDS = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 2023, 2003, 2307, 102, 0, 0]])
 MASK = (IDS != 0).long()

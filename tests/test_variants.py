@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
 from lorakit.nn.layers import LoraLayer
-from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 

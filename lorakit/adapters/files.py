@@ -20,13 +20,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
-from .inject import add_adapter_layers, check_new_name, delete_adapter, mark_trainable, set_adapter
 from ..nn.kinds import kind_of
 from ..nn.layers import LoraLayer, SavedModule
+from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
+from .inject import add_adapter_layers, check_new_name, delete_adapter, mark_trainable, set_adapter
 from .locks import exclusive
-from .parts import base_biases, configs, default_task_type, lora_layers, plan_saved_modules, plan_targets, saved_modules
-from .parts import task_heads, unwrap
+from .parts import (
+    base_biases,
+    configs,
+    default_task_type,
+    lora_layers,
+    plan_saved_modules,
+    plan_targets,
+    saved_modules,
+    task_heads,
+    unwrap,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -12,14 +12,25 @@ import warnings
 
 from torch import nn
 
-from .config import LoraConfig, replace
 from ..nn.layers import LoraLayer, SavedModule
+from ..nn.nf4 import NF4Weight
+from .config import LoraConfig, replace
 from .locks import exclusive
 from .merging import is_merged, merge, unmerge
-from .parts import active_adapters, base_biases, configs, default_task_type, lora_layers, plan_saved_modules, plan_targets
-from .parts import replace_module, saved_modules, task_heads, unwrap
+from .parts import (
+    active_adapters,
+    base_biases,
+    configs,
+    default_task_type,
+    lora_layers,
+    plan_saved_modules,
+    plan_targets,
+    replace_module,
+    saved_modules,
+    task_heads,
+    unwrap,
+)
 from .qlora import plan_quantized, quantize_layers
-from ..nn.nf4 import NF4Weight
 
 
 @exclusive

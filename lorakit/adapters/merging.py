@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-
 from typing import TYPE_CHECKING
 
 from torch import nn

@@ -10,9 +10,9 @@ from typing import Iterator
 
 from torch import nn
 
-from .config import DEFAULT_TARGETS, LoraConfig, layer_index_ok, name_matches
 from ..nn.kinds import kind_of
 from ..nn.layers import LoraLayer, SavedModule
+from .config import DEFAULT_TARGETS, LoraConfig, layer_index_ok, name_matches
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")  # transformers' names for task heads
 # PEFT's task models add these names to modules_to_save (peft_model.py, PeftModelForSequenceClassification and

@@ -7,8 +7,8 @@ from torch import nn
 
 from ..nn.kinds import kind_of
 from ..nn.layers import LoraLayer
-from .parts import base_modules, base_of, is_output_head, replace_module, unwrap
 from ..nn.nf4 import NF4Linear
+from .parts import base_modules, base_of, is_output_head, replace_module, unwrap
 
 
 def plan_quantized(model: nn.Module, saved: list[str]) -> list[str]:

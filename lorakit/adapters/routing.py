@@ -39,11 +39,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .files import WEIGHTS_NAME, _parse_file_key, load_adapter, read_adapter_config
 from ..nn.layers import LoraLayer, SavedModule, routing
+from ..nn.rows import Stack, groups
+from .files import WEIGHTS_NAME, _parse_file_key, load_adapter, read_adapter_config
 from .locks import model_lock
 from .parts import configs, lora_layers, plan_saved_modules, replace_module, saved_modules, unwrap
-from ..nn.rows import Stack, groups
 
 
 @contextlib.contextmanager

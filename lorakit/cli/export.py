@@ -74,11 +74,11 @@ def _export_gguf(adapter: str, model: str | None, format: str, out: Path, outtyp
         import gguf  # noqa: F401  (llama.cpp's writer: checked before the model loads)
     except ImportError:
         raise ConfigError(f"--format {format} needs llama.cpp's gguf package: pip install 'lorakit[gguf]'") from None
-    from ..serving.generation import use_chat_template
-    from ..training.trained import load_trained
     from ..deploy.archs import notes
     from ..deploy.gguf import check_exportable, export_model_gguf
     from ..deploy.gguf_lora import check_separable, export_lora_gguf
+    from ..serving.generation import use_chat_template
+    from ..training.trained import load_trained
 
     net, tokenizer, task, _ = load_trained(model, adapter, precision="fp32")
     if not task.generates:

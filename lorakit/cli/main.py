@@ -12,21 +12,19 @@ from typing import Optional
 
 import typer
 
+from ..data.prepare import no_progress_bars, prepare
 from ..data.tables import check_columns, label_names, load_labels, read_table, split_columns, texts
-from ..errors import DataError
-from ..training.dataset import examples, other_columns
+from ..errors import ConfigError, DataError, Interrupted, TrainingError
+from ..serving.cache import Settings as ServeSettings
 from ..serving.generation import Sampling, generate, use_chat_template
 from ..serving.generation import stream as generate_stream
+from ..training.dataset import examples, other_columns
 from ..training.evaluation import evaluate as evaluate_model
-from ..errors import Interrupted, TrainingError
-from ..training.tasks import CAUSAL_LM, TASKS, task_named
-from ..training.trained import load_trained
-from ..data.prepare import no_progress_bars, prepare
 from ..training.rundir import LABELS_FILE, METRICS_FILE, write_json
 from ..training.settings import TrainConfig, command_line_config
-from ..errors import ConfigError
+from ..training.tasks import CAUSAL_LM, TASKS, task_named
 from ..training.train import train as run_training
-from ..serving.cache import Settings as ServeSettings
+from ..training.trained import load_trained
 from .options import field_parameters, pairs, train_parameters, with_flags
 
 TASK_NAMES = " | ".join(TASKS)
@@ -242,8 +240,8 @@ def merge(
 ):
     """Fold the adapter into the base weights and save a plain Hugging Face model (loads with from_pretrained), shard
     by shard: a QLoRA run's base is dequantized one layer at a time, never held in full precision."""
-    from ..io.export import checkpoint_dtype, export_merged, save_merged_config
     from ..adapters.files import atomic_directory
+    from ..io.export import checkpoint_dtype, export_merged, save_merged_config
     from ..runtime.precision import DTYPES, NAMES, storage_dtype
 
     with user_errors():

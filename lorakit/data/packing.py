@@ -30,6 +30,7 @@ from collections import defaultdict
 import torch
 
 from .conversations import IGNORE
+
 ATTENTION = ("position_ids", "flatten", "block_mask")
 # The packed-batch layout each transformers attention implementation needs (see the module docstring).
 IMPLEMENTATIONS = {"eager": "position_ids", "sdpa": "position_ids", "flex_attention": "position_ids",

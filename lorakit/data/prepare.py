@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import DataError
 from .conversations import FORMAT_NAMES, IGNORE, chat_labels, conversation, detect_format, set_chat_template
 from .tables import SUFFIXES, causal_examples, check_columns, read_table, texts
-from ..errors import DataError
 
 OVERLONG = ("truncate", "drop")  # what happens to an example longer than max_length
 # How `datasets` reads each file kind of data.SUFFIXES (TSV without quote handling, as data.read_table reads it).

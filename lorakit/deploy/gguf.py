@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io.export import _unique, plain_tensors  # the merged model's tensors, made one at a time, tied ones once
 from ..adapters.files import atomic_write
-from ..nn.layers import LoraLayer
-from ..io.checkpoints import release_freed_memory
 from ..adapters.merging import check_mergeable
 from ..adapters.parts import lora_layers
 from ..errors import ConfigError
+from ..io.checkpoints import release_freed_memory
+from ..io.export import _unique, plain_tensors  # the merged model's tensors, made one at a time, tied ones once
+from ..nn.layers import LoraLayer
 from .archs import TensorNames, arch_name, arch_of, extra_tensors, write_hparams
 from .vocab import check_tokenizer, write_tokenizer
 

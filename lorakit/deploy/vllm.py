@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from ..adapters.config import replace, to_peft_dict
 from ..adapters.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write, read_adapter_config, read_adapter_tensors
-from ..training.rundir import CHAT_TEMPLATE_FILE
 from ..errors import ConfigError
+from ..training.rundir import CHAT_TEMPLATE_FILE
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 SAVED_OK = ("embed_tokens", "lm_head")  # modules a vLLM LoRA may carry in full

@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..errors import CheckpointError
 from ..adapters.parts import replace_module
 from ..adapters.qlora import plan_quantized
+from ..errors import CheckpointError
 from ..nn.kinds import kind_of
 from ..nn.nf4 import NF4Linear
 

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..nn.layers import LoraLayer, SavedModule
-from .checkpoints import release_freed_memory
 from ..adapters.merging import check_mergeable
+from ..nn.layers import LoraLayer, SavedModule
 from ..nn.nf4 import NF4Linear
+from .checkpoints import release_freed_memory
 
 Producer = Callable[[torch.dtype | None], torch.Tensor]  # the tensor, computed for the export dtype (None: its own)
 MAX_SHARD_BYTES = 2 * 2**30

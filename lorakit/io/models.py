@@ -6,10 +6,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from ..adapters.parts import TASK_HEADS
 from ..data.tables import ensure_pad_token

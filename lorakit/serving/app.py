@@ -35,9 +35,8 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from ..errors import ServeError
 from ..training.tasks import CAUSAL_LM, CLASSIFY
-from .cache import Settings, State, adapter_task, add, check_name, inside_adapter_dir, open_state
-from .cache import public, remove, use
 from .batcher import Batcher, Item
+from .cache import Settings, State, adapter_task, add, check_name, inside_adapter_dir, open_state, public, remove, use
 from .limits import Guard, encode
 
 

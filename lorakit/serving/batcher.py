@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters.inject import set_adapter
+from ..adapters.routing import route
 from ..errors import MemoryFull, ServeError
 from .cache import State, use
 from .generation import Sampling
-from ..adapters.inject import set_adapter
-from ..adapters.routing import route
 
 
 @dataclass

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..data.tables import load_labels
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors, read_adapter_config
 from ..adapters.inject import delete_adapter
+from ..adapters.parts import saved_modules
+from ..adapters.routing import load_adapter_with_head
+from ..data.tables import load_labels
+from ..errors import ConfigError, MemoryFull, ServeError
 from ..io.models import load_model, resolve_model
 from ..training.settings import setting
 from ..training.tasks import TASKS, Task, task_of
 from ..training.trained import default_device
-from ..adapters.parts import saved_modules
-from ..adapters.routing import load_adapter_with_head
-from ..errors import ConfigError, MemoryFull, ServeError
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # adapter names: no separators, no dots, nothing to escape with
 

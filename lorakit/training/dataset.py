@@ -15,14 +15,14 @@ import pandas as pd
 
 from ..data import tables as data
 from ..data.conversations import set_chat_template
-from ..runtime.distributed import World, barrier
-from ..io.models import load_tokenizer, resolve_model
 from ..data.packing import PackedCollator, attention_mode, pack
 from ..data.prepare import Prepared, prepare
-from .settings import TrainConfig
-from .preference import run as preference
-from .tasks import task_named
 from ..errors import ConfigError
+from ..io.models import load_tokenizer, resolve_model
+from ..runtime.distributed import World, barrier
+from .preference import run as preference
+from .settings import TrainConfig
+from .tasks import task_named
 
 DEMO_SOURCES = ("demo headlines (train)", "demo headlines (eval)")
 

@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
-from ..errors import Interrupted, TrainingError
-from .stops import StopOnSignal
 from ..data.tables import epoch_order, micro_batch
+from ..errors import Interrupted, TrainingError
 from ..runtime.distributed import World, any_rank, barrier, gradient_sync, is_sharded, wrap
-from .evaluation import better, describe
 from ..runtime.precision import autocast
+from .evaluation import better, describe
+from .stops import StopOnSignal
 
 
 @dataclass

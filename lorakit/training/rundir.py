@@ -27,13 +27,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..runtime.distributed import is_main_process
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, atomic_write
-from .fit import RunState
 from ..adapters.parts import unwrap
-from ..runtime.sharding import full, gathered_optimizer_state, shard_like, sharded_optimizer_state
-from .settings import CONFIG_FILE, TrainConfig, check_resumable, saved_settings
 from ..errors import ConfigError
+from ..runtime.distributed import is_main_process
+from ..runtime.sharding import full, gathered_optimizer_state, shard_like, sharded_optimizer_state
+from .fit import RunState
+from .settings import CONFIG_FILE, TrainConfig, check_resumable, saved_settings
 from .tracking import TENSORBOARD_DIR, WANDB_DIR
 
 LOG_FILE, METRICS_FILE, PLOT_FILE, LABELS_FILE, CHECKPOINTS = (

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import ConfigError
 from ..adapters.config import LoraConfig
-from ..data.tables import split_columns
-from ..runtime.precision import DTYPES, PRECISIONS
 from ..data.prepare import OVERLONG
+from ..data.tables import split_columns
+from ..errors import ConfigError
 from ..io.models import PACKAGED_MODEL
+from ..runtime.precision import DTYPES, PRECISIONS
 from .tasks import DEFAULT, TASKS
 from .tracking import REPORTERS, check_reporter
 

@@ -13,28 +13,45 @@ from typing import Callable
 
 import torch
 
-from ..runtime.heap import release_freed_memory
-from .chunked_loss import loss_model
-from .dataset import RunData, load_data, train_collator
-from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
-from .evaluation import describe, evaluate
-from .fit import Hooks, Loop, RunState, fit, seeded_batches
-from ..errors import ConfigError, Interrupted
 from ..adapters.config import LoraConfig
 from ..adapters.inject import count_parameters, enable_gradient_checkpointing, inject, quantized_weights
-from ..adapters.parts import default_targets
-from ..io.models import PACKAGED_MODEL, load_model, resolve_model
 from ..adapters.optim import optimizer as make_optimizer
+from ..adapters.parts import default_targets
+from ..errors import ConfigError, Interrupted
+from ..io.models import PACKAGED_MODEL, load_model, resolve_model
+from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
+from ..runtime.heap import release_freed_memory
 from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
-from .rundir import (CHECKPOINTS, LOG_FILE, METRICS_FILE, PLOT_FILE, append_log, check_output, clear_run,
-                     first_eval, fresh_run_dir, last_loss, latest_checkpoint, load_checkpoint, plot, read_log,
-                     restore_trainable, save_chat_template, save_checkpoint, start_files, write_json)
-from .preference import run as preference
-from .tasks import Task, task_named
-from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, resolved
 from ..runtime.sharding import check_launch, is_sharded, local, save_adapter, shard
+from .chunked_loss import loss_model
+from .dataset import RunData, load_data, train_collator
+from .evaluation import describe, evaluate
+from .fit import Hooks, Loop, RunState, fit, seeded_batches
+from .preference import run as preference
+from .rundir import (
+    CHECKPOINTS,
+    LOG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    append_log,
+    check_output,
+    clear_run,
+    first_eval,
+    fresh_run_dir,
+    last_loss,
+    latest_checkpoint,
+    load_checkpoint,
+    plot,
+    read_log,
+    restore_trainable,
+    save_chat_template,
+    save_checkpoint,
+    start_files,
+    write_json,
+)
+from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, resolved
+from .tasks import Task, task_named
 from .tracking import open_reporter
-
 
 
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,

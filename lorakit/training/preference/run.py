@@ -7,11 +7,10 @@ log-probabilities precomputed once (--precompute-ref), fit()'s loss hook and the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import dataclasses
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...adapters.files import load_adapter, read_adapter_config
 from ...adapters.inject import set_adapter
