@@ -88,7 +88,7 @@ def test_bad_conversations_are_refused_before_training_naming_the_row(chat_llama
     refused(cfg(chat_llama_dir, write_jsonl(tmp_path / "ok.jsonl", chats(3)), out, chat_template=str(mute)),
             DataError, "renders without the assistant's text")
     refused(cfg(chat_llama_dir, tmp_path / "ok.jsonl", out, packing=True, task="classify"), ConfigError,
-            "--packing and --chat-template are for language models \\(--task causal-lm\\)")
+            "--packing and --chat-template are for language models \\(--task causal-lm ")
 
 
 def test_overlong_rows_are_truncated_or_dropped_and_counted(chat_llama_dir, tmp_path):
