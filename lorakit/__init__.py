@@ -1,7 +1,8 @@
 """lorakit: small, fast, exact LoRA fine-tuning with PEFT-compatible adapter files."""
 
+from .adapters.attach import load_adapter
 from .adapters.config import LoraConfig
-from .adapters.files import load_adapter, read_adapter_config
+from .adapters.files import read_adapter_config
 from .adapters.inject import (
                      count_parameters,
                      delete_adapter,

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import minilm_classifier, tiny_gpt2, tiny_llama
 
 import lorakit
+import lorakit.adapters.attach
 import lorakit.adapters.files
 from lorakit.nn.layers import LoraLayer
 
@@ -167,7 +168,7 @@ class _FailingTargets(dict):
 
 def _fail_copying_at(monkeypatch, n: int) -> list:
     seen, real = [], lorakit.adapters.files.adapter_tensors
-    monkeypatch.setattr(lorakit.adapters.files, "adapter_tensors", lambda root, name: _FailingTargets(real(root, name), n, seen))
+    monkeypatch.setattr(lorakit.adapters.attach, "adapter_tensors", lambda root, name: _FailingTargets(real(root, name), n, seen))
     return seen
 
 

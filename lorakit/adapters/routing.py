@@ -36,12 +36,12 @@ import os
 from typing import Callable, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..nn.layers import LoraLayer, SavedModule, routing
 from ..nn.rows import Stack, groups
-from .files import WEIGHTS_NAME, _parse_file_key, load_adapter, read_adapter_config
+from .attach import attach
+from .files import read_adapter
 from .locks import model_lock
 from .parts import configs, lora_layers, plan_saved_modules, replace_module, saved_modules, unwrap
 
@@ -152,24 +152,21 @@ def load_adapter_with_head(model: nn.Module, path: str | os.PathLike, name: str)
     number of outputs than the model's: its copy of the head takes the file's shape (a 2-label sentiment adapter
     beside a 4-label news adapter). The model's own head stays as it was."""
     root = unwrap(model)
+    config, tensors = read_adapter(path)  # once: the head's shape and the weights come from the same read
     with model_lock(root):
-        swaps = _head_swaps(root, path)
+        swaps = _head_swaps(root, config, tensors)
         for where, (old, new) in swaps.items():
             _put_head(root, where, new)
         try:
-            return load_adapter(model, path, name)
+            return attach(model, config, tensors, name, where=path)
         finally:
             for where, (old, new) in swaps.items():
                 _put_head(root, where, old)
 
 
-def _head_swaps(root: nn.Module, path) -> dict[str, tuple[nn.Linear, nn.Linear]]:
+def _head_swaps(root: nn.Module, config, tensors: dict) -> dict[str, tuple[nn.Linear, nn.Linear]]:
     # {module path: (the model's head, a Linear of the file's shape)} for each saved Linear whose size differs.
-    config = read_adapter_config(path)
-    if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        return {}  # load_adapter says what is missing
-    with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
-        shapes = {_parse_file_key(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    shapes = {key: tuple(t.shape) for key, t in tensors.items()}
     swaps = {}
     for where in plan_saved_modules(root, config, strict=False):
         module = root.get_submodule(where)

@@ -97,11 +97,12 @@ def open_state(settings: Settings) -> State:
     for name in settings.adapters:
         check_name(name)
     first = next(iter(settings.adapters.values()), None)
-    model = settings.model or (read_adapter_config(first).base_model_name_or_path if first else None)
+    first_config = read_adapter_config(first) if first else None
+    model = settings.model or (first_config.base_model_name_or_path if first_config else None)
     if model is None:
         raise ConfigError("--model is needed (no --adapter names its base model)")
     path = resolve_model(model)
-    task = task_of(path, first, settings.task)
+    task = task_of(path, first_config, settings.task)
     device = default_device()  # the GPU when there is one, as predict
     net, tokenizer = load_model(path, task, device=device)
     name = Path(path).resolve().name if Path(path).is_dir() else path  # a hub id is no secret

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..adapters.files import read_adapter_config
+from ..adapters.config import LoraConfig
 from ..data.tables import label_collator, token_collator
 from ..errors import ConfigError
 from .fit import examples, target_tokens
@@ -64,12 +64,12 @@ def task_named(name: str) -> Task:
     return TASKS[name]
 
 
-def task_of(model_path: str, adapter: str | None, name: str | None) -> Task:
-    """The task of eval, predict, merge and serve: `name` if given, else the adapter's PEFT task_type, else the
-    model's architecture."""
+def task_of(model_path: str, adapter: LoraConfig | None, name: str | None) -> Task:
+    """The task of eval, predict, merge and serve: `name` if given, else the PEFT task_type of the adapter's config,
+    else the model's architecture."""
     if name:
         return task_named(name)
-    peft_type = read_adapter_config(adapter).task_type if adapter else None
+    peft_type = adapter.task_type if adapter else None
     for task in TASKS.values():
         if task.peft_type == peft_type:
             return task

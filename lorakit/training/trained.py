@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.files import load_adapter, read_adapter_config
+from ..adapters.attach import attach
+from ..adapters.files import CONFIG_NAME, read_adapter
 from ..data.tables import load_labels
 from ..errors import ConfigError
 from ..io.models import load_model, resolve_model
@@ -31,30 +32,42 @@ def labels_of(model_path: str, adapter: str | None) -> list[str] | None:
 
 def load_trained(model: str | None, adapter: str | None, task: str | None = None,
                  labels: list[str] | None = None, dtype: str = "auto", precision: str = "auto"):
-    """(model, tokenizer, task record, labels) for eval, predict and merge, on the device training would use: base (`model`,
-    by default the adapter's base model) held in `dtype`, plus the adapter in `adapter` if given (a QLoRA adapter's
-    base quantized while loading, as in training); a merged export loads as a plain model."""
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter} is not an adapter directory: it has no adapter_config.json")
+    """(model, tokenizer, task record, labels) for eval, predict and merge, on the device training would use: base
+    (`model`, by default the adapter's base model) held in `dtype`, plus the adapter in `adapter` if given (a QLoRA
+    adapter's base quantized while loading, as in training); a merged export loads as a plain model. The adapter's
+    files are read once, and checked before the base model loads."""
+    read = _read_adapter(adapter)
+    config = read[0] if read else None
+    model = model or (config.base_model_name_or_path if config else None)
     if model is None:
-        model = read_adapter_config(adapter).base_model_name_or_path if adapter else None
-        if model is None:
-            raise ConfigError("--model is needed (the adapter does not name its base model)")
+        raise ConfigError("--model is needed (the adapter does not name its base model)")
     path = resolve_model(model)
-    task = task_of(path, adapter, task)
+    task = task_of(path, config, task)
     labels = labels_of(path, adapter) or labels
     if task.labelled and not labels:
         raise ConfigError("no label names known: pass an adapter trained by lorakit (it saves labels.json), "
                           "a merged export, or --data with a label column")
     device = default_device()
-    quantize = read_adapter_config(adapter).quantize if adapter else None
+    quantize = config.quantize if config else None
     net, tokenizer = load_model(path, task, labels, dtype, quantize, compute_dtype(precision, device), device)
-    if adapter:
+    if read:
         try:
-            load_adapter(net, adapter)
+            attach(net, *read, where=adapter)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return net.to(device).eval(), tokenizer, task, labels
+
+
+def _read_adapter(adapter: str | None):
+    # (config, tensors) of the adapter directory, or None without one; ConfigError for a directory that is not one.
+    if not adapter:
+        return None
+    if not (Path(adapter) / CONFIG_NAME).is_file():
+        raise ConfigError(f"{adapter} is not an adapter directory: it has no {CONFIG_NAME}")
+    try:
+        return read_adapter(adapter)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def default_device() -> torch.device:

@@ -12,7 +12,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...adapters.files import load_adapter, read_adapter_config
+from ...adapters.attach import load_adapter
+from ...adapters.files import read_adapter_config
 from ...adapters.inject import set_adapter
 from ...errors import ConfigError
 from .data import read_rows, tokenize_rows
