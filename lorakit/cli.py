@@ -1,4 +1,5 @@
-"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve."""
+"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve; analyze, extract, resize and combine
+live in lorakit/rank/cli.py."""
 
 from __future__ import annotations
 
@@ -385,3 +386,8 @@ def serve(
                             max_new_tokens=max_new_tokens, adapter_memory_mb=adapter_memory_mb,
                             batching=not no_batching)
         run(settings, host, port)
+
+
+from .rank.cli import register as register_rank_commands  # noqa: E402  (analyze, extract, resize, combine)
+
+register_rank_commands(app)
