@@ -134,6 +134,17 @@ def test_analyze_dora_uses_the_effective_change(tmp_path, base_dir):
     assert len(m["singular_values"]) > 4  # the magnitude rescales W: the effective change is not rank r
 
 
+def test_analyze_nf4_adapter_measures_against_the_dequantized_base(tmp_path, base_dir):
+    from lorakit.quant import dequantize_nf4, quantize_nf4
+
+    path = save_random_adapter(tmp_path / "q", seed=4, quantize="nf4")
+    m = analyze(path, base=str(base_dir))["modules"][QUERY0]
+    w = dequantize_nf4(quantize_nf4(tiny_bert().get_submodule(QUERY0).weight.detach())).double()
+    assert not torch.equal(w, tiny_bert().get_submodule(QUERY0).weight.detach().double())
+    delta = lorakit_deltas(path)[QUERY0].double()
+    assert m["relative_norm"] == pytest.approx((delta.norm() / w.norm()).item(), rel=1e-5)
+
+
 # ---- resize ----
 
 def test_resize_is_exact_at_full_rank_and_keeps_the_top_directions_below(tmp_path):
@@ -353,3 +364,23 @@ def test_cli_combine_and_resize_write_adapters_lorakit_loads(tmp_path):
     model = tiny_bert()
     lorakit.load_adapter(model, tmp_path / "s")
     assert max(layer.lora_A["default"].shape[0] for layer in lorakit.parts.lora_layers(model).values()) <= 3
+
+
+# ---- the benchmark at its tiny size ----
+
+def test_rank_benchmark_runs_at_tiny_size(tmp_path):
+    from benchmarks import rank as bench
+
+    if not bench.DATA.exists():
+        pytest.skip(f"{bench.DATA} is absent: the benchmark needs the shared AG News files")
+    out = bench.main(["--size", "tiny", "--out", str(tmp_path / "rank.json")])
+    saved = json.loads((tmp_path / "rank.json").read_text())
+    assert saved["full"]["accuracy"] == out["full"]["accuracy"]
+    assert sorted((row["r"], row["seed"]) for row in saved["lora"]) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert set(saved["similarity"]) == {"ranks", "seeds"} and set(saved["amplification"]) == {"1", "2"}
+    assert [(row.get("r"), row.get("energy"), row["kept"]) for row in saved["extraction"]] == [
+        (2, None, "all changed"), (2, None, "head only"), (None, 0.9, "all changed"), (None, 0.9, "head only")]
+    for png in ("rank-accuracy.png", "rank-similarity-r1-r2.png", "rank-similarity-seeds.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / ".rank-work-tiny").exists()
+    assert "Accuracy against r" in bench.section(tmp_path / "rank.json")

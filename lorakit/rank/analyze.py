@@ -31,7 +31,7 @@ def analyze(adapter: str | Path, base: str | None = None, compare: str | Path | 
         _check_comparable(first, other)
     dora = any(f.magnitude is not None for f in first.modules.values()) or (
         other is not None and similarity_of == "delta" and any(f.magnitude is not None for f in other.modules.values()))
-    layers = _model_layers(first, other, base, dora) if base is not None or dora else None
+    layers = _model_layers(first, other, base) if base is not None or dora else None
     out = {}
     for path, factors in sorted(first.modules.items()):
         layer = layers[path] if layers else None
@@ -53,7 +53,7 @@ def _check_comparable(first: AdapterFile, other: AdapterFile) -> None:
                              f"{other.path} has {(b.b.shape[0], b.a.shape[1])}: adapters of different base models")
 
 
-def _model_layers(first: AdapterFile, other: AdapterFile | None, base: str | None, dora: bool) -> dict:
+def _model_layers(first: AdapterFile, other: AdapterFile | None, base: str | None) -> dict:
     """{path: LoraLayer} of the base model with `first` loaded as "a" (and `other` as "b"). The weights are read as
     `lorakit eval` reads them (models.py; an NF4 adapter's base quantized while loading), without a tokenizer."""
     from ..files import load_adapter
