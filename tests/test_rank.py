@@ -46,6 +46,13 @@ def peft_outputs(adapter_dir):
     return logits(peft.PeftModel.from_pretrained(tiny_bert(), str(adapter_dir)).eval())
 
 
+def same_in_peft_and_lorakit(adapter_dir) -> bool:
+    """The adapter gives the same logits loaded by PEFT and by lorakit."""
+    ours = tiny_bert()
+    lorakit.load_adapter(ours, adapter_dir)
+    return torch.allclose(peft_outputs(adapter_dir), logits(ours), atol=1e-5)
+
+
 def lorakit_deltas(adapter_dir) -> dict:
     """{module: ΔW} as lorakit applies the adapter: merged weight minus base weight (an oracle independent of
     lorakit.rank)."""
@@ -169,7 +176,7 @@ def test_resize_by_energy_writes_rank_pattern(tmp_path):
     assert report[QUERY0] == {"r_old": 4, "r": 2, "energy_kept": pytest.approx(20 / 22)}
     config = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_alpha"] == 2
-    peft_outputs(tmp_path / "e")  # loads in PEFT
+    assert same_in_peft_and_lorakit(tmp_path / "e")
 
 
 # ---- extract ----
@@ -221,7 +228,7 @@ def test_extract_by_energy_gives_per_module_ranks(tmp_path, base_dir):
         for n in ("query", "value")}
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert set(config["rank_pattern"].values()) == {5} or set(config["rank_pattern"].values()) == {2}
-    peft_outputs(tmp_path / "out")
+    assert same_in_peft_and_lorakit(tmp_path / "out")
 
 
 def test_extract_of_a_full_fine_tune_at_full_rank_reproduces_it_in_peft(tmp_path, base_dir):

@@ -72,9 +72,8 @@ def read(path: str | os.PathLike) -> AdapterFile:
                          f"model, not to the base; save it converted (lorakit does) first")
     raw = json.loads((Path(path) / CONFIG_NAME).read_text())
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_adapter_tensors(path).items()}
-    modules, other = {}, {}
-    used = set()
-    for key, value in tensors.items():
+    modules, used = {}, set()
+    for key in tensors:
         for key_a, key_b in FACTOR_KEYS:
             if key.endswith("." + key_a):
                 module = key[: -len(key_a) - 1]
