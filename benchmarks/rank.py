@@ -57,8 +57,7 @@ class Size:
     mergekit: bool = True
 
 
-# "full" is sized for this project's shared 2-core machine under the load of other jobs (a MiniLM step of 32 x 40
-# tokens took 4-7 s there while this was written): 960 training rows (30 steps of 32), 400 dev rows.
+# "full" fits the shared 2-core machine under other jobs' load (a step of 32 x 40 tokens took 4-17 s there)
 SIZES = {
     "full": Size(960, 400, 40, [1, 2, 4, 8, 16, 64], [0, 1, 2], (8, 64), (4, 64), [4, 16, 64, 256]),
     "tiny": Size(16, 16, 16, [1, 2], [0, 1], (1, 2), (1, 2), [2], ["query", "value"], mergekit=False),
@@ -297,9 +296,9 @@ def section(path: Path) -> str:
 
     if not path.exists():
         return "Not run yet: `python -m benchmarks.rank`.\n"
-    res, size = json.loads(path.read_text()), json.loads(path.read_text())["size"]
-    lines = [f"`{res['command']}` ({res['minutes']:.0f} minutes, {res['threads']} threads): {res['train_rows']} AG News "
-             f"training rows, 1 epoch, batch 32, {size['max_length']} tokens; {res['dev_rows']} dev rows. LoRA on "
+    res = json.loads(path.read_text())
+    size, lines = res["size"], [f"`{res['command']}` ({res['minutes']:.0f} minutes, {res['threads']} threads): {res['train_rows']} AG News "
+             f"training rows, 1 epoch, batch 32, {res['size']['max_length']} tokens; {res['dev_rows']} dev rows. LoRA on "
              f"query,value with alpha {res['alpha']} for every r, lr {res['lora_lr']}; full fine-tuning lr "
              f"{res['full_lr']}.\n"]
     by_r: dict[int, list[float]] = {}
@@ -333,7 +332,8 @@ def section(path: Path) -> str:
                      + _table(["extracted", "other changes", "mean r", "mean relative error", "MiB", "accuracy"], rows))
         if mk and mk.get("accuracy") is None:
             lines.append(f"mergekit-extract-lora: {mk.get('why')}\n")
-    return "\n".join(lines)
+    lines += [f"Run {res['stopped']}.\n"] if res.get("stopped") else []
+    return "\n\n".join(line.rstrip("\n") for line in lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
