@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from . import fsdp, infer, memory, packing, serving, train
+from . import fsdp, infer, memory, packing, rank, serving, train
 from .common import md_table
 from .memory import __doc__ as MEMORY_METHOD
 
@@ -248,6 +248,7 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
     sections.append("## 9. Packing against padding\n\n" + _packing_section(results_dir / "packing.json"))
     sections.append("## 10. Large models on a small machine\n\n" + _note("large-models"))
     sections.append("## 11. On a GPU\n\n" + _note("gpu"))
+    sections.append("## 12. Intrinsic rank\n\n" + rank.section(results_dir / "rank.json") + _note("rank"))
     log = [[r["row"], r["log"]["date"], f"{r['log']['seconds']:.0f}", f"{100 * r['log']['other_load']:.0f}%"]
            for rows in groups.values() for r in rows.values() if "log" in r]
     sections.append("## Run log\n\nOther load: the share of the machine's cores that other processes kept busy while a "

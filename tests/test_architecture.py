@@ -8,6 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "lorakit"
 FLOORS = {"errors": 0, "nn": 0, "adapters": 1, "data": 1, "runtime": 2, "io": 3, "training": 4, "serving": 5, "deploy": 5,
+          "rank": 5,
           "cli": 6}
 
 

@@ -1,4 +1,5 @@
-"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve, export."""
+"""The `lorakit` command line: train, eval, predict, chat, merge, info, serve, export, and analyze, extract, resize
+and combine (cli/rank.py)."""
 
 from __future__ import annotations
 
@@ -346,3 +347,7 @@ def serve(flags: dict):
 from .export import export  # noqa: E402  (lorakit export: GGUF for llama.cpp and Ollama, vLLM; the work is in deploy/)
 
 app.command()(export)
+
+from .rank import register as register_rank_commands  # noqa: E402  (analyze, extract, resize, combine)
+
+register_rank_commands(app)

@@ -81,7 +81,7 @@ def load_quantized(auto_class, directory: Path, compute_dtype: torch.dtype, keep
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables, ids) are computed, not read
         model = auto_class.from_config(config)
     pending = {path: {} for path in plan_quantized(model, keep)}  # Linear path -> its tensors read so far
-    keys = _key_map(model)
+    keys = key_map(model)
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -105,7 +105,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def _key_map(model: nn.Module) -> dict[str, str]:
+def key_map(model: nn.Module) -> dict[str, str]:
     # Checkpoint key -> model key. A base checkpoint (keys without the base model's prefix, e.g. "encoder.layer.0...")
     # loaded into a task model ("bert.encoder.layer.0...") and the reverse, as from_pretrained accepts them.
     prefix = getattr(model, "base_model_prefix", "") + "."

@@ -54,10 +54,10 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, dtype: st
     quantize="nf4" every frozen Linear is quantized while the shards are read (checkpoints.py) and the rest is held
     in the compute dtype `compute`, on `device`. `tokenizer`: the run's own (else the model's is loaded)."""
     tokenizer = tokenizer or load_tokenizer(path)
-    kwargs = _head_kwargs(task, labels)
-    with _quiet_transformers():
+    kwargs = head_kwargs(task, labels)
+    with quiet_transformers():
         try:
-            model = _read_weights(path, task, dtype, quantize, compute, device, kwargs)
+            model = read_weights(path, task, dtype, quantize, compute, device, kwargs)
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
         except ValueError as e:  # a quantize request the model cannot take, say: no Linear layer at all
@@ -77,7 +77,7 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def _read_weights(path: str, task: Task, dtype: str, quantize: str | None, compute, device, kwargs: dict):
+def read_weights(path: str, task: Task, dtype: str, quantize: str | None, compute, device, kwargs: dict):
     import transformers
 
     auto_class = getattr(transformers, task.auto_class)
@@ -97,14 +97,14 @@ def _read_weights(path: str, task: Task, dtype: str, quantize: str | None, compu
 _DTYPE_ARG = "dtype" if int(__import__("transformers").__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
-def _head_kwargs(task: Task, labels: list[str] | None) -> dict:
+def head_kwargs(task: Task, labels: list[str] | None) -> dict:
     if not task.labelled or not labels:
         return {}
     return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     # "Newly initialized classifier weights" is the point of fine-tuning: keep transformers quiet while loading.
     from transformers import logging as hf_logging
 
