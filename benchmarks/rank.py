@@ -310,7 +310,7 @@ def section(path: Path) -> str:
         by_r.setdefault(row["r"], []).append(row["accuracy"])
     table = [[f"r = {r}", f"{statistics.fmean(a):.4f}", " ".join(f"{x:.4f}" for x in a)] for r, a in sorted(by_r.items())]
     table.append(["full fine-tuning", f"{res['full']['accuracy']:.4f}", "seed 0"])
-    lines.append("**Accuracy against r** (![](results/rank-accuracy.png))\n\n" + _table(["", "mean", "per seed"], table))
+    lines.append("**Accuracy against r** (![accuracy against r](benchmarks/results/rank-accuracy.png))\n\n" + _table(["", "mean", "per seed"], table))
     if "similarity" in res:
         rows = []
         for pair, label in (("ranks", f"r={size['pair'][0]} vs r={size['pair'][1]}"), ("seeds", f"seeds 0 vs 1, r={size['pair'][1]}")):

@@ -249,6 +249,9 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
     sections.append("## 10. Large models on a small machine\n\n" + _note("large-models"))
     sections.append("## 11. On a GPU\n\n" + _note("gpu"))
     sections.append("## 12. Intrinsic rank\n\n" + rank.section(results_dir / "rank.json") + _note("rank"))
+    sections.append("## 13. Preference tuning\n\n" + _note("preference"))
+    sections.append("## 14. The loss and the training process on the CPU\n\n" + _note("losses"))
+    sections.append("## 15. What bf16 does to exactness\n\n" + _note("exactness"))
     log = [[r["row"], r["log"]["date"], f"{r['log']['seconds']:.0f}", f"{100 * r['log']['other_load']:.0f}%"]
            for rows in groups.values() for r in rows.values() if "log" in r]
     sections.append("## Run log\n\nOther load: the share of the machine's cores that other processes kept busy while a "
