@@ -367,7 +367,7 @@ def test_bad_rows_and_settings_are_refused_before_training(chat_llama_dir, bert_
     refused(train_cfg(chat_llama_dir, label, tmp_path / "o", task="kto"), DataError, r"row 1: label must be")
     refused(train_cfg(chat_llama_dir, good, tmp_path / "o", packing=True), ConfigError, "--packing does not apply")
     refused(train_cfg(chat_llama_dir, good, tmp_path / "o", task="kto", precompute_ref=True), ConfigError,
-            "not for kto")
+            r"not for unpaired rows \(kto\)")
     refused(train_cfg(chat_llama_dir, good, tmp_path / "o", task="orpo", ref_adapter=str(good)), ConfigError,
             "no reference model")
     assert not (tmp_path / "o").exists()  # nothing was written

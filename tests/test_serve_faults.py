@@ -39,6 +39,7 @@ from lorakit.serving.app import create_app
 from lorakit.serving.batcher import Item, run_batch
 from lorakit.serving.cache import Settings, open_state, unload, use
 from lorakit.serving.limits import CHARS_PER_TOKEN, encode
+from lorakit.training.tasks import CLASSIFY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,11 +265,11 @@ def test_adapters_that_fit_only_one_at_a_time_are_served_in_turn(bert_dir, dirs)
     for name in sizes:
         unload(state, name)
     state.settings.adapter_memory_mb = (state.loaded["news"].bytes + max(sizes.values()) * 1.5) / 2**20  # one more
-    alone = {name: run_batch(state, [Item("classify", name, ids)])[0] for name in sizes}
+    alone = {name: run_batch(state, [Item(CLASSIFY.endpoint, name, ids)])[0] for name in sizes}
     assert isinstance(use(state, "sentiment", keep=["extra"]), MemoryFull)  # indeed they do not fit together
     evictions = state.stats["evictions"]
-    results = run_batch(state, [Item("classify", "sentiment", ids), Item("classify", "extra", ids),
-                                Item("classify", "news", ids), Item("classify", "sentiment", ids[:1])])
+    results = run_batch(state, [Item(CLASSIFY.endpoint, "sentiment", ids), Item(CLASSIFY.endpoint, "extra", ids),
+                                Item(CLASSIFY.endpoint, "news", ids), Item(CLASSIFY.endpoint, "sentiment", ids[:1])])
     assert not any(isinstance(r, BaseException) for r in results), results
     assert same_rows(results[0], alone["sentiment"]) and same_rows(results[1], alone["extra"])
     assert same_rows(results[3], alone["sentiment"][:1])
@@ -379,7 +380,7 @@ def test_the_server_runs_on_the_gpu_when_there_is_one(bert_dir, dirs, monkeypatc
     state = open_state(_settings(bert_dir, dirs))
     assert next(state.model.parameters()).device.type == "cuda"
     ids = state.tokenizer(TEXTS)["input_ids"]
-    batch = [Item("classify", "news", ids), Item("classify", "sentiment", ids)]
+    batch = [Item(CLASSIFY.endpoint, "news", ids), Item(CLASSIFY.endpoint, "sentiment", ids)]
     on_gpu = run_batch(state, batch)
     assert next(p for n, p in state.model.named_parameters() if "lora_A" in n).device.type == "cuda"
     monkeypatch.setattr(lorakit.serving.cache, "default_device", lambda: torch.device("cpu"))

@@ -150,7 +150,7 @@ def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
         await _ready(state, batcher, body.adapter, CLASSIFY.endpoint)
         ids = await batcher.tokenize(lambda: [encode(state.tokenizer, t, text_tokens, True) for t in body.texts])
         _check_tokens(len(ids) * max(map(len, ids)), limits, f"{len(ids)} texts of up to {text_tokens} tokens")
-        rows = await batcher.submit(Item("classify", body.adapter, ids, disconnected=request.is_disconnected))
+        rows = await batcher.submit(Item(CLASSIFY.endpoint, body.adapter, ids, disconnected=request.is_disconnected))
         return {"results": [{"label": ranked[0][0], "probabilities": dict(ranked)} for ranked in rows]}
 
     @app.post("/v1/generate")
@@ -165,7 +165,7 @@ def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
         if not ids:
             raise ServeError(422, "the prompt has no tokens")
         options = (body.max_new_tokens, body.temperature, body.top_p)
-        rows = await batcher.submit(Item("generate", body.adapter, [ids], options, disconnected=request.is_disconnected))
+        rows = await batcher.submit(Item(CAUSAL_LM.endpoint, body.adapter, [ids], options, disconnected=request.is_disconnected))
         decode = functools.partial(state.tokenizer.decode, rows[0], skip_special_tokens=True)
         return {"generation": await batcher.tokenize(decode)}
 

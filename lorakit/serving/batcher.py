@@ -22,6 +22,7 @@ import torch
 from ..adapters.inject import set_adapter
 from ..adapters.routing import route
 from ..errors import MemoryFull, ServeError
+from ..training.tasks import CAUSAL_LM, CLASSIFY
 from .cache import State, use
 from .generation import Sampling
 
@@ -38,7 +39,7 @@ class Item:
     disconnected: Callable[[], Awaitable[bool]] | None = None  # whether the client has gone (Request.is_disconnected)
 
     def padded(self) -> tuple[int, int]:
-        extra = self.options[0] if self.kind == "generate" else 0
+        extra = self.options[0] if self.kind == CAUSAL_LM.endpoint else 0
         return len(self.ids), max(len(i) for i in self.ids) + extra
 
 
@@ -54,7 +55,7 @@ def run_batch(state: State, batch: list[Item]) -> list:
             groups.setdefault((item.kind, item.options), []).append(item)
         for (kind, options), same in groups.items():
             try:
-                rows = (classify_rows if kind == "classify" else generate_rows)(state, same)
+                rows = (classify_rows if kind == CLASSIFY.endpoint else generate_rows)(state, same)
             except Exception as e:  # noqa: BLE001 (a failed forward fails its requests, never the server)
                 rows = [e] * len(same)
             results.update({id(item): r for item, r in zip(same, rows)})

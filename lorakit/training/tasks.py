@@ -42,18 +42,16 @@ CAUSAL_LM = Task(name="causal-lm", peft_type="CAUSAL_LM", auto_class="AutoModelF
                  count=target_tokens, collator=token_collator, endpoint="/v1/generate")
 
 
-def _preference(name: str, plotted: str) -> Task:
-    # A language model tuned on preferences: loaded and saved as a causal LM, selected on eval loss.
-    return Task(name=name, peft_type=CAUSAL_LM.peft_type, auto_class=CAUSAL_LM.auto_class, architectures=(),
-                labelled=False, generates=True, metric="loss", count=OBJECTIVES[name].count, collator=token_collator,
-                endpoint=CAUSAL_LM.endpoint, preference=True, plotted=plotted)
+def _preference(objective) -> Task:
+    # A language model tuned on preferences (preference/objectives.py names them): loaded and saved as a causal LM,
+    # selected on eval loss. Unpaired rows (KTO) have no reward accuracy: their margin is plotted instead.
+    return Task(name=objective.name, peft_type=CAUSAL_LM.peft_type, auto_class=CAUSAL_LM.auto_class,
+                architectures=(), labelled=False, generates=True, metric="loss", count=objective.count,
+                collator=token_collator, endpoint=CAUSAL_LM.endpoint, preference=True,
+                plotted="rewards/accuracies" if objective.paired else "rewards/margins")
 
 
-# KTO's rows are unpaired: no reward accuracy, its margin is plotted instead.
-DPO, IPO, ORPO, KTO = (_preference(name, plotted) for name, plotted in (
-    ("dpo", "rewards/accuracies"), ("ipo", "rewards/accuracies"), ("orpo", "rewards/accuracies"),
-    ("kto", "rewards/margins")))
-TASKS = {task.name: task for task in (CLASSIFY, CAUSAL_LM, DPO, IPO, ORPO, KTO)}
+TASKS = {task.name: task for task in (CLASSIFY, CAUSAL_LM, *map(_preference, OBJECTIVES.values()))}
 DEFAULT = CLASSIFY
 
 

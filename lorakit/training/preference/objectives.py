@@ -112,6 +112,7 @@ class Objective:
     fields: tuple[str, ...]
     reference: bool
     losses: Callable[[Scores, Settings], tuple[torch.Tensor, dict]]
+    label_smoothing: bool = False  # takes --label-smoothing (cDPO)
 
     @property
     def paired(self) -> bool:
@@ -126,7 +127,7 @@ class Objective:
         return batch["input_ids"].shape[0] // 2 if self.paired else batch["input_ids"].shape[0]
 
 
-OBJECTIVES = {o.name: o for o in (Objective("dpo", PAIRED, True, dpo), Objective("ipo", PAIRED, True, ipo),
+OBJECTIVES = {o.name: o for o in (Objective("dpo", PAIRED, True, dpo, label_smoothing=True), Objective("ipo", PAIRED, True, ipo),
                                   Objective("orpo", PAIRED, False, orpo), Objective("kto", UNPAIRED, True, kto))}
 PREFERENCE_TASKS = tuple(OBJECTIVES)
 
@@ -145,7 +146,7 @@ def batch_loss(objective: Objective, cfg: Settings, model, batch: dict) -> tuple
     """fit.Loop.loss_of for a preference task: the batch's mean loss over its pairs (or KTO's examples) and its
     metrics. The policy's log-probabilities come first, then the reference's (as TRL orders them); precomputed
     reference log-probabilities (batch["ref_logps"]) are used when the batch has them."""
-    if objective.name == "kto":
+    if not objective.paired:  # KTO: a KL estimate from mismatched prompts and completions
         batch = {**batch, "kl": _kl_estimate(model, batch, cfg)}
     logps, logits = sequence_logps(model, batch, cfg.precision)
     ref = None

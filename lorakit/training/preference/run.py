@@ -41,16 +41,17 @@ def check(cfg: TrainConfig) -> None:
                                f"prompt/completion/label); lorakit ships lorakit/demo/news_preferences.jsonl"),
         (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
         (0 <= cfg.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
-        (cfg.label_smoothing == 0 or cfg.task == "dpo", "--label-smoothing (cDPO) is for --task dpo"),
+        (cfg.label_smoothing == 0 or objective.label_smoothing,
+         f"--label-smoothing (cDPO) is not for --task {cfg.task}"),
         (cfg.orpo_alpha >= 0, f"orpo_alpha must be >= 0, got {cfg.orpo_alpha}"),
         (cfg.desirable_weight > 0 and cfg.undesirable_weight > 0, "desirable and undesirable weights must be > 0"),
         (cfg.max_prompt_length is None or 1 <= cfg.max_prompt_length < cfg.max_length,
          f"max_prompt_length must be in [1, max_length), got {cfg.max_prompt_length}"),
         (objective.reference or not (cfg.ref_adapter or cfg.precompute_ref),
          f"--task {cfg.task} has no reference model: --ref-adapter and --precompute-ref do not apply"),
-        (not (cfg.precompute_ref and cfg.task == "kto"), "--precompute-ref is not for kto: its KL estimate pairs each "
-                                                        "prompt with another row's completion, which changes with "
-                                                        "every shuffled batch"),
+        (not (cfg.precompute_ref and not objective.paired),
+         "--precompute-ref is not for unpaired rows (kto): its KL estimate pairs each prompt with another row's "
+         "completion, which changes with every shuffled batch"),
     ]
     for ok, message in rules:
         if not ok:
