@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from serve_helpers import LABELS, TEXTS, Server, train_like
+from test_chat_cli import ANSWER, chat_run  # noqa: F401  (a fixture: a tiny Llama trained on conversations)
 from typer.testing import CliRunner
 
 import lorakit
@@ -158,3 +159,21 @@ def test_serve_command_checks_its_adapters_before_serving(tmp_path):
     assert result.exit_code == 1 and "expected NAME=DIR" in result.output
     result = CliRunner().invoke(cli, ["serve", "--model", "x", "--adapter", "../news=" + str(tmp_path)])
     assert result.exit_code == 1 and "refused" in result.output
+
+
+def test_a_chat_adapter_answers_over_http_as_lorakit_predict_does(chat_run):  # noqa: F811 (the fixture)
+    # The server generates through predict's code: the prompt put in the run's chat template as a user turn, the
+    # answer stopped at the end of the assistant's turn (a plain-text prompt and EOS alone would run on).
+    running = Server(create_app(open_state(Settings(adapters={"chat": str(chat_run)}))))
+    try:
+        for prompt in ("how are you?", "hello there"):
+            status, body = running.call("POST", "/v1/generate", {"adapter": "chat", "prompt": prompt,
+                                                                 "max_new_tokens": 24})
+            assert status == 200, body
+            result = CliRunner().invoke(cli, ["predict", "--adapter", str(chat_run), "--json", "--max-new-tokens", "24",
+                                              prompt])
+            assert result.exit_code == 0, result.output
+            assert body["generation"] == json.loads(result.output.splitlines()[-1])["generation"]
+        assert body["generation"].strip() == ANSWER  # the trained answer, and nothing after its end of turn
+    finally:
+        running.stop()

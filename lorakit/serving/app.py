@@ -36,8 +36,20 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from ..errors import ServeError
 from ..training.tasks import CAUSAL_LM, CLASSIFY
 from .batcher import Batcher, Item
-from .cache import Settings, State, adapter_task, add, check_name, inside_adapter_dir, open_state, public, remove, use
-from .limits import Guard, encode
+from .cache import (
+    Settings,
+    State,
+    adapter_task,
+    add,
+    chat_template_of,
+    check_name,
+    inside_adapter_dir,
+    open_state,
+    public,
+    remove,
+    use,
+)
+from .limits import Guard, encode, prompt_ids
 
 
 def _unicode(text: str) -> str:
@@ -159,12 +171,14 @@ def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
             raise ServeError(413, f"max_new_tokens {body.max_new_tokens} > --max-new-tokens {limits.max_new_tokens}")
         await _ready(state, batcher, body.adapter, CAUSAL_LM.endpoint)
         room = int(min(positions, limits.max_batch_tokens)) - body.max_new_tokens  # the most prompt tokens
-        ids = await batcher.tokenize(encode, state.tokenizer, body.prompt, room, False) if room > 0 else None
+        template = chat_template_of(state, body.adapter)
+        ids, stops = await batcher.tokenize(prompt_ids, state.tokenizer, body.prompt, template, room) if room > 0 \
+            else (None, [])
         if ids is None:
             raise _too_long(body.max_new_tokens, positions, limits)
         if not ids:
             raise ServeError(422, "the prompt has no tokens")
-        options = (body.max_new_tokens, body.temperature, body.top_p)
+        options = (body.max_new_tokens, body.temperature, body.top_p, tuple(stops))
         rows = await batcher.submit(Item(CAUSAL_LM.endpoint, body.adapter, [ids], options, disconnected=request.is_disconnected))
         decode = functools.partial(state.tokenizer.decode, rows[0], skip_special_tokens=True)
         return {"generation": await batcher.tokenize(decode)}

@@ -24,7 +24,7 @@ from ..adapters.routing import route
 from ..errors import MemoryFull, ServeError
 from ..training.tasks import CAUSAL_LM, CLASSIFY
 from .cache import State, use
-from .generation import Sampling
+from .generation import Sampling, generate_ids
 
 
 @dataclass
@@ -128,14 +128,15 @@ def classify_rows(state: State, items: list[Item]) -> list[list[tuple[str, float
 
 @torch.no_grad()
 def generate_rows(state: State, items: list[Item]) -> list[list[list[int]]]:
-    """Per item, per prompt: the generated token ids (all items share max_new_tokens, temperature and top_p)."""
-    max_new_tokens, temperature, top_p = items[0].options
+    """Per item, per prompt: the generated token ids (all items share max_new_tokens, temperature, top_p and the ids
+    that end an answer), decoded as `lorakit predict` decodes (generation.generate_ids)."""
+    max_new_tokens, temperature, top_p, stops = items[0].options
     names = [item.adapter for item in items for _ in item.ids]
     pad = state.tokenizer.pad_token_id or 0
     batch = padded_batch([row for item in items for row in item.ids], pad, left=True, device=state.model.device)
-    sampling = Sampling(max_new_tokens, temperature, top_p).generate_kwargs()
     with _adapters_of(state, names):
-        ids = state.model.generate(**batch, pad_token_id=pad, **sampling)
+        ids = generate_ids(state.model, state.tokenizer, batch, Sampling(max_new_tokens, temperature, top_p),
+                           stop_ids=list(stops))
     new = ids[:, batch["input_ids"].shape[1]:].tolist()
     out, i = [], 0
     for item in items:

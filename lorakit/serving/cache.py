@@ -24,6 +24,7 @@ from ..adapters.routing import load_adapter_with_head
 from ..data.tables import load_labels
 from ..errors import ConfigError, MemoryFull, ServeError
 from ..io.models import load_model, resolve_model
+from ..training.rundir import saved_chat_template
 from ..training.settings import setting
 from ..training.tasks import TASKS, Task, task_of
 from ..training.trained import default_device
@@ -75,6 +76,7 @@ class Entry:
     pinned: bool
     labels: list[str] | None
     bytes: int
+    chat_template: str | None = None  # the run's template (chat_template.jinja): generation puts prompts in it
 
 
 @dataclass
@@ -184,6 +186,12 @@ def adapter_path(state: State, name: str) -> Path:
     raise ServeError(404, f"unknown adapter {name!r}: not loaded{where}; loaded: {sorted(state.loaded)}")
 
 
+def chat_template_of(state: State, name: str) -> str | None:
+    """The chat template adapter `name` was trained with (None: it was trained on plain text)."""
+    entry = state.loaded.get(name)
+    return entry.chat_template if entry is not None else saved_chat_template(adapter_path(state, name))
+
+
 def adapter_task(state: State, name: str) -> Task:
     """The task of adapter `name` (its config's task_type; the server's when it names none)."""
     if name in state.loaded:
@@ -233,7 +241,7 @@ def load(state: State, name: str, path: Path, pinned: bool = False, keep: set = 
             raise
         raise ServeError(422, public(state, f"adapter {name!r} could not be loaded: {type(e).__name__}: {e}")) from None
     size = sum(t.numel() * t.element_size() for t in adapter_tensors(state.model, name).values())
-    entry = state.loaded[name] = Entry(path, pinned, labels, size)
+    entry = state.loaded[name] = Entry(path, pinned, labels, size, saved_chat_template(path))
     return entry
 
 

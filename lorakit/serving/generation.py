@@ -5,6 +5,7 @@ Built on transformers' `generate` and its streamer interface.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,7 +83,7 @@ def generate(model, tokenizer, prompts: list, sampling: Sampling, chat: bool = F
     try:
         for start in range(0, len(texts), batch_size):
             enc = _encode(tokenizer, texts[start: start + batch_size], chat, model)
-            ids = _run(model, tokenizer, enc, sampling)
+            ids = generate_ids(model, tokenizer, enc, sampling)
             out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
@@ -99,7 +100,8 @@ def stream(model, tokenizer, prompt, sampling: Sampling, on_text: Callable[[str]
                 on_text(text)
 
     enc = _encode(tokenizer, [prompt_text(tokenizer, prompt, chat)], chat, model)
-    ids = _run(model, tokenizer, enc, sampling, streamer=Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    ids = generate_ids(model, tokenizer, enc, sampling,
+                       streamer=Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -110,14 +112,27 @@ def _encode(tokenizer, texts: list[str], chat: bool, model) -> dict:
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def with_template(tokenizer, template: str | None):
+    """`tokenizer` with `template` as its chat template, as a shallow copy (a server's shared tokenizer is left as
+    it is); `tokenizer` itself when there is no template."""
+    if template is None:
+        return tokenizer
+    view = copy.copy(tokenizer)
+    view.chat_template = template
+    return view
+
+
 @torch.no_grad()
-def _run(model, tokenizer, enc: dict, sampling: Sampling, streamer=None) -> torch.Tensor:
+def generate_ids(model, tokenizer, enc: dict, sampling: Sampling, streamer=None,
+                 stop_ids: list[int] | None = None) -> torch.Tensor:
+    """The one decoding call of predict, chat and the server: prompt and generated ids for the (left-padded) batch
+    `enc`, stopping at `stop_ids` (default: the tokenizer's end of turn)."""
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     was_training = model.training
     model.eval()
     try:
-        return model.generate(**enc, **sampling.generate_kwargs(), eos_token_id=end_of_turn_ids(tokenizer),
-                              pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+        return model.generate(**enc, **sampling.generate_kwargs(), streamer=streamer,
+                              eos_token_id=stop_ids or end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     finally:
         model.train(was_training)

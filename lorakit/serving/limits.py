@@ -12,6 +12,7 @@ where clients expect 429 to mean "retry later", and FastAPI's security dependenc
 
 from __future__ import annotations
 
+import functools
 import secrets
 
 from starlette.datastructures import Headers
@@ -65,15 +66,17 @@ def _bearer_matches(header: str, key: str) -> bool:
     return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
 
 
-def encode(tokenizer, text: str, max_tokens: int, truncate: bool) -> list[int] | None:
+def encode(tokenizer, text: str, max_tokens: int, truncate: bool, special: bool = True) -> list[int] | None:
     """The token ids of `text` as tokenizing all of it gives them: truncated to `max_tokens` (truncate=True), else
     all of them, or None when there are more than `max_tokens`. A long text is first tried by its head (cut before
     a whitespace, within CHARS_PER_TOKEN·max_tokens characters): when the head alone reaches the limit, its tokens are
-    the text's; only a text whose head falls short (say, a run of spaces) is tokenized in full."""
+    the text's; only a text whose head falls short (say, a run of spaces) is tokenized in full. `special`: the
+    tokenizer's special tokens added (not for a text a chat template rendered: it writes its own)."""
+    tokenize = functools.partial(tokenizer, add_special_tokens=special)
     head = _head(text, CHARS_PER_TOKEN * max_tokens)
-    if head is not text and len(tokenizer(head, truncation=True, max_length=max_tokens + 1)["input_ids"]) > max_tokens:
-        return tokenizer(head, truncation=True, max_length=max_tokens)["input_ids"] if truncate else None
-    ids = tokenizer(text, **({"truncation": True, "max_length": max_tokens} if truncate else {}))["input_ids"]
+    if head is not text and len(tokenize(head, truncation=True, max_length=max_tokens + 1)["input_ids"]) > max_tokens:
+        return tokenize(head, truncation=True, max_length=max_tokens)["input_ids"] if truncate else None
+    ids = tokenize(text, **({"truncation": True, "max_length": max_tokens} if truncate else {}))["input_ids"]
     return ids if truncate or len(ids) <= max_tokens else None
 
 
@@ -85,3 +88,18 @@ def _head(text: str, chars: int) -> str:
     cut = text[:chars]
     space = max(map(cut.rfind, " \n\t\r"))
     return cut[:space] if space > 0 else cut
+
+
+def prompt_ids(tokenizer, prompt: str, template: str | None, max_tokens: int) -> tuple[list[int] | None, list[int]]:
+    """(the prompt's token ids, or None past `max_tokens`; the ids that end the answer) as `lorakit predict` makes
+    them: an adapter trained on conversations (its chat `template`) gets the prompt as a user turn with the
+    assistant's turn opened, and its answer stops at the end of that turn."""
+    from ..errors import DataError, ServeError
+    from .generation import end_of_turn_ids, prompt_text, with_template
+
+    view = with_template(tokenizer, template)
+    try:
+        text = prompt_text(view, prompt, chat=template is not None)
+    except DataError as e:
+        raise ServeError(422, f"the adapter's chat template cannot render this prompt: {e}") from None
+    return encode(view, text, max_tokens, False, special=template is None), end_of_turn_ids(view)
