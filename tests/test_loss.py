@@ -101,7 +101,9 @@ def test_two_processes_give_the_gradients_of_one(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESSES)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(torchrun + [str(script), str(TESTS), str(out)], check=True, env=env, timeout=300)
+    done = subprocess.run(torchrun + [str(script), str(TESTS), str(out)], env=env, timeout=300, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-4000:]  # what went wrong in the processes, not only that it did
     ddp = load_file(out)
     model, rows = setup()
     one, loss = one_step(model, rows, [[0, 1, 2, 3]], grad_accum=1)
