@@ -83,7 +83,7 @@ TWO_PROCESSES = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from safetensors.torch import save_file
-from lorakit.runtime.distributed import init_distributed, shutdown
+from lorakit.runtime.distributed import barrier, init_distributed, shutdown
 from test_loss import one_step, setup
 world = init_distributed()
 model, rows = setup()
@@ -91,6 +91,7 @@ order = [[0], [1]] if world.rank == 0 else [[2], [3]]  # 2 and 10 targets on ran
 step, loss = one_step(model, rows, order, grad_accum=2, world=world)
 if world.main:
     save_file({**step, "loss": __import__("torch").tensor(loss)}, sys.argv[2])
+barrier(world)  # as train() does: no process leaves the group while another still works (gloo aborts at exit)
 shutdown(world)
 """
 
