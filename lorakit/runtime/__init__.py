@@ -1,2 +1,3 @@
 """Where and how a model runs: processes (distributed), compute and storage dtypes (precision), FSDP2 sharding and
-gathering (sharding). May import: lorakit.adapters, lorakit.nn, lorakit.errors."""
+gathering, and the process-aware save_adapter (sharding), freed memory returned to the system (heap).
+May import: lorakit.adapters, lorakit.nn, lorakit.errors."""
