@@ -143,6 +143,8 @@ def test_qlora_rslora_and_lora_plus_flags(bert_dir, topics_csv, tmp_path):
        "--lr-ratio", "16", "--output", tmp_path / "run", *FAST)
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and config["lorakit_quantize"] == "nf4"
+    info = json.loads(ok("info", tmp_path / "run", "--json"))  # what the file says, shown by lorakit info
+    assert info["scale"] == "alpha/sqrt(r) (rsLoRA)" and info["quantize"] == "nf4" and info["variant"] == "LoRA"
     assert saved_settings(tmp_path / "run").lr_ratio == 16
 
 

@@ -273,7 +273,8 @@ def info(
     directory: str = typer.Argument(..., help="Adapter or run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Rank, alpha, targets, trainable parameters, file size, base model, task and labels of an adapter."""
+    """Rank, alpha, targets, variant (LoRA or DoRA), scale (rsLoRA or not), quantization, trainable parameters,
+    file size, base model, task and labels of an adapter."""
     from safetensors import safe_open
 
     from ..adapters.files import WEIGHTS_NAME, read_adapter_config
@@ -284,6 +285,7 @@ def info(
         with safe_open(weights, framework="pt") as f:
             params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         result = {"r": cfg.r, "alpha": cfg.alpha, "targets": cfg.targets, "modules_to_save": cfg.modules_to_save,
+                  "variant": "DoRA" if cfg.use_dora else "LoRA", "scale": _scale(cfg), "quantize": cfg.quantize,
                   "trainable_params": params, "file_bytes": weights.stat().st_size,
                   "base_model": cfg.base_model_name_or_path, "task": cfg.task_type, "labels": load_labels(directory)}
         metrics = Path(directory) / METRICS_FILE
@@ -296,6 +298,13 @@ def info(
         for key, value in result.items():
             if value is not None:
                 typer.echo(f"{key + ':':<18}{_human(key, value)}")
+
+
+def _scale(cfg) -> str:
+    # How ΔW is scaled: rsLoRA's alpha/sqrt(r) or LoRA's alpha/r, and where modules differ (rank or alpha pattern).
+    rule = "alpha/sqrt(r) (rsLoRA)" if cfg.use_rslora else "alpha/r"
+    return rule + (", per module where rank_pattern or alpha_pattern says" if cfg.rank_pattern or cfg.alpha_pattern
+                   else "")
 
 
 def _human(key: str, value) -> str:
