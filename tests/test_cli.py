@@ -177,3 +177,21 @@ def test_third_party_log_noise_stays_off_the_output_unless_verbose(classify_run,
             assert any("kernels-community" in r.getMessage() for r in caplog.records) is shown
     finally:
         logging.getLogger("bitsandbytes").setLevel(logging.NOTSET)
+
+
+def test_max_length_past_the_models_positions_is_capped_not_an_index_error(classify_run, bert_dir, gpt2_dir, qa_jsonl,
+                                                                          tmp_path):
+    # The tiny BERT and GPT-2 have 128 positions: a 400-word text at --max-length 1000 would index past them.
+    long_text = " ".join(["shares profit merger"] * 140)
+    pd.DataFrame({"text": [long_text, "coach league medal"], "label": ["Business", "Sports"]}).to_csv(
+        tmp_path / "long.csv", index=False)
+    result = runner.invoke(app, ["eval", "--adapter", str(classify_run), "--data", str(tmp_path / "long.csv"),
+                                 "--max-length", "1000", "--json", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "--max-length 1000 is more than the model's 128 positions" in result.output
+    assert json.loads(result.output[result.output.index("{"):])["examples"] == 2
+    assert "Business" in ok("predict", "--adapter", classify_run, "--max-length", "1000", long_text)
+    said = ok("train", "--model", gpt2_dir, "--task", "causal-lm", "--data", qa_jsonl, "--text-column", "completion",
+              "--prompt-column", "prompt", "--max-steps", "1", "--output", tmp_path / "run", *FAST, "--max-length", "200")
+    assert f"--max-length 200 is more than the 128 positions of {gpt2_dir}" in said
+    assert saved_settings(tmp_path / "run").max_length == 128

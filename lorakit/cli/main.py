@@ -16,6 +16,7 @@ import typer
 from ..data.prepare import no_progress_bars, prepare
 from ..data.tables import check_columns, label_names, load_labels, read_table, split_columns, texts
 from ..errors import ConfigError, DataError, Interrupted, TrainingError
+from ..io.models import positions
 from ..serving.cache import Settings as ServeSettings
 from ..serving.generation import Sampling, generate, use_chat_template
 from ..serving.generation import stream as generate_stream
@@ -103,6 +104,7 @@ def evaluate(
         cols = split_columns(text_column)
         net, tokenizer, task, labels = load_trained(model, adapter, task, _data_labels(df, label_column, task), dtype,
                                                     precision)
+        max_length = _within_positions(net, max_length)
         if task.generates:  # conversations (in the adapter's chat template) or prompt/text, as training reads them
             use_chat_template(tokenizer, adapter)
             with no_progress_bars():  # a tokenising bar in front of the metrics is noise
@@ -119,6 +121,16 @@ def evaluate(
         else:
             for key, value in result.items():
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _within_positions(net, max_length: int) -> int:
+    # --max-length capped at the model's positions, saying so (longer inputs fail inside the model).
+    most = positions(net)
+    if most is not None and max_length > most:
+        typer.echo(f"--max-length {max_length} is more than the model's {most} positions: inputs of up to {most} "
+                   f"tokens", err=True)
+        return most
+    return max_length
 
 
 def _data_labels(df, label_column: str, task: str | None) -> list[str] | None:
@@ -163,7 +175,11 @@ def predict(
             raise ConfigError("--stream prints text as it comes; --json prints whole results: use one of them")
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
         net, tokenizer, task, labels = load_trained(model, adapter, task)
+        max_length = _within_positions(net, max_length)
         if task.generates:
+            if max_new_tokens >= (positions(net) or max_new_tokens + 1):
+                raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model has {positions(net)} positions, "
+                                  f"prompt included")
             chat = use_chat_template(tokenizer, adapter, chat_template)
             _generate_all(net, tokenizer, items, sampling, chat, batch_size, stream, as_json)
             return

@@ -67,6 +67,17 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, dtype: st
     return model, tokenizer
 
 
+def positions(model) -> int | None:
+    """How many token positions a model has (its config's max_position_embeddings or n_positions): longer inputs
+    fail inside the model with an index error. `model`: its path or hub id, or a loaded model. None when its config
+    does not say."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model) if isinstance(model, str) else model.config
+    found = (getattr(config, key, None) for key in ("max_position_embeddings", "n_positions"))
+    return next((n for n in found if isinstance(n, int) and n > 0), None)
+
+
 def load_tokenizer(path: str):
     """The tokenizer of the model at `path`, with EOS as its pad token if it has none."""
     from transformers import AutoTokenizer

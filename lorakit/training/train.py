@@ -18,7 +18,7 @@ from ..adapters.inject import count_parameters, enable_gradient_checkpointing, i
 from ..adapters.optim import optimizer as make_optimizer
 from ..adapters.parts import default_targets
 from ..errors import ConfigError, Interrupted
-from ..io.models import PACKAGED_MODEL, load_model, resolve_model
+from ..io.models import PACKAGED_MODEL, load_model, positions, resolve_model
 from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
 from ..runtime.heap import release_freed_memory
 from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
@@ -69,6 +69,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     cfg = with_output(cfg, world)
     check_output(cfg)
     out = Path(cfg.output)
+    cfg = capped_length(cfg, say)
     run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
     cfg = capped_batch(cfg, len(run_data.train), world, say)
 
@@ -143,6 +144,17 @@ def add_adapter(model, cfg: TrainConfig) -> LoraConfig:
     except ValueError as e:
         raise ConfigError(f"--targets: {e}") from None
     return adapter
+
+
+def capped_length(cfg: TrainConfig, say) -> TrainConfig:
+    """`cfg` with --max-length no longer than the model's positions, saying so (longer examples would fail inside
+    the model with an index error)."""
+    most = positions(resolve_model(cfg.model))
+    if most is None or cfg.max_length <= most:
+        return cfg
+    say(f"--max-length {cfg.max_length} is more than the {most} positions of {cfg.model}: examples of up to {most} "
+        f"tokens")
+    return dataclasses.replace(cfg, max_length=most)
 
 
 def capped_batch(cfg: TrainConfig, rows: int, world: World, say) -> TrainConfig:
