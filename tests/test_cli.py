@@ -195,3 +195,20 @@ def test_max_length_past_the_models_positions_is_capped_not_an_index_error(class
               "--prompt-column", "prompt", "--max-steps", "1", "--output", tmp_path / "run", *FAST, "--max-length", "200")
     assert f"--max-length 200 is more than the 128 positions of {gpt2_dir}" in said
     assert saved_settings(tmp_path / "run").max_length == 128
+
+
+def test_a_run_finds_its_base_model_from_any_directory_and_says_when_it_is_gone(bert_dir, topics_csv, tmp_path,
+                                                                                 monkeypatch):
+    import shutil
+
+    base = tmp_path / "models" / "tiny-bert"
+    shutil.copytree(bert_dir, base)
+    monkeypatch.chdir(tmp_path / "models")
+    ok("train", "--model", "./tiny-bert", "--data", topics_csv, "--max-steps", "1", "--output", tmp_path / "run", *FAST)
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    monkeypatch.chdir(tmp_path)  # elsewhere: the stored path still leads to the base model
+    assert "World" in ok("predict", "--adapter", tmp_path / "run", "--json", "summit treaty")
+    shutil.rmtree(base)
+    result = runner.invoke(app, ["predict", "--adapter", str(tmp_path / "run"), "summit treaty"])
+    assert result.exit_code == 1 and f"was trained on {base}, which cannot be loaded here" in result.output
+    assert "pass --model" in result.output

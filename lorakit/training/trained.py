@@ -38,10 +38,7 @@ def load_trained(model: str | None, adapter: str | None, task: str | None = None
     files are read once, and checked before the base model loads."""
     read = _read_adapter(adapter)
     config = read[0] if read else None
-    model = model or (config.base_model_name_or_path if config else None)
-    if model is None:
-        raise ConfigError("--model is needed (the adapter does not name its base model)")
-    path = resolve_model(model)
+    path = _base_model(model, config, adapter)
     task = task_of(path, config, task)
     labels = labels_of(path, adapter) or labels
     if task.labelled and not labels:
@@ -56,6 +53,20 @@ def load_trained(model: str | None, adapter: str | None, task: str | None = None
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return net.to(device).eval(), tokenizer, task, labels
+
+
+def _base_model(model: str | None, config, adapter: str | None) -> str:
+    # --model, else the base model the adapter names; a named one that is not there says to pass --model.
+    if model is not None:
+        return resolve_model(model)
+    named = config.base_model_name_or_path if config else None
+    if named is None:
+        raise ConfigError("--model is needed (the adapter does not name its base model)")
+    try:
+        return resolve_model(named)
+    except ConfigError as e:
+        raise ConfigError(f"{adapter} was trained on {named}, which cannot be loaded here ({e}); pass --model with "
+                          f"the base model's directory or hub id") from None
 
 
 def _read_adapter(adapter: str | None):
