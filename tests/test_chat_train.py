@@ -117,3 +117,12 @@ def test_packed_step_has_the_loss_and_tokens_of_the_unpacked_step(chat_llama_dir
     assert steps["packed"]["tokens"] == steps["padded"]["tokens"] > 8 * 20
     logged = read_log(tmp_path / "packed" / "log.jsonl")
     assert logged[0]["loss"] == steps["packed"]["loss"]
+
+
+def test_conversations_without_a_language_model_task_get_the_hint(bert_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chats.jsonl", chats())
+    cfg = TrainConfig(model=str(bert_dir), data=str(data), output=str(tmp_path / "run"), max_steps=1)  # classify
+    with pytest.raises(DataError, match=r"no column 'text', 'label'; columns found: messages; these are openai "
+                                        r"conversations: train a language model on them with --task causal-lm"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

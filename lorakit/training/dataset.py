@@ -14,15 +14,15 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ..data import tables as data
-from ..data.conversations import set_chat_template
+from ..data.conversations import detect_format, set_chat_template
 from ..data.packing import PackedCollator, attention_mode, pack
 from ..data.prepare import Prepared, prepare
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..io.models import load_tokenizer, resolve_model
 from ..runtime.distributed import World, barrier
 from .preference import run as preference
 from .settings import TrainConfig
-from .tasks import task_named
+from .tasks import CAUSAL_LM, task_named
 
 DEMO_SOURCES = ("demo headlines (train)", "demo headlines (eval)")
 
@@ -93,8 +93,16 @@ def load_tables(cfg: TrainConfig) -> Tables:
 
 
 def check_table(df: pd.DataFrame, columns: list[str], source: str) -> None:
-    """Raise DataError for a missing column, or a column holding lists or dicts (their Python repr is no text)."""
-    data.check_columns(df, columns, source)
+    """Raise DataError for a missing column (saying so when the table is conversation data, which a language model
+    trains on), or a column holding lists or dicts (their Python repr is no text)."""
+    try:
+        data.check_columns(df, columns, source)
+    except DataError as e:
+        found = detect_format(df.columns)
+        if found is None:
+            raise
+        raise DataError(f"{e}; these are {found.name} conversations: train a language model on them with --task "
+                        f"{CAUSAL_LM.name}") from None
     for col in columns:
         found = df[col].map(lambda v: isinstance(v, (list, dict)))
         if found.any():
