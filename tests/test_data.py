@@ -83,10 +83,11 @@ def test_label_maps_for_ids_and_names():
     assert data.encode_labels(pd.Series(["World", "Sports"]), ["Sports", "World"], "t") == [1, 0]
     with pytest.raises(data.DataError, match=r"labels \['Tech'\] are not in the training label map"):
         data.encode_labels(pd.Series(["World", "Tech"]), ["Sports", "World"], "eval.csv")
-    with pytest.raises(data.DataError, match=r"t: empty labels in rows \[1\]"):
+    # rows counted from 1, the first data row, as every message about a row counts them
+    with pytest.raises(data.DataError, match=r"t: 1 empty label, in row\(s\) 2$"):
         data.label_names(pd.Series(["World", None]), "t")
-    with pytest.raises(data.DataError, match=r"eval.csv: empty labels in rows \[0\]"):
-        data.encode_labels(pd.Series([None, "World"]), ["World"], "eval.csv")
+    with pytest.raises(data.DataError, match=r"eval.csv: 2 empty labels, in row\(s\) 1, 3$"):
+        data.encode_labels(pd.Series([None, "World", None]), ["World"], "eval.csv")
 
 
 def test_causal_examples_mask_the_prompt_and_end_with_eos(gpt2_dir):

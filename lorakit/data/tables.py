@@ -107,9 +107,11 @@ def _is_integer_labels(values: pd.Series) -> bool:
 
 
 def _check_no_empty_labels(values: pd.Series, source: str) -> None:
-    if values.isna().any():
-        rows = values.index[values.isna()][:5].tolist()
-        raise DataError(f"{source}: empty labels in rows {rows}")
+    # Rows are counted from 1, the first data row, as every other message about a row counts them.
+    empty = values.isna().to_numpy().nonzero()[0]
+    if len(empty):
+        rows = ", ".join(str(i + 1) for i in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise DataError(f"{source}: {len(empty)} empty label{'s' if len(empty) > 1 else ''}, in row(s) {rows}")
 
 
 def label_names(values: pd.Series, source: str) -> list[str]:
