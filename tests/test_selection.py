@@ -84,3 +84,12 @@ def test_an_interrupted_keep_best_run_resumed_ends_the_same(gpt2_dir, qa_jsonl, 
     assert parts["best_eval"] == whole["best_eval"] and parts["early_stopped"] is False
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("whole", "parts"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_best_alone_leaves_no_checkpoints_behind(gpt2_dir, qa_jsonl, tmp_path, spoil):
+    # The help says checkpoints are removed at the end unless --save-total-limit keeps some; --keep-best has already
+    # put the best step's adapter in the run directory.
+    out = tmp_path / "run"
+    metrics = train(run_cfg(gpt2_dir, qa_jsonl, out, max_steps=6), on_step=spoil(2), progress=False)
+    assert metrics["best_step"] is not None and not (out / "checkpoints").exists()
+    assert (out / "adapter_model.safetensors").exists()

@@ -321,7 +321,7 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
     write_json(out / METRICS_FILE, metrics)
     task = task_named(cfg.task)
     plot(read_log(out / LOG_FILE), out / PLOT_FILE, task.plotted or task.metric)
-    if not (cfg.keep_best or cfg.save_total_limit):
+    if not cfg.save_total_limit:  # checkpoints are kept only when asked for: --keep-best has saved the best already
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
