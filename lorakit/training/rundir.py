@@ -130,25 +130,44 @@ def first_eval(records: list[dict]) -> dict | None:
     return evals[0] if evals else None
 
 
-def plot(records: list[dict], path: Path, metric: str) -> None:
-    """training.png: training loss and the eval metric against step."""
+def panels(records: list[dict], metric: str) -> list[tuple[str, list[tuple[str, list, list]]]]:
+    """What training.png draws, top to bottom: [(y label, [(series label, steps, values)])]. Training and eval loss
+    share one loss axis (curves on two axes look alike whatever their values); the eval metric, when it is not the
+    loss, gets its own panel; the learning rate is the bottom one."""
+    train = [r for r in records if "loss" in r and "eval" not in r]
+    evals = [r for r in records if "eval" in r]
+    series = lambda rows, value: ([r["step"] for r in rows], [value(r) for r in rows])  # noqa: E731
+    loss = [("training loss", *series(train, lambda r: r["loss"]))]
+    if any("loss" in r["eval"] for r in evals):
+        loss.append(("eval loss", *series([r for r in evals if "loss" in r["eval"]], lambda r: r["eval"]["loss"])))
+    out = [("loss", loss)]
+    scored = [r for r in evals if metric in r["eval"]]
+    if metric != "loss" and scored:
+        out.append((f"eval {metric}", [(f"eval {metric}", *series(scored, lambda r: r["eval"][metric]))]))
+    rated = [r for r in train if "lr" in r]
+    if rated:
+        out.append(("learning rate", [("learning rate", *series(rated, lambda r: r["lr"]))]))
+    return out
+
+
+def plot(records: list[dict], path: Path, metric: str, best_step: int | None = None) -> None:
+    """training.png: the panels of `panels`, sharing the step axis, with the step --keep-best kept marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval" in r and metric in r["eval"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="training loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss", color="tab:blue")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [r["eval"][metric] for r in evals], "o-", color="tab:orange",
-                 label=f"eval {metric}")
-        ax2.set_ylabel(f"eval {metric}", color="tab:orange")
-    ax.set_title("lorakit train")
+    drawn = panels(records, metric)
+    fig, axes = plt.subplots(len(drawn), 1, sharex=True, figsize=(7, 2.2 + 1.6 * len(drawn)), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[:, 0], drawn):
+        for label, steps, values in lines:
+            ax.plot(steps, values, "o-" if label.startswith("eval") else "-", label=label, markersize=3)
+        if best_step is not None:
+            ax.axvline(best_step, color="tab:green", linestyle="--", linewidth=1, label=f"best step ({best_step})")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title("lorakit train")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -320,7 +320,7 @@ def save_run(cfg: TrainConfig, out: Path, model, metrics: dict, state: RunState,
     metrics["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
     write_json(out / METRICS_FILE, metrics)
     task = task_named(cfg.task)
-    plot(read_log(out / LOG_FILE), out / PLOT_FILE, task.plotted or task.metric)
+    plot(read_log(out / LOG_FILE), out / PLOT_FILE, task.plotted or task.metric, metrics.get("best_step"))
     if not cfg.save_total_limit:  # checkpoints are kept only when asked for: --keep-best has saved the best already
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
