@@ -252,7 +252,15 @@ def test_bad_input_is_refused_before_training(bert_dir, topics_csv, tmp_path):
             r"labels \['Weather'\] are not in the training label map")
     (tmp_path / "not-a-model").mkdir()
     refused(run_cfg(tmp_path / "not-a-model", topics_csv, out), "not a Hugging Face model directory")
-    refused(run_cfg(bert_dir, topics_csv, out, targets="qurey"), r"--targets: .*match no module.*query")
+    refused(run_cfg(bert_dir, topics_csv, out, targets="qurey"), r"--targets: 'qurey' matches no module.*query")
+    # One entry of two matching nothing is named as well (a typo would else train fewer layers than asked)...
+    refused(run_cfg(bert_dir, topics_csv, out, targets="query,valeu"),
+            r"--targets: 'valeu' matches no module of this model; its adaptable layers are named .*value")
+    # ...unless partial matches are asked for: then the entries that match train.
+    partial = tmp_path / "partial"
+    train(run_cfg(bert_dir, topics_csv, partial, targets="query,valeu", partial_targets=True, max_steps=1),
+          progress=False)
+    assert {k.split(".")[-3] for k in adapter(partial) if "lora_A" in k} == {"query"}
     refused(run_cfg(bert_dir, topics_csv, out, resume=True), "no checkpoint")
     refused(run_cfg(bert_dir, topics_csv, out, lr=-1.0), "lr must be > 0")
     assert not out.exists(), "a refused run must write nothing"

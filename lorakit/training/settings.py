@@ -62,6 +62,8 @@ class TrainConfig:
     dropout: float = setting(0.05, LORA, "Dropout on the LoRA branch.")
     targets: list[str] | str | None = setting(None, LORA, "Modules to adapt: comma-separated names or suffixes, or "
                                               "all-linear (default: per architecture, e.g. query,value for BERT).")
+    partial_targets: bool = setting(False, LORA, "Train the --targets entries that match modules of the model even "
+                                    "when others match none (else those are named, and the run stops).")
     use_rslora: bool = setting(False, LORA, "rsLoRA: scale alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = setting(False, LORA, "DoRA: weight-decomposed LoRA (a trainable magnitude per output).")
     quantize: str | None = setting(None, MODEL, "nf4: QLoRA, every frozen Linear of the base in 4-bit NormalFloat, "

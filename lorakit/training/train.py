@@ -13,12 +13,13 @@ from typing import Callable
 
 import torch
 
-from ..adapters.config import LoraConfig
+from ..adapters.config import LoraConfig, name_matches
 from ..adapters.inject import count_parameters, enable_gradient_checkpointing, inject, quantized_weights
 from ..adapters.optim import optimizer as make_optimizer
-from ..adapters.parts import default_targets
+from ..adapters.parts import base_modules, default_targets
 from ..errors import ConfigError, Interrupted
 from ..io.models import load_model, positions, resolve_model, stored_name
+from ..nn.kinds import kind_of
 from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
 from ..runtime.heap import release_freed_memory
 from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
@@ -137,13 +138,28 @@ def with_loss(model, task: Task, cfg: TrainConfig, say) -> torch.nn.Module:
 
 
 def add_adapter(model, cfg: TrainConfig) -> LoraConfig:
-    """Inject the run's adapter into `model`; its LoraConfig. A target that matches nothing names --targets."""
+    """Inject the run's adapter into `model`; its LoraConfig. A --targets entry that matches no module of the model
+    is named (unless --partial-targets), as when none matches."""
     adapter = lora_config(cfg, default_targets(model))
+    if isinstance(adapter.targets, list) and not cfg.partial_targets:
+        check_every_target_matches(model, adapter.targets)
     try:
         inject(model, adapter)
     except ValueError as e:
         raise ConfigError(f"--targets: {e}") from None
     return adapter
+
+
+def check_every_target_matches(model, targets: list[str]) -> None:
+    """ConfigError naming the --targets entries that match no module of `model` (a typo would else train fewer
+    layers than asked, silently), with the names its adaptable layers have."""
+    names = [path for path, _ in base_modules(model)]
+    unmatched = [t for t in targets if not any(name_matches(path, [t]) for path in names)]
+    if unmatched:
+        layers = sorted({path.rsplit(".", 1)[-1] for path, module in base_modules(model) if kind_of(module)})
+        raise ConfigError(f"--targets: {', '.join(map(repr, unmatched))} matches no module of this model; its "
+                          f"adaptable layers are named {', '.join(layers[:20])}"
+                          f"{' ...' if len(layers) > 20 else ''} (--partial-targets trains the entries that match)")
 
 
 def capped_length(cfg: TrainConfig, say) -> TrainConfig:
