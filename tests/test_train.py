@@ -358,3 +358,12 @@ def test_qlora_on_cuda_computes_in_bf16_and_fp32_matches_the_cpu(llama_dir, qa_j
     # Mean, not max: Adam's first steps move a weight whose gradient is within rounding of 0 by about ±lr either way.
     a, b = adapter(tmp_path / "cuda"), adapter(tmp_path / "cpu")
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().mean() < 1e-4 for k in a)
+
+
+def test_empty_texts_are_counted_and_named_by_row(bert_dir, tmp_path):
+    table = topic_table(4)
+    table.loc[[1, 6], "text"] = ""
+    table.to_csv(tmp_path / "gaps.csv", index=False)
+    said = []
+    train(run_cfg(bert_dir, tmp_path / "gaps.csv", tmp_path / "run", max_steps=1), echo=said.append, progress=False)
+    assert f"{tmp_path / 'gaps.csv'}: 2 of 12 rows have an empty text (row(s) 2, 7)" in said

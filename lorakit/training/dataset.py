@@ -54,6 +54,7 @@ def load_data(cfg: TrainConfig, world: World = World(), say=print) -> RunData:
     """The examples of run `cfg`, tokenised; every file, column, row and label checked (DataError / ConfigError)."""
     if task_named(cfg.task).labelled:
         tables = load_tables(cfg)
+        say_empty_texts(tables, say)
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         train, evaluation = run_examples(tables, cfg, tokenizer)
         return RunData(train, evaluation, tables.labels, tokenizer)
@@ -90,6 +91,19 @@ def load_tables(cfg: TrainConfig) -> Tables:
         if eval_df is not None:
             data.encode_labels(eval_df[cfg.label_column], labels, sources[1])
     return Tables(train_df, eval_df, text_cols, eval_cols, labels, sources)
+
+
+def say_empty_texts(tables: Tables, say) -> None:
+    """Say how many rows of each table have an empty text (rows counted from 1, the first data row): they train on
+    nothing but the head's bias, which is rarely what was meant."""
+    for df, columns, source in ((tables.train, tables.text_columns, tables.sources[0]),
+                                (tables.eval, tables.eval_text_columns, tables.sources[1])):
+        if df is None:
+            continue
+        empty = [i + 1 for i, text in enumerate(data.texts(df, columns)) if not text]
+        if empty:
+            rows = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
+            say(f"{source}: {len(empty)} of {len(df)} rows have an empty text (row(s) {rows})")
 
 
 def check_table(df: pd.DataFrame, columns: list[str], source: str) -> None:
