@@ -4,6 +4,7 @@ pinned adapters kept, a corrupt adapter failing its own requests alone, adapters
 served in turn, generation checked against the model's positions, a cap on requests in progress, and clients that
 went away not computed. Every test here stops by itself in seconds."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -145,24 +146,30 @@ def test_max_body_bytes_is_the_limit(serving):
     assert status == 413 and "--max-body-bytes 1,000" in body["error"]
 
 
-def test_tokenizing_runs_off_the_event_loop_so_health_answers_meanwhile(bert_dir, dirs):
-    state = open_state(_settings(bert_dir, dirs))
+@contextlib.contextmanager
+def held_in_the_tokenizer(bert_dir, dirs, **limits):
+    """A server whose tokenizer holds a first /v1/classify request until `gate` is set: (server, gate, finish),
+    finish() waiting for that request and giving its (status, body)."""
+    state = open_state(_settings(bert_dir, dirs, **limits))
     state.tokenizer = gated = Gated(state.tokenizer)
-    server = Server(create_app(state))
+    server, answer = Server(create_app(state)), {}
+    client = threading.Thread(target=lambda: answer.update(
+        r=server.call("POST", "/v1/classify", {"adapter": "news", "texts": TEXTS})))
     try:
-        answer = {}
-        client = threading.Thread(target=lambda: answer.update(
-            r=server.call("POST", "/v1/classify", {"adapter": "news", "texts": TEXTS})))
         client.start()
-        assert gated.entered.wait(10)
-        health = server.call("GET", "/health", timeout=10)  # while the tokenizer is busy with the request
-        assert not gated.gate.is_set() and health[0] == 200
-        gated.gate.set()
-        client.join(timeout=30)
-        assert answer["r"][0] == 200
+        assert gated.entered.wait(10)  # the first request is in progress
+        yield server, gated.gate, lambda: (client.join(timeout=30), answer["r"])[1]
     finally:
         gated.gate.set()
         server.stop()
+
+
+def test_tokenizing_runs_off_the_event_loop_so_health_answers_meanwhile(bert_dir, dirs):
+    with held_in_the_tokenizer(bert_dir, dirs) as (server, gate, finish):
+        health = server.call("GET", "/health", timeout=10)  # while the tokenizer is busy with the request
+        assert not gate.is_set() and health[0] == 200
+        gate.set()
+        assert finish()[0] == 200
 
 
 def test_long_texts_are_tokenized_from_their_heads_with_the_tokens_of_the_whole(bert_dir):
@@ -309,25 +316,13 @@ def test_generate_checks_positions_and_sampling_before_batching(gpt2_dir, tmp_pa
 # ---- load: a cap on requests in progress, and clients that left ----
 
 def test_requests_past_max_concurrent_get_429_and_health_still_answers(bert_dir, dirs):
-    state = open_state(_settings(bert_dir, dirs, max_concurrent_requests=1))
-    state.tokenizer = gated = Gated(state.tokenizer)
-    server = Server(create_app(state))
-    try:
-        answer = {}
-        first = threading.Thread(target=lambda: answer.update(
-            r=server.call("POST", "/v1/classify", {"adapter": "news", "texts": TEXTS})))
-        first.start()
-        assert gated.entered.wait(10)  # the first request is in progress
+    with held_in_the_tokenizer(bert_dir, dirs, max_concurrent_requests=1) as (server, gate, finish):
         status, body = server.call("POST", "/v1/classify", {"adapter": "news", "texts": TEXTS})
         assert status == 429 and "--max-concurrent-requests 1" in body["error"]
         assert server.call("GET", "/health")[0] == 200
-        gated.gate.set()
-        first.join(timeout=30)
-        assert answer["r"][0] == 200
+        gate.set()
+        assert finish()[0] == 200
         assert server.call("POST", "/v1/classify", {"adapter": "news", "texts": TEXTS})[0] == 200
-    finally:
-        gated.gate.set()
-        server.stop()
 
 
 def test_a_request_whose_client_left_is_not_computed(bert_dir, dirs):

@@ -356,8 +356,6 @@ def serve_parameters() -> list[inspect.Parameter]:
 @with_flags(serve_parameters())
 def serve(flags: dict):
     """Serve one base model with many adapters over HTTP; concurrent requests share mixed-adapter batches."""
-    import os
-
     with user_errors():
         try:
             from ..serving.app import run
@@ -365,7 +363,6 @@ def serve(flags: dict):
             raise ConfigError(f"lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]' ({e})") from None
         host, port = flags.pop("host"), flags.pop("port")
         flags["adapters"] = pairs(flags.get("adapters", []), "--adapter")
-        flags.setdefault("api_key", os.environ.get("LORAKIT_API_KEY") or None)
         run(ServeSettings(**flags), host, port)
 
 

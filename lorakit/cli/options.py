@@ -40,8 +40,9 @@ def field_parameters(cls) -> list[inspect.Parameter]:
         kind = list[str] if typing.get_origin(hints[field.name]) is dict else _option_type(hints[field.name])
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
         names = [f"{flag}/--no-{flag[2:]}"] if kind is Optional[bool] else [flag]
-        option = typer.Option(None, *names, help=meta["help"] + _default_text(field.default),
-                              rich_help_panel=meta["group"], metavar="" if kind is Optional[bool] else None)
+        option = typer.Option(None, *names, help=meta["help"] + _default_text(field.default), envvar=meta["envvar"],
+                              rich_help_panel=meta["group"], metavar="" if kind is Optional[bool] else None,
+                              show_envvar=meta["envvar"] is not None)
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=Optional[kind] if kind is list[str] else kind))
     return params

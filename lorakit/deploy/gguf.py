@@ -26,7 +26,7 @@ from ..adapters.merging import check_mergeable
 from ..adapters.parts import lora_layers
 from ..errors import ConfigError
 from ..io.checkpoints import release_freed_memory
-from ..io.export import _unique, plain_tensors  # the merged model's tensors, made one at a time, tied ones once
+from ..io.export import plain_tensors, unique_tensors  # the merged model's tensors, made one at a time, tied ones once
 from ..nn.layers import LoraLayer
 from .archs import TensorNames, arch_name, arch_of, extra_tensors, write_hparams
 from .vocab import check_tokenizer, write_tokenizer
@@ -116,7 +116,7 @@ def model_tensors(model: nn.Module, names: TensorNames, out: OutType) -> list[Pl
     """The model's tensors as llama.cpp names and lays them out (query/key rows reordered), each made on demand
     in float32 (active adapters merged), plus the tensors llama.cpp needs that the checkpoint lacks."""
     planned, layers = [], lora_layers(model)
-    for key, shape, _, make in _unique(model, list(plain_tensors(model))):
+    for key, shape, _, make in unique_tensors(model, list(plain_tensors(model))):
         kind, name = names.find(key)
         layer = layers.get(key.rpartition(".")[0]) if key.endswith(".weight") else None
         planned.append(Planned(name, tuple(shape), ggml_type(tuple(shape), out),

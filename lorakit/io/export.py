@@ -80,7 +80,7 @@ def export_merged(model: nn.Module, out: Path, dtype: torch.dtype | None = None,
     `dtype` (None: each tensor's own), shard by shard. Checks every merge (finite, not tied) and the free disk space
     before writing anything. Returns the shard files. The model is consumed."""
     check_mergeable(model)
-    entries = _unique(model, list(plain_tensors(model)))
+    entries = unique_tensors(model, list(plain_tensors(model)))
     sizes = [_nbytes(shape, dtype or tdtype) for _, shape, tdtype, _ in entries]
     free = shutil.disk_usage(out if out.exists() else out.parent).free
     if sum(sizes) > free:
@@ -127,7 +127,7 @@ def save_merged_config(model: nn.Module, out: Path, dtype: torch.dtype | None) -
         generation.save_pretrained(out)
 
 
-def _unique(model: nn.Module, entries: list) -> list:
+def unique_tensors(model: nn.Module, entries: list) -> list:
     # Tied weights (GPT-2's lm_head is its input embedding) are saved once, under the key transformers keeps.
     tied = getattr(model, "_tied_weights_keys", None) or {}
     tied = set(tied) if not isinstance(tied, dict) else set(tied.keys())

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from ..errors import ServeError
+from ..io.models import positions as model_positions
 from ..training.tasks import CAUSAL_LM, CLASSIFY
 from .batcher import Batcher, Item
 from .cache import (
@@ -152,7 +153,7 @@ def _check_management(limits: Settings) -> None:
 def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
     """/v1/classify and /v1/generate: checked, their adapter loaded, tokenized off the event loop, then batched."""
     limits = state.settings
-    positions = getattr(state.model.config, "max_position_embeddings", None) or float("inf")
+    positions = model_positions(state.model) or float("inf")
     text_tokens = int(min(limits.max_length, positions))
 
     @app.post("/v1/classify")

@@ -57,12 +57,13 @@ class Settings:
     max_body_bytes: int = setting(2_000_000, LIMITS, "Largest request body; past it 413, before more is read.")
     max_concurrent_requests: int = setting(256, LIMITS, "Requests in progress at once (/health aside); past it 429.")
     api_key: str | None = setting(None, ACCESS, "Every route but /health then needs 'Authorization: Bearer KEY' "
-                                  "(else 401); also read from LORAKIT_API_KEY.")
+                                  "(else 401).", envvar="LORAKIT_API_KEY")
     allow_adapter_management: bool = setting(False, ACCESS, "Let clients load and unload adapters (POST/DELETE "
                                              "/v1/adapters; else 403).")
 
     def __post_init__(self):
         self.adapters = dict(self.adapters or {})
+        self.api_key = self.api_key or None  # LORAKIT_API_KEY set but empty: no key
         for name in ("max_body_bytes", "max_concurrent_requests", "max_batch_tokens", "max_texts", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -18,6 +18,9 @@ import secrets
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
+from ..errors import DataError, ServeError
+from .generation import end_of_turn_ids, prompt_text, with_template
+
 OPEN_PATHS = ("/health",)  # answered without a key and outside the concurrency cap, so that probes always get in
 CHARS_PER_TOKEN = 32  # a text's first N tokens are looked for in its first 32·N characters
 
@@ -94,9 +97,6 @@ def prompt_ids(tokenizer, prompt: str, template: str | None, max_tokens: int) ->
     """(the prompt's token ids, or None past `max_tokens`; the ids that end the answer) as `lorakit predict` makes
     them: an adapter trained on conversations (its chat `template`) gets the prompt as a user turn with the
     assistant's turn opened, and its answer stops at the end of that turn."""
-    from ..errors import DataError, ServeError
-    from .generation import end_of_turn_ids, prompt_text, with_template
-
     view = with_template(tokenizer, template)
     try:
         text = prompt_text(view, prompt, chat=template is not None)

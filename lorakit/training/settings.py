@@ -36,10 +36,11 @@ DATA, MODEL, LORA, TRAINING, EVALUATION, OUTPUT, DISTRIBUTED, PREFERENCE = (
     "Preference tuning (--task dpo | ipo | orpo | kto)")
 
 
-def setting(default, group: str, help: str, flag: str | None = None):
-    """A TrainConfig field with what `lorakit train --help` says of it (cli/options.py builds the flags from these):
-    its help panel, its help line, and its flag when that is not the field's name with dashes."""
-    return field(default=default, metadata={"group": group, "help": help, "flag": flag})
+def setting(default, group: str, help: str, flag: str | None = None, envvar: str | None = None):
+    """A settings field with what the command's --help says of it (cli/options.py builds the flags from these): its
+    help panel, its help line, its flag when that is not the field's name with dashes, and the environment variable
+    that gives it when the flag is left out."""
+    return field(default=default, metadata={"group": group, "help": help, "flag": flag, "envvar": envvar})
 
 
 @dataclass
