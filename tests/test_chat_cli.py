@@ -115,3 +115,53 @@ def test_chat_in_a_terminal_keeps_the_conversation(chat_run):
         if term.proc.poll() is None:
             term.proc.kill()
         os.close(term.fd)
+
+
+def _scripted(lines: list[str]):
+    # chat_loop's `read` and `write`: the user's lines in turn, then end of input; what it shows, joined.
+    pending, shown = list(lines), []
+    def read(prompt: str) -> str:
+        if not pending:
+            raise EOFError
+        return pending.pop(0)
+    return read, lambda *parts, **_: shown.append("".join(map(str, parts))), shown
+
+
+def test_chat_drops_the_oldest_exchanges_past_max_length_and_keeps_the_system_prompt(chat_run):
+    from lorakit.cli.chat import chat_loop
+
+    net, tokenizer, _, _ = load_trained(None, str(chat_run))
+    use_chat_template(tokenizer, str(chat_run))
+    system = {"role": "system", "content": "be brief"}
+    turns = [{"role": "user", "content": f"question number {i}"} for i in range(3)]
+
+    def tokens(messages):
+        return len(tokenizer(prompt_text(tokenizer, messages, chat=True), add_special_tokens=False)["input_ids"])
+
+    answer = {"role": "assistant", "content": ANSWER}
+    two_exchanges = tokens([system, turns[1], answer, turns[2]])  # fits; the three exchanges do not
+    assert tokens([system, turns[0], answer, turns[1], answer, turns[2]]) > two_exchanges
+    read, write, shown = _scripted([t["content"] for t in turns])
+    history = chat_loop(net, tokenizer, Sampling(max_new_tokens=8), system="be brief", read=read, write=write,
+                        max_length=two_exchanges)
+    assert history == [system, turns[1], answer, turns[2], answer]
+    assert "(the oldest 2 turns no longer fit --max-length" in "".join(shown)
+
+    read, write, shown = _scripted(["hello there", "word " * 200])
+    history = chat_loop(net, tokenizer, Sampling(max_new_tokens=8), read=read, write=write, max_length=60)
+    assert history == [{"role": "user", "content": "hello there"}, answer]  # the long message was not sent
+    assert "the model is given at most 60 (--max-length): not sent" in "".join(shown)
+
+
+def test_chat_and_predict_check_the_model_positions_before_any_work(chat_run):
+    # The tiny chat Llama has 128 positions.
+    too_many = runner.invoke(app, ["chat", "--adapter", str(chat_run)], input="/exit\n")  # 256 new tokens by default
+    assert too_many.exit_code == 0
+    assert "--max-new-tokens 256 would fill the model's 128 positions: answers are kept to 64 tokens" in too_many.output
+    capped = runner.invoke(app, ["chat", "--adapter", str(chat_run), "--max-length", "500", "--max-new-tokens", "28"],
+                           input="/exit\n")
+    assert capped.exit_code == 0 and "conversations are kept to 100 tokens" in capped.output
+    long_prompt = runner.invoke(app, ["predict", "--adapter", str(chat_run), "--max-new-tokens", "20", "hi",
+                                      "word " * 150])
+    assert long_prompt.exit_code == 1
+    assert "prompt 2 has" in long_prompt.output and "leave room for 108" in long_prompt.output

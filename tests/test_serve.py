@@ -177,3 +177,10 @@ def test_a_chat_adapter_answers_over_http_as_lorakit_predict_does(chat_run):  # 
         assert body["generation"].strip() == ANSWER  # the trained answer, and nothing after its end of turn
     finally:
         running.stop()
+
+
+def test_max_length_past_the_model_positions_is_capped_at_start_saying_so(gpt2_dir, capsys):
+    state = open_state(Settings(model=str(gpt2_dir), max_length=4096))
+    assert state.settings.max_length == 128  # the tiny GPT-2's n_positions
+    assert "--max-length 4096 is more than the model's 128 positions" in capsys.readouterr().err
+    assert open_state(Settings(model=str(gpt2_dir), max_length=64)).settings.max_length == 64

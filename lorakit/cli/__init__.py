@@ -1,4 +1,6 @@
-"""The `lorakit` command line (main) and its interactive chat (chat): the top floor, which may import every wing."""
+"""The `lorakit` command line: main (the app and most commands), chat, export and rank (their commands, registered
+by main), options (flags made from settings), feedback (errors as messages). The top floor: it may import every
+wing."""
 
 from .main import app
 

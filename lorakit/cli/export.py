@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError
+from .feedback import user_errors
 
 FORMATS = ("gguf", "gguf-lora", "vllm")
 
@@ -29,8 +30,6 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist."),
 ):
     """Export a run for llama.cpp / Ollama (GGUF, merged or as a separate LoRA) or for vLLM."""
-    from .main import user_errors
-
     with user_errors():
         out = Path(output)
         base_out = Path(base_output) if base_output else None

@@ -3,7 +3,6 @@ and combine (cli/rank.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -14,19 +13,28 @@ from typing import Optional
 import typer
 
 from ..data.prepare import no_progress_bars, prepare
-from ..data.tables import check_columns, label_names, load_labels, read_table, split_columns, texts
-from ..errors import ConfigError, DataError, Interrupted, TrainingError
+from ..data.tables import (
+    check_columns,
+    label_names,
+    load_labels,
+    read_table,
+    split_columns,
+    texts,
+)
+from ..errors import ConfigError
 from ..io.models import positions
 from ..serving.cache import Settings as ServeSettings
-from ..serving.generation import Sampling, generate, use_chat_template
+from ..serving.generation import Sampling, generate, prompt_text, use_chat_template
 from ..serving.generation import stream as generate_stream
 from ..training.dataset import examples, other_columns
 from ..training.evaluation import evaluate as evaluate_model
 from ..training.rundir import LABELS_FILE, METRICS_FILE, write_json
 from ..training.settings import TrainConfig, command_line_config
-from ..training.tasks import CAUSAL_LM, TASKS, task_named
+from ..training.tasks import TASKS, task_named
 from ..training.train import train as run_training
 from ..training.trained import load_trained
+from .chat import chat
+from .feedback import user_errors
 from .options import field_parameters, pairs, train_parameters, with_flags
 
 TASK_NAMES = " | ".join(TASKS)
@@ -45,19 +53,6 @@ def main(verbose: bool = typer.Option(False, "--verbose", help="Also show the lo
     """LoRA fine-tuning of Hugging Face models."""
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn the library's user-facing errors into a clean message and a non-zero exit, with no traceback."""
-    try:
-        yield
-    except Interrupted as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(130)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError, ValueError) as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1) from None
 
 
 TRAIN_EXAMPLES = """Examples:
@@ -123,6 +118,15 @@ def evaluate(
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
+def _prompt_room(net, max_new_tokens: int) -> int | None:
+    """The tokens a prompt may have beside --max-new-tokens in the model's positions (None: its config does not
+    say); an error when the answer alone fills them."""
+    most = positions(net)
+    if most is not None and max_new_tokens >= most:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model has {most} positions, prompt included")
+    return None if most is None else most - max_new_tokens
+
+
 def _within_positions(net, max_length: int) -> int:
     # --max-length capped at the model's positions, saying so (longer inputs fail inside the model).
     most = positions(net)
@@ -177,10 +181,9 @@ def predict(
         net, tokenizer, task, labels = load_trained(model, adapter, task)
         max_length = _within_positions(net, max_length)
         if task.generates:
-            if max_new_tokens >= (positions(net) or max_new_tokens + 1):
-                raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model has {positions(net)} positions, "
-                                  f"prompt included")
+            room = _prompt_room(net, max_new_tokens)
             chat = use_chat_template(tokenizer, adapter, chat_template)
+            _check_prompts(tokenizer, items, chat, room, max_new_tokens)
             _generate_all(net, tokenizer, items, sampling, chat, batch_size, stream, as_json)
             return
         for item in items:
@@ -198,6 +201,16 @@ def _classify(net, tokenizer, labels: list[str], item: str, max_length: int) -> 
     return {"text": item, "label": ranked[0][0], "probabilities": dict(ranked)}, line
 
 
+def _check_prompts(tokenizer, items: list[str], chat: bool, room: int | None, max_new_tokens: int) -> None:
+    # Every prompt fits beside the answer before any is generated (one too long fails inside the model).
+    for number, item in enumerate(items, 1):
+        tokens = len(tokenizer(prompt_text(tokenizer, item, chat), add_special_tokens=not chat)["input_ids"])
+        if room is not None and tokens > room:
+            raise ConfigError(f"prompt {number} has {tokens} tokens{' in the chat template' if chat else ''}; with "
+                              f"--max-new-tokens {max_new_tokens} the model's {room + max_new_tokens} positions "
+                              f"leave room for {room}")
+
+
 def _generate_all(net, tokenizer, items: list[str], sampling: Sampling, chat: bool, batch_size: int, stream: bool,
                   as_json: bool) -> None:
     # Plain prompts print as prompt + continuation, chat prompts as the answer alone; --json pairs them.
@@ -213,36 +226,6 @@ def _generate_all(net, tokenizer, items: list[str], sampling: Sampling, chat: bo
     for item, generated in zip(items, generate(net, tokenizer, items, sampling, chat=chat, batch_size=batch_size)):
         typer.echo(json.dumps({"text": item, "generation": generated}) if as_json else
                    generated if chat else f"{item}{generated}")
-
-
-@app.command()
-def chat(
-    adapter: Optional[str] = typer.Option(None, help="Adapter directory (a run of lorakit train on conversations)."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base model)"),
-    system: Optional[str] = typer.Option(None, help="A system prompt, kept at the start of the conversation."),
-    max_new_tokens: int = typer.Option(256, help="Most tokens of one answer."),
-    temperature: float = typer.Option(0.0, help="Sampling temperature; 0: greedy."),
-    top_p: float = typer.Option(1.0, help="Sample from the likeliest tokens holding this much probability."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the sampling."),
-    chat_template: Optional[str] = typer.Option(None, help="A Jinja chat template file (default: the adapter's, "
-                                                "else the tokenizer's own)."),
-):
-    """Chat with a causal-LM adapter in the terminal; the conversation is kept and answers stream as they come.
-    At the prompt: /reset starts over, /history prints the conversation, /exit (or Ctrl-D) leaves."""
-    from .chat import chat_loop
-
-    with user_errors():
-        if adapter is None and model is None:
-            raise ConfigError("give --adapter DIR (or --model M to chat with a base model)")
-        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-        net, tokenizer, task, _ = load_trained(model, adapter, None if adapter else CAUSAL_LM.name)
-        if not task.generates:
-            raise ConfigError(f"{adapter} is a {task.name} adapter; lorakit chat needs a language model's")
-        if not use_chat_template(tokenizer, adapter, chat_template) and not tokenizer.chat_template:
-            raise ConfigError("no chat template: the adapter was not trained on conversations and the tokenizer has "
-                              "none; pass --chat-template FILE")
-        typer.echo("chat: /reset starts over, /history shows the conversation, /exit or Ctrl-D leaves")
-        chat_loop(net, tokenizer, sampling, system=system)
 
 
 @app.command()
@@ -365,6 +348,8 @@ def serve(flags: dict):
         flags["adapters"] = pairs(flags.get("adapters", []), "--adapter")
         run(ServeSettings(**flags), host, port)
 
+
+app.command()(chat)
 
 from .export import export  # noqa: E402  (lorakit export: GGUF for llama.cpp and Ollama, vLLM; the work is in deploy/)
 

@@ -1,6 +1,6 @@
-"""The rank commands of the `lorakit` command line: analyze, extract, resize, combine (registered by lorakit/cli.py).
+"""The rank commands of the `lorakit` command line: analyze, extract, resize, combine (registered by cli/main.py).
 
-Each checks its options before any work and reports a bad one as `Error: ...` with exit code 1 (the main CLI's
+Each checks its options before any work and reports a bad one as `Error: ...` with exit code 1 (cli/feedback.py's
 `user_errors`)."""
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ from typing import Optional
 
 import typer
 
-
-def _errors():
-    from .main import user_errors  # imported here: lorakit.cli imports this module to register the commands
-
-    return user_errors()
+from .feedback import user_errors
 
 
 def _floats(text: str) -> list[float]:
@@ -43,7 +39,7 @@ def analyze(
     from ..rank.report import plot as draw
     from ..rank.report import table
 
-    with _errors():
+    with user_errors():
         if plot is not None and plot.suffix.lower() != ".png":
             raise ValueError(f"--plot must name a .png file, got {plot}")
         result = run(adapter, base=base, compare=compare, similarity_of=similarity_of)
@@ -68,7 +64,7 @@ def extract(
     from ..rank.extract import extract as run
     from ..training.settings import parse_targets
 
-    with _errors():
+    with user_errors():
         report = run(base, tuned, output, r=r, energy=energy, targets=parse_targets(targets), heads_only=heads_only)
         for path, m in report["modules"].items():
             typer.echo(f"{path}  r={m['r']}  relative error {m['relative_error']:.4f}  energy kept "
@@ -88,7 +84,7 @@ def resize(
     """Re-factor an adapter to a lower rank by SVD of each ΔW (exact when the new rank >= the old)."""
     from ..rank.resize import resize as run
 
-    with _errors():
+    with user_errors():
         report = run(adapter, output, r=r, energy=energy)
         for path, m in report.items():
             typer.echo(f"{path}  r {m['r_old']} -> {m['r']}  energy kept {m['energy_kept']:.4f}")
@@ -108,7 +104,7 @@ def combine(
     """Combine adapters into one (PEFT's add_weighted_adapter semantics); heads must share one label set."""
     from ..rank.combine import combine as run
 
-    with _errors():
+    with user_errors():
         values = _floats(weights) if weights is not None else [1.0] * len(adapters)
         ranks = run(adapters, values, output, method=method, density=density, seed=seed, r=r)
         typer.echo(f"combined {len(adapters)} adapters ({method}) into {len(ranks)} modules, ranks "
