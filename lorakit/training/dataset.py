@@ -163,7 +163,7 @@ def causal_data(cfg: TrainConfig, tokenizer, world: World = World(), say=print) 
         evaluation = None if sources[1] is None else causal_examples(
             sources[1], names[1], data.split_columns(cfg.eval_text_column) or text_columns, cfg, tokenizer)
         rows = pack(train.dataset, cfg.max_length) if cfg.packing else train.dataset
-    packed = f"; packed into {len(rows)} rows of up to {cfg.max_length} tokens" if cfg.packing else ""
+    packed = f"; packed into {len(rows)} row{'s' * (len(rows) != 1)} of up to {cfg.max_length} tokens" if cfg.packing else ""
     say(f"training data: {train.summary()}{packed}")
     if evaluation is not None:
         say(f"eval data: {evaluation.summary()}")
