@@ -3,8 +3,11 @@
 bfloat16), and nf4_linear forward + backward (input gradient only: the weight is frozen) beside F.linear on the
 dequantized weight, which is what the dequantization adds to every training step.
 
-    python -m benchmarks.nf4 [--size full|tiny] [--threads 2] [--rounds 5] [--only quantize dequantize linear cuda]
-                             [--dtypes fp32 bf16] [--json out.json]
+    python -m benchmarks.nf4 [--size full|tiny] [--threads 2] [--rounds 5]
+                             [--only quantize dequantize linear paths step cuda] [--dtypes fp32 bf16] [--json out.json]
+
+`paths`: each dequantize path on the CPU (pure torch, torch.compile) and whether it is bit-exact; `step`: one frozen
+linear's share of a checkpointed training step, its weight dequantized again in backward or kept from the recompute.
 
 Times are the best of `rounds` runs after one warm-up (the least disturbed by other processes); `cpu_s` is the
 process CPU time of that run, a second view on a shared machine (wall ≈ cpu / threads when nothing else runs).
@@ -99,27 +102,69 @@ def linear_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
     return rows
 
 
-def cuda_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
-    """On CUDA: elements/s of each dequantize path (pure torch, torch.compile, bitsandbytes' kernel) to bf16, and
-    whether it equals the pure-torch output bit for bit; a path that cannot run gets its error instead. (dtypes:
-    unused, the rows are bf16.)"""
+def path_rows(size: str, rounds: int, dtypes: list[str], device: str = "cpu") -> list[dict]:
+    """On `device`: elements/s of each dequantize path (pure torch, torch.compile, and on CUDA bitsandbytes' kernel)
+    per output dtype, and whether it equals the pure-torch output bit for bit; a path that cannot run gets its error
+    instead. The library picks the first exact one (nf4._fast_dequantizer)."""
     from lorakit.nn import nf4 as quant
 
-    paths = {"torch": quant._dequantize_torch, "torch.compile": quant._dequantize_compiled,
-             "bitsandbytes": quant._dequantize_bnb}
+    paths = {"torch": quant._dequantize_torch, "torch.compile": quant._dequantize_compiled}
+    if device == "cuda":
+        paths["bitsandbytes"] = quant._dequantize_bnb
     rows = []
     for shape in SHAPES[size]:
-        q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)).cuda())
-        reference = quant._dequantize_torch(q, torch.bfloat16)
-        for name, fn in paths.items():
-            row = {"op": "dequantize cuda", "shape": list(shape), "dtype": "bf16", "path": name}
-            try:
-                exact = torch.equal(fn(q, torch.bfloat16), reference)
-                wall, _ = timed(lambda: (fn(q, torch.bfloat16), torch.cuda.synchronize()), rounds)
-            except Exception as e:  # not installed, no kernel for this GPU, no compiler
-                rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
-                continue
-            rows.append({**row, "s": wall, "exact": exact, "melems_per_s": q.shape.numel() / wall / 1e6})
+        q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device))
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            reference = quant._dequantize_torch(q, dtype)
+            for name, fn in paths.items():
+                row = {"op": f"dequantize {device}", "shape": list(shape), "dtype": dtype_name, "path": name}
+                try:
+                    exact = torch.equal(fn(q, dtype), reference)
+                    wall, _ = timed(lambda: (fn(q, dtype), _sync(device)), rounds)
+                except Exception as e:  # not installed, no kernel for this GPU, no compiler
+                    rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                rows.append({**row, "s": wall, "exact": exact, "melems_per_s": q.shape.numel() / wall / 1e6})
+    return rows
+
+
+def cuda_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
+    """path_rows on CUDA, bf16."""
+    return path_rows(size, rounds, ["bf16"], "cuda")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
+    """One frozen linear's share of a step with gradient checkpointing: a forward without grad (the checkpointed
+    pass), then the recompute with grad and the backward to x. Through nf4_linear with the weight dequantized again
+    in backward, and kept from the recompute (keep_for_backward, as in checkpointed blocks); beside F.linear on the
+    dense weight, the step's matmul limit."""
+    rows, tokens = [], TOKENS[size]
+    for shape in SHAPES[size]:
+        q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+        for name in dtypes:
+            dtype = DTYPES[name]
+            w = dequantize_nf4(q, dtype)
+            x = torch.randn(tokens, shape[1], dtype=dtype, requires_grad=True)
+            g = torch.randn(tokens, shape[0], dtype=dtype)
+
+            def step(linear):
+                with torch.no_grad():
+                    linear(x)
+                linear(x).backward(g)
+
+            row = {"op": "checkpointed step", "shape": list(shape), "dtype": name, "tokens": tokens}
+            row["dense_s"], _ = timed(lambda: step(lambda x: F.linear(x, w)), rounds)
+            for keep in (False, True):
+                q.keep_for_backward = keep
+                row["kept_s" if keep else "rebuilt_s"], _ = timed(lambda: step(lambda x: nf4_linear(x, q)), rounds)
+            q.keep_for_backward = False
+            rows.append(row)
     return rows
 
 
@@ -134,7 +179,11 @@ def table(rows: list[dict]) -> str:
             ours = f"{r['mparams_per_s']:.0f} M params/s"
         elif r["op"] == "dequantize":
             ours, other = f"{r['melems_per_s']:.0f} M elements/s", ""
-        elif r["op"] == "dequantize cuda":
+        elif r["op"] == "checkpointed step":
+            ours = f"kept {r['kept_s'] * 1e3:.1f} ms, rebuilt {r['rebuilt_s'] * 1e3:.1f} ms"
+            other = (f"F.linear {r['dense_s'] * 1e3:.1f} ms (kept {r['kept_s'] / r['dense_s']:.2f}×, rebuilt "
+                     f"{r['rebuilt_s'] / r['dense_s']:.2f}×), {r['tokens']} tokens")
+        elif r["op"].startswith("dequantize "):
             ours = r.get("error") or f"{r['melems_per_s']:.0f} M elements/s"
             other = f"path {r['path']}" + ("" if "error" in r else f", bit-exact: {r['exact']}")
         else:
@@ -150,12 +199,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=["quantize", "dequantize", "linear"],
-                        choices=["quantize", "dequantize", "linear", "cuda"])
+                        choices=["quantize", "dequantize", "linear", "paths", "step", "cuda"])
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES),
                         help="weight / output / compute dtypes (bf16 matmuls crawl on CPUs without native bf16)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    makers = {"quantize": quantize_rows, "dequantize": dequantize_rows, "linear": linear_rows, "cuda": cuda_rows}
+    makers = {"quantize": quantize_rows, "dequantize": dequantize_rows, "linear": linear_rows, "paths": path_rows,
+              "step": step_rows, "cuda": cuda_rows}
     print(f"torch threads: {args.threads}")
     previous, rows = torch.get_num_threads(), []
     torch.set_num_threads(args.threads)

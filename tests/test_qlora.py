@@ -131,3 +131,33 @@ def test_bad_quantize_requests_change_nothing():
         lorakit.inject(merged, lorakit.LoraConfig(r=2, targets=["v_proj"], quantize="nf4"), name="second")
     assert merged.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in merged.state_dict().items())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_blocks_dequantize_twice_a_step_with_the_same_gradients(monkeypatch, reentrant):
+    from lorakit.nn import nf4
+
+    def step(keep: bool) -> tuple[int, dict]:
+        torch.manual_seed(0)
+        model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], quantize="nf4",
+                                                                init="random"))
+        model.train()
+        lorakit.enable_gradient_checkpointing(model, reentrant=reentrant)
+        weights = [m for m in model.modules() if isinstance(m, nf4.NF4Weight)]
+        assert len(weights) == 14 and all(w.keep_for_backward for w in weights)  # every block is checkpointed
+        for w in weights:
+            w.keep_for_backward = keep
+        calls = []
+        real = nf4.dequantize_nf4
+        monkeypatch.setattr(nf4, "dequantize_nf4", lambda q, dtype=None: calls.append(q) or real(q, dtype))
+        model(input_ids=_ids(), labels=_ids()).loss.backward()
+        monkeypatch.setattr(nf4, "dequantize_nf4", real)
+        return len(calls), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    kept_calls, kept = step(True)
+    calls, rebuilt = step(False)
+    # Kept: each weight dequantized by the forward and the recompute only. Not kept: the backward again too (torch's
+    # non-reentrant checkpoint may skip recomputing a block's last layers when they save nothing).
+    assert kept_calls == 2 * 14 and calls > kept_calls
+    assert kept.keys() == rebuilt.keys() and all(torch.equal(kept[n], rebuilt[n]) for n in kept)
+    assert all(g.abs().sum() > 0 for g in kept.values())

@@ -271,6 +271,26 @@ def test_whole_tensor_decode_equals_the_sliced_path():
         assert torch.equal(decoded, dequantize_nf4(q, out))
 
 
+def test_cpu_dequantizes_large_weights_by_the_compiled_decode_bit_for_bit(monkeypatch):
+    # The compiled decode needs a C++ compiler; where torch.compile cannot run, the pure-torch path is chosen.
+    chosen = quant._fast_dequantizer(torch.device("cpu"))
+    if chosen is not quant._dequantize_compiled:
+        pytest.skip("torch.compile cannot build the CPU decode here (no C++ compiler?); the pure-torch path serves")
+    monkeypatch.setattr(quant, "COMPILED_MIN", 1000)  # a small weight takes the large weights' path
+    calls = []
+    monkeypatch.setattr(quant, "_dequantize_torch", lambda q, dtype: calls.append(q) or _eager(q, dtype))
+    torch.manual_seed(11)
+    for shape in [(300, 257), (64, 96)]:
+        q = quantize_nf4(torch.randn(shape))
+        for out in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(dequantize_nf4(q, out), _eager(q, out)), (shape, out)
+    assert not calls  # every dequantization above took the compiled path
+    small = quantize_nf4(torch.randn(10, 20))
+    assert torch.equal(dequantize_nf4(small), _eager(small, torch.float32)) and calls == [small]  # under the bound
+
+
+_eager = quant._dequantize_torch
+
 CUDA_PATHS = ["bitsandbytes", "torch.compile"]
 
 
@@ -290,7 +310,7 @@ def test_cuda_fused_dequantize_equals_pure_torch(path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_dequantize_picks_an_exact_path():
     q = quantize_nf4(torch.randn(515, 96))
-    chosen = quant._cuda_dequantizer(torch.device("cuda", torch.cuda.current_device()))
+    chosen = quant._fast_dequantizer(torch.device("cuda", torch.cuda.current_device()))
     assert chosen in (quant._dequantize_bnb, quant._dequantize_compiled, quant._dequantize_torch)
     assert torch.equal(dequantize_nf4(q.cuda(), torch.bfloat16).cpu(), dequantize_nf4(q.cpu(), torch.bfloat16))
 

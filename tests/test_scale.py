@@ -128,6 +128,13 @@ def test_nf4_benchmark_produces_every_row(tmp_path):
                for r in rows[:4])
     assert all(r["melems_per_s"] > 0 for r in rows[4:8]) and all(r["nf4_vs_dense"] > 0 for r in rows[8:])
     assert json.loads((tmp_path / "nf4.json").read_text())["rows"] == rows
+    paths = nf4.main(["--size", "tiny", "--rounds", "1", "--threads", "1", "--only", "paths", "step", "--dtypes",
+                      "fp32"])
+    assert [(r["op"], r.get("path")) for r in paths] == [("dequantize cpu", "torch"),
+                                                         ("dequantize cpu", "torch.compile")] * 2 + [
+        ("checkpointed step", None)] * 2
+    assert all(r["exact"] for r in paths[:4] if "error" not in r) and paths[0]["exact"]
+    assert all(r["kept_s"] > 0 and r["rebuilt_s"] > 0 and r["dense_s"] > 0 for r in paths[4:])
 
 
 def test_the_load_marker_is_the_line_after_loading():

@@ -179,6 +179,22 @@ def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> 
     else:
         raise ValueError(f"{type(root).__name__} has no gradient checkpointing of its own (a Hugging Face model has)")
     enable_input_grads(root)
+    _keep_dequantized_in_checkpointed_blocks(root)
+
+
+def _keep_dequantized_in_checkpointed_blocks(root: nn.Module) -> None:
+    # An NF4 weight inside a checkpointed block is dequantized twice a step instead of three times: its recompute
+    # keeps the weight for its backward (one block's weights at a time). transformers < 4.52 marks no such blocks:
+    # there every weight is dequantized again in backward, as without checkpointing.
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return
+    for block in root.modules():
+        if isinstance(block, GradientCheckpointingLayer) and getattr(block, "gradient_checkpointing", False):
+            for weight in block.modules():
+                if isinstance(weight, NF4Weight):
+                    weight.keep_for_backward = True
 
 
 def enable_input_grads(model: nn.Module) -> None:

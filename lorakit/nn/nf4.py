@@ -113,12 +113,16 @@ class NF4Weight(nn.Module):
                                           `.to(torch.bfloat16)` on a parent module cannot round them
 
     `NF4Weight(shape, dtype)` allocates zeroed buffers to `load_state_dict` into; `quantize_nf4` fills them.
+    `keep_for_backward`: nf4_linear keeps the dequantized weight for its backward instead of dequantizing it again.
+    Only for layers inside checkpointed blocks (enable_gradient_checkpointing sets it): the checkpoint drops what the
+    first forward saves and the recompute holds one block's weights at a time; elsewhere it would hold every one.
     """
 
     def __init__(self, shape, dtype: torch.dtype = torch.float32, block_size: int = 64, device=None):
         super().__init__()
         self.shape, self.dtype, self.block_size = torch.Size(shape), dtype, block_size
         self.pad = -self.shape.numel() % block_size  # zeros appended to fill the last block
+        self.keep_for_backward = False
         self.n_blocks = (self.shape.numel() + self.pad) // block_size
         n_groups = math.ceil(self.n_blocks / GROUP)
         self.register_buffer("packed", torch.zeros(self.n_blocks * block_size // 2, dtype=torch.uint8, device=device))
@@ -179,11 +183,12 @@ def block_scales(q: NF4Weight) -> torch.Tensor:
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The (out, in) weight W[i] = NF4_CODE[code[i]] · scale[i // block_size] in `dtype` (default: the original
-    dtype): the float32 product, rounded once to dtype. On the CPU by `_dequantize_torch`; on CUDA by the fastest
-    path that reproduces it bit for bit there (bitsandbytes' kernel, else a torch.compile'd one)."""
+    dtype): the float32 product, rounded once to dtype. By the fastest path that reproduces `_dequantize_torch` bit
+    for bit on q's device (`_fast_dequantizer`: on CUDA bitsandbytes' kernel, else a torch.compile'd decode; on the
+    CPU the compiled decode for weights of COMPILED_MIN elements or more); else by `_dequantize_torch`."""
     dtype = dtype or q.dtype
-    if q.packed.is_cuda:
-        return _cuda_dequantizer(q.packed.device)(q, dtype)
+    if q.packed.is_cuda or q.shape.numel() >= COMPILED_MIN:
+        return _fast_dequantizer(q.packed.device)(q, dtype)
     return _dequantize_torch(q, dtype)
 
 
@@ -201,7 +206,11 @@ def _dequantize_torch(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     return out[:q.shape.numel()].view(q.shape)
 
 
-# ---- CUDA: fused paths (issue 14). Each must equal _dequantize_torch bit for bit; _cuda_dequantizer checks it. ----
+# ---- Fused paths (CUDA: issue 14; CPU: issue 25). Each must equal _dequantize_torch bit for bit, which
+# _fast_dequantizer checks. On the CPU the compiled decode is one loop over the bytes, where the eager path makes an
+# int64 and a float32 temporary per slice: 2-7x faster at 7B's shapes (BENCHMARKS §16). Small weights stay eager, so
+# that a tiny model never waits for the compiler.
+COMPILED_MIN = 1 << 20  # elements
 BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
 
 
@@ -246,12 +255,13 @@ def _dequantize_compiled(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.cache
-def _cuda_dequantizer(device: torch.device):
-    """The first of bitsandbytes' kernel and the torch.compile'd decode that runs on `device` and equals the
-    pure-torch path bit for bit on a probe weight (odd size: a padded last block; three output dtypes); else the
-    pure-torch path. Decided once per device."""
+def _fast_dequantizer(device: torch.device):
+    """The first fused path that runs on `device` and equals the pure-torch path bit for bit on a probe weight (odd
+    size: a padded last block; three output dtypes): on CUDA bitsandbytes' kernel, then the torch.compile'd decode;
+    on the CPU the compiled decode. Else the pure-torch path. Decided once per device."""
     probe = quantize_nf4(torch.randn(67, 129, generator=torch.Generator().manual_seed(0)).to(device))
-    for name, fn in (("bitsandbytes", _dequantize_bnb), ("torch.compile", _dequantize_compiled)):
+    paths = (("bitsandbytes", _dequantize_bnb),) if device.type == "cuda" else ()
+    for name, fn in (*paths, ("torch.compile", _dequantize_compiled)):
         try:
             same = all(torch.equal(fn(probe, dt), _dequantize_torch(probe, dt))
                        for dt in (torch.float32, torch.bfloat16, torch.float16))
@@ -266,16 +276,23 @@ def _cuda_dequantizer(device: torch.device):
 
 
 class _NF4Linear(torch.autograd.Function):
-    """y = x Wᵀ + b, W = dequantize_nf4(q). Saves only q: W is rebuilt in backward rather than kept alive."""
+    """y = x Wᵀ + b, W = dequantize_nf4(q). Saves q, and W itself only when q.keep_for_backward: otherwise W is
+    rebuilt in backward rather than kept alive."""
 
     @staticmethod
     def forward(ctx, x, q, bias):
-        ctx.q, ctx.has_bias = q, bias is not None
-        return F.linear(x, dequantize_nf4(q, x.dtype), bias)
+        weight = dequantize_nf4(q, x.dtype)
+        ctx.q, ctx.has_bias, ctx.kept = q, bias is not None, q.keep_for_backward and ctx.needs_input_grad[0]
+        if ctx.kept:
+            ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = grad @ dequantize_nf4(ctx.q, grad.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.saved_tensors[0] if ctx.kept else dequantize_nf4(ctx.q, grad.dtype)
+            grad_x = grad @ weight  # (..., in)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias  # the quantized weight is frozen: no gradient for it
 
