@@ -158,12 +158,13 @@ def _encode(batch: dict, indices: list[int], tokenizer, fmt_name: str, text_colu
 
 def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text_columns: list[str] | None = None,
             prompt_column: str | None = None, num_proc: int | None = None, cache_dir: str | None = None,
-            name: str | None = None) -> Prepared:
+            name: str | None = None, one_of_several: bool = False) -> Prepared:
     """Tokenised causal-LM examples of `source` (see load_rows). Conversations and Alpaca rows are recognised by
     their columns and rendered with the tokenizer's chat template (set it first with conversations.set_chat_template);
     other tables use `text_columns` (default ["text"], joined with a space) and `prompt_column`. Rows longer than
     `max_length` tokens are cut to it ("truncate") or left out ("drop"); rows left with no labelled token are left
-    out either way. Every row is checked; errors name the row (from 1)."""
+    out either way. Every row is checked; errors name the row (from 1). A source `one_of_several` (a run mixing
+    conversations with prompt/text data) reads `prompt_column` only if it is prompt/text data."""
     if overlong not in OVERLONG:
         raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
     name = name or (str(source) if not isinstance(source, pd.DataFrame) else "the table")
@@ -172,11 +173,12 @@ def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text
     text_columns = list(text_columns or ["text"])
     if fmt is None:
         check_text_columns(ds, text_columns + ([prompt_column] if prompt_column else []), name)
-    elif prompt_column:
+    elif prompt_column and not one_of_several:
         raise DataError(f"{name} holds {fmt.name} data (columns {', '.join(fmt.columns)}); its prompts come from "
                         f"the conversation, so --prompt-column {prompt_column} has no use")
     else:
         set_chat_template(tokenizer)  # no template, or one unfit for training: said once, before any row
+        prompt_column = None
     fmt_name = fmt.name if fmt else "text"
     settings = {"format": fmt_name, "max_length": max_length, "text_columns": text_columns,
                 "prompt_column": prompt_column}

@@ -106,14 +106,16 @@ class Batches:
         return {k: v.to(device) for k, v in batch.items()}, sum(len(r.get("input_ids", ())) for r in rows)
 
 
-def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world: World = World()) -> Batches:
-    """lorakit train's order: per epoch a seeded permutation padded to whole global batches, each process taking its
-    slice of every global batch (so 2 processes × batch B see the batches of 1 process × batch 2B)."""
+def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world: World = World(),
+                   draw: Callable[[int], list[int]] | None = None) -> Batches:
+    """lorakit train's order: per epoch a seeded permutation (or `draw(epoch)`'s len(rows) indices: a weighted mix
+    of sources) padded to whole global batches, each process taking its slice of every global batch (so 2 processes
+    × batch B see the batches of 1 process × batch 2B)."""
     global_batch = batch_size * world.size
     per_epoch = math.ceil(len(rows) / global_batch)
 
     def order(epoch: int) -> list[list[int]]:
-        perm = epoch_order(len(rows), global_batch, seed, epoch)
+        perm = epoch_order(len(rows), global_batch, seed, epoch, draw(epoch) if draw else None)
         return [micro_batch(perm, pos, batch_size, world.rank, world.size) for pos in range(per_epoch)]
 
     return Batches(rows, collate, order, per_epoch)

@@ -50,7 +50,7 @@ from .rundir import (
     start_files,
     write_json,
 )
-from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, resolved
+from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, normalised, resolved
 from .tasks import Task, task_named
 from .tracking import open_reporter
 
@@ -63,6 +63,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     TrainingError on a non-finite loss, Interrupted after saving a checkpoint on Ctrl-C. `on_step(record)` gets each
     optimizer step's record (step, epoch, loss, lr, tokens, seconds). Under torchrun only rank 0 writes and prints."""
     check_values(cfg)
+    cfg = normalised(cfg)  # its sources and weights as train_config.yaml saves them
     check_launch(cfg.sharding)
     release_freed_memory()  # resident memory follows the live tensors (runtime/heap.py)
     world = init_distributed(sharded=cfg.sharding == "fsdp")
@@ -80,7 +81,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     if task.preference:  # --precompute-ref: the reference's log-probabilities, once
         run_data.train, run_data.eval = preference.with_reference(model, run_data.train, run_data.eval, cfg,
                                                                   run_data.tokenizer.pad_token_id, say)
-    batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
+    batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world,
+                             run_data.draw)
     loop = plan(cfg, batches.per_epoch)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
     state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)
