@@ -3,6 +3,7 @@ held-out rows; --streaming. Every error names its source; the trained and held-o
 content."""
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from lorakit.cli import main as cli
 from lorakit.data.sources import apportion, mixed_order, parse_weights, split_indices
 from lorakit.errors import ConfigError, DataError
-from lorakit.training import train as train_module
+from lorakit.training import dataset as dataset_module
 from lorakit.training.dataset import load_data
 from lorakit.training.settings import CONFIG_FILE, command_line_config, config_from, read_config_file
 from lorakit.training.settings import TrainConfig
@@ -56,13 +57,13 @@ def refused(config: TrainConfig, error, match: str) -> None:
 def trained_rows(monkeypatch) -> list:
     """The examples the run's batches are made of, as tuples of input ids (the collator's input, spied on)."""
     seen = []
-    make = train_module.train_collator
+    make = dataset_module.train_collator
 
     def spying(run_data, model, cfg):
         collate = make(run_data, model, cfg)
         return lambda rows: (seen.extend(tuple(r["input_ids"]) for r in rows), collate(rows))[1]
 
-    monkeypatch.setattr(train_module, "train_collator", spying)
+    monkeypatch.setattr(dataset_module, "train_collator", spying)
     return seen
 
 
@@ -255,3 +256,76 @@ def test_one_source_as_a_list_is_the_single_source_run(bert_dir, tmp_path):
     assert read_config_file(tmp_path / "list" / CONFIG_FILE)["data"] == str(data)
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("list", "str"))
     assert all(a[k].equal(b[k]) for k in a)
+
+
+# ---- --streaming ----
+
+def stream_cfg(model, data, out, **kw) -> TrainConfig:
+    return lm_cfg(model, data, out, **{"streaming": True, "max_steps": 6, "save_every": 2, "dropout": 0.1, **kw})
+
+
+def test_streaming_refusals(chat_llama_dir, bert_dir, tmp_path):
+    qa = write_jsonl(tmp_path / "qa.jsonl", qa_rows(4))
+    out = tmp_path / "run"
+    refused(stream_cfg(chat_llama_dir, qa, out, max_steps=None), ConfigError, "--streaming needs --max-steps")
+    refused(stream_cfg(chat_llama_dir, qa, out, packing=True), ConfigError, "--packing with --streaming")
+    refused(stream_cfg(chat_llama_dir, qa, out, eval_split=0.2), ConfigError, "--eval-split with --streaming")
+    refused(stream_cfg(bert_dir, qa, out, task="classify"), ConfigError, "--streaming is for --task causal-lm")
+
+
+def source_ids(model, tmp_path, *sources) -> list[set]:
+    """The examples of each source tokenised whole (not streamed), as sets of input-id tuples."""
+    return [{tuple(r["input_ids"]) for r in load_data(lm_cfg(model, source, tmp_path / "x", prompt_column=prompt),
+                                                      say=print).train} for source, prompt in sources]
+
+
+def test_a_stream_resumes_where_it_stopped_in_its_proportions(chat_llama_dir, tmp_path, monkeypatch):
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_rows(8))
+    qa = write_jsonl(tmp_path / "qa.jsonl", qa_rows(5))
+    cfg = stream_cfg(chat_llama_dir, [chats, qa], tmp_path / "full", data_weights="1,3", seed=2)
+    seen = trained_rows(monkeypatch)
+    train(cfg, progress=False)
+    full = list(seen)
+    assert len(full) == 6 * 4
+    # Each example comes from a source drawn with probability 1:3 by random.Random(seed): the counts follow.
+    rng = random.Random(2)
+    drawn = Counter(rng.choices([0, 1], weights=[1, 3])[0] for _ in range(24))
+    ids = source_ids(chat_llama_dir, tmp_path, (chats, None), (qa, "prompt"))
+    assert [sum(r in ids[i] for r in full) for i in (0, 1)] == [drawn[0], drawn[1]]
+
+    def stop(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**cfg.__dict__, "output": str(tmp_path / "part")}), on_step=stop, progress=False)
+    seen.clear()
+    train(command_line_config({"output": str(tmp_path / "part"), "resume": True}), progress=False)
+    assert seen == full[2 * 4:]  # resumed from the checkpoint of step 2: steps 3..6 see what the whole run saw
+    first, second = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("full", "part"))
+    assert all(first[k].equal(second[k]) for k in first)
+
+
+def test_a_streamed_file_is_not_read_whole(chat_llama_dir, tmp_path, monkeypatch):
+    from lorakit.data import streams
+
+    rows = 3 * streams.STREAM_BUFFER
+    big = write_jsonl(tmp_path / "big.jsonl", qa_rows(rows))
+    read = []
+    opened = streams.open_stream
+    monkeypatch.setattr(streams, "open_stream", lambda source: opened(source).map(lambda r: read.append(1) or r))
+    seen = trained_rows(monkeypatch)
+    train(stream_cfg(chat_llama_dir, big, tmp_path / "run", max_steps=3), progress=False)
+    assert len(seen) == 3 * 4
+    # The rows read: the first row (the format is read from it), the 12 trained on, the shuffle buffer (and the row
+    # the buffer reads ahead): far from the file's 3000.
+    assert 12 <= len(read) <= 1 + 12 + streams.STREAM_BUFFER + 1 < rows
+
+
+def test_a_bad_streamed_row_is_named_with_its_source(chat_llama_dir, tmp_path):
+    rows = chat_rows(6)
+    rows[4]["messages"][1] = {"speaker": "assistant", "text": "fine"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=rf"{bad}: row 5: message 2 is not a role/content pair"):
+        train(stream_cfg(chat_llama_dir, bad, tmp_path / "run", prompt_column=None), progress=False)

@@ -21,11 +21,14 @@ from ..data.conversations import detect_format, set_chat_template
 from ..data.packing import PackedCollator, attention_mode, pack
 from ..data.prepare import Prepared, prepare
 from ..data.sources import mixed_order, parse_weights, source_list, split_indices
+from ..data.streams import mixed, stream
 from ..errors import ConfigError, DataError
 from ..io.models import load_tokenizer, resolve_model
 from ..runtime.distributed import World, barrier
 from .preference import run as preference
+from .fit import seeded_batches
 from .settings import TrainConfig
+from .streams import Streamed
 from .tasks import CAUSAL_LM, task_named
 
 DEMO_SOURCES = ("demo headlines (train)", "demo headlines (eval)")
@@ -251,9 +254,7 @@ def causal_data(cfg: TrainConfig, tokenizer, world: World = World(), say=print) 
     if cfg.chat_template:
         set_chat_template(tokenizer, cfg.chat_template)
     if cfg.streaming:
-        from .streams import streamed_data
-
-        return streamed_data(cfg, tokenizer, say)
+        return streamed_data(cfg, tokenizer, world, say)
     sources, eval_source = causal_sources(cfg)
     names = [name for _, name in sources]
     text_columns = data.split_columns(cfg.text_column)
@@ -276,6 +277,29 @@ def causal_data(cfg: TrainConfig, tokenizer, world: World = World(), say=print) 
         raise ConfigError(f"--chat-template is for conversation data; {' and '.join(names)} hold(s) plain text")
     return RunData(rows, concatenated(held) if held else evaluation.dataset if evaluation is not None else [], None,
                    tokenizer, chat, mixer(kept, cfg))
+
+
+def streamed_data(cfg: TrainConfig, tokenizer, world: World, say) -> RunData:
+    """--streaming: the training examples as a stream (data/streams.py: each source's format recognised from its
+    first row, its rows checked as they come), the eval data read whole."""
+    names, text_columns = source_list(cfg.data), data.split_columns(cfg.text_column)
+    sources = [stream(source, tokenizer, cfg.max_length, cfg.overlong, text_columns, cfg.prompt_column, cfg.seed,
+                      len(names) > 1) for source in names]
+    weights = parse_weights(cfg.data_weights, len(names))
+    with main_first(world):
+        evaluation = None if cfg.eval_data is None else causal_examples(
+            cfg.eval_data, cfg.eval_data, data.split_columns(cfg.eval_text_column) or text_columns, cfg, tokenizer)
+    formats = ", ".join(f"{s.name} ({s.format})" for s in sources)
+    mix = f", mixed {':'.join(f'{w:g}' for w in weights)}" if weights else ", one after another" if len(
+        sources) > 1 else ""
+    say(f"training data: streamed from {formats}{mix}")
+    if evaluation is not None:
+        say(f"eval data: {evaluation.summary()}")
+    chat = any(s.format != "text" for s in sources)
+    if cfg.chat_template and not chat:
+        raise ConfigError(f"--chat-template is for conversation data; {' and '.join(names)} hold(s) plain text")
+    examples = Streamed(partial(mixed, sources, weights, cfg.seed), names)
+    return RunData(examples, evaluation.dataset if evaluation is not None else [], None, tokenizer, chat)
 
 
 def causal_sources(cfg: TrainConfig) -> tuple[list[tuple[object, str]], tuple[object, str] | None]:
@@ -331,3 +355,11 @@ def train_collator(run_data: RunData, model, cfg: TrainConfig):
     if task_named(cfg.task).preference:
         return preference.collator(cfg, run_data.tokenizer.pad_token_id)
     return task_named(cfg.task).collator(run_data.tokenizer)
+
+
+def training_batches(run_data: RunData, model, cfg: TrainConfig, world: World = World()):
+    """fit()'s batches: a stream's in stream order (--streaming), else seeded epochs (weighted with --data-weights)."""
+    collate = train_collator(run_data, model, cfg)
+    if cfg.streaming:
+        return run_data.train.batches(collate, cfg.batch_size, world)
+    return seeded_batches(run_data.train, collate, cfg.batch_size, cfg.seed, world, run_data.draw)

@@ -87,7 +87,8 @@ class Loop:
 @dataclass
 class Batches:
     """The training examples and their order: `order(epoch)` lists this process's micro-batches (row indices) of
-    an epoch, `per_epoch` of them."""
+    an epoch, `per_epoch` of them. (A stream's batches, training/streams.py, have the same `get` and no epochs:
+    `per_epoch` None, and the step records then have no "epoch".)"""
 
     rows: list[dict]
     collate: Callable[[list[dict]], dict]
@@ -218,9 +219,9 @@ def _optimizer_step(run: _Run) -> dict:
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
     run.state.step += 1
-    return {"step": run.state.step, "epoch": round(run.state.micro / run.batches.per_epoch, 3), "loss": value,
-            "lr": run.sched.get_last_lr()[0], "tokens": tokens * run.world.size,
-            "seconds": time.perf_counter() - start, **metrics}
+    epoch = {"epoch": round(run.state.micro / run.batches.per_epoch, 3)} if run.batches.per_epoch else {}
+    return {"step": run.state.step, **epoch, "loss": value, "lr": run.sched.get_last_lr()[0],
+            "tokens": tokens * run.world.size, "seconds": time.perf_counter() - start, **metrics}
 
 
 def _accumulate(run: _Run) -> tuple[float, int, dict]:
@@ -294,7 +295,7 @@ def _log(run: _Run, record: dict) -> None:
 def _write_log(run: _Run) -> None:
     now, window = time.perf_counter(), run.window
     if run.hooks.log and run.world.main:
-        run.hooks.log({"step": window[-1]["step"], "epoch": window[-1]["epoch"],
+        run.hooks.log({"step": window[-1]["step"], **{k: window[-1][k] for k in ("epoch",) if k in window[-1]},
                        "loss": sum(r["loss"] for r in window) / len(window), "lr": window[-1]["lr"],
                        "tokens_per_s": round(sum(r["tokens"] for r in window) / (now - run.window_start), 1),
                        **_mean_metrics(window)})
