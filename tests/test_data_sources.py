@@ -329,3 +329,19 @@ def test_a_bad_streamed_row_is_named_with_its_source(chat_llama_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match=rf"{bad}: row 5: message 2 is not a role/content pair"):
         train(stream_cfg(chat_llama_dir, bad, tmp_path / "run", prompt_column=None), progress=False)
+
+
+def test_preference_sources_are_read_each_on_its_own_and_held_out(chat_llama_dir, tmp_path):
+    pairs = [{"prompt": f"{QUESTIONS[i % 8]} {i}", "chosen": " fine thanks", "rejected": " sports news"}
+             for i in range(10)]
+    first = write_jsonl(tmp_path / "a.jsonl", pairs[:6])
+    second = write_jsonl(tmp_path / "b.jsonl", pairs[6:])
+    cfg = lm_cfg(chat_llama_dir, [first, second], tmp_path / "run", task="dpo", prompt_column=None, eval_split=0.5)
+    said = []
+    run = load_data(cfg, say=said.append)
+    assert len(run.train) == 3 + 2 and len(run.eval) == 3 + 2
+    assert f"eval data: --eval-split 0.5 of {first} and {second}: 5 examples, not trained on" in said
+    assert {tuple(r["prompt_ids"]) for r in run.train}.isdisjoint({tuple(r["prompt_ids"]) for r in run.eval})
+    bad = write_jsonl(tmp_path / "bad.jsonl", [pairs[0], {**pairs[1], "chosen": pairs[1]["rejected"]}])
+    refused(TrainConfig(**{**cfg.__dict__, "data": [first, bad], "eval_split": None}), DataError,
+            rf"{bad}: row 2")

@@ -70,6 +70,8 @@ def load_data(cfg: TrainConfig, world: World = World(), say=print) -> RunData:
     if task_named(cfg.task).labelled:
         tables = load_tables(cfg)
         say_empty_texts(tables, say)
+        if cfg.eval_split:
+            say(f"eval data: {tables.eval_name}: {len(tables.eval)} examples, not trained on")
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         parts, evaluation = run_examples(tables, cfg, tokenizer)
         return RunData(concatenated(parts), evaluation, tables.labels, tokenizer, draw=mixer(parts, cfg))

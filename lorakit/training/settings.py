@@ -59,7 +59,8 @@ class TrainConfig:
     data_weights: list[float] | str | None = setting(None, DATA, "Mixing proportions of the --data sources, e.g. "
                                                      "0.7,0.3: an epoch keeps the sources' total size, each source "
                                                      "giving its share (drawn seeded, without replacement in passes "
-                                                     "over it). Default: by size (the sources concatenated).")
+                                                     "over it); streamed, each example's source is drawn with "
+                                                     "these odds. Default: by size (the sources concatenated).")
     streaming: bool = setting(False, DATA, "Language models: read --data as a stream (hub datasets, or large "
                               ".jsonl/.csv/.parquet files) without loading it whole; needs --max-steps.")
     eval_data: str | None = setting(None, DATA, "Evaluation data, same formats.")
