@@ -121,6 +121,14 @@ def test_sources_from_repeated_flags_and_a_yaml_list(tmp_path, monkeypatch):
     assert cfg.data == ["a.jsonl", "b.csv"] and cfg.data_weights == [0.7, 0.3]
 
 
+def test_the_command_line_refuses_a_weight_count_naming_the_flag(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli.app, ["train", "--data", "a.jsonl", "--data", "b.csv", "--data-weights", "1",
+                                          "--output", str(out)])
+    assert result.exit_code == 1 and "--data-weights: 1 weight for 2 --data sources" in result.output
+    assert not out.exists()
+
+
 # ---- several sources of different formats ----
 
 def test_chat_and_prompt_completion_sources_become_one_kind_of_example(chat_llama_dir, tmp_path):
