@@ -62,6 +62,8 @@ TRAIN_EXAMPLES = """Examples:
   lorakit train --model gpt2 --task causal-lm --data qa.jsonl --prompt-column prompt --text-column completion
 
   lorakit train --config run.yaml --lr 5e-4 --no-packing
+
+  lorakit train --task causal-lm --data chats.jsonl --data qa.jsonl --data-weights 0.7,0.3 --eval-split 0.05
 """
 
 

@@ -32,12 +32,14 @@ def _default_text(value) -> str:
 
 def field_parameters(cls) -> list[inspect.Parameter]:
     """One keyword parameter with its typer.Option per field of dataclass `cls` (fields made with settings.setting):
-    left out, a flag is None; booleans are --x/--no-x; a dict field is a repeatable NAME=VALUE flag."""
+    left out, a flag is None; booleans are --x/--no-x; a dict field is a repeatable NAME=VALUE flag, and so is a
+    field declared with `many` (--data a.jsonl --data b.jsonl: a list)."""
     hints = typing.get_type_hints(cls)
     params = []
     for field in dataclasses.fields(cls):
         meta = field.metadata
-        kind = list[str] if typing.get_origin(hints[field.name]) is dict else _option_type(hints[field.name])
+        repeated = typing.get_origin(hints[field.name]) is dict or meta.get("many")
+        kind = list[str] if repeated else _option_type(hints[field.name])
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
         names = [f"{flag}/--no-{flag[2:]}"] if kind is Optional[bool] else [flag]
         option = typer.Option(None, *names, help=meta["help"] + _default_text(field.default), envvar=meta["envvar"],

@@ -60,9 +60,10 @@ class Prepared:
         return text
 
 
-def load_rows(source, cache_dir: str | None = None):
+def load_rows(source, cache_dir: str | None = None, streaming: bool = False):
     """A datasets.Dataset of `source`: a DataFrame, a .csv/.tsv/.jsonl/.json/.parquet file (read by `datasets` into
-    an on-disk Arrow file, not into memory) or a Hugging Face dataset name ("name" or "name:split")."""
+    an on-disk Arrow file, not into memory) or a Hugging Face dataset name ("name" or "name:split"). With
+    `streaming`, a datasets.IterableDataset of the file or dataset instead: rows read as it is iterated."""
     import datasets
 
     if isinstance(source, pd.DataFrame):
@@ -77,10 +78,11 @@ def load_rows(source, cache_dir: str | None = None):
         builder, _, split = str(source).partition(":")
         kwargs, files = {}, None
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split=split or "train", cache_dir=cache_dir, **kwargs)
+        ds = datasets.load_dataset(builder, data_files=files, split=split or "train", cache_dir=cache_dir,
+                                   streaming=streaming, **kwargs)
     except Exception as e:  # a parse error, the network, an unknown name: all mean "not usable as data"
         raise DataError(f"could not read {source}: {type(e).__name__}: {e}") from None
-    if len(ds) == 0:
+    if not streaming and len(ds) == 0:
         raise DataError(f"{source} has no rows (columns: {', '.join(ds.column_names) or 'none'})")
     return ds
 
@@ -156,14 +158,32 @@ def _encode(batch: dict, indices: list[int], tokenizer, fmt_name: str, text_colu
     return out
 
 
+def encoder(tokenizer, fmt_name: str, text_columns: list[str], prompt_column: str | None, max_length: int):
+    """The batched function that tokenises rows of format `fmt_name` (a dict of column lists, and their indices:
+    row i is named row i + 1 in errors) into input_ids, attention_mask, labels (cut to max_length), length (before
+    the cut) and learnable (labelled tokens after it)."""
+    return partial(_encode, tokenizer=tokenizer, fmt_name=fmt_name, text_columns=text_columns,
+                   prompt_column=prompt_column, max_length=max_length)
+
+
+def kept(lengths: np.ndarray, learnable: np.ndarray, max_length: int, overlong: str) -> tuple[np.ndarray, ...]:
+    """(which rows are kept, which were too long, which were left with no target token): a row longer than
+    max_length is dropped with overlong "drop"; one with no labelled token left is dropped either way."""
+    long = lengths > max_length
+    dropped = long if overlong == "drop" else np.zeros_like(long)
+    empty = (learnable == 0) & ~dropped  # a dropped long row counts as too long only
+    return ~(dropped | empty), long, empty
+
+
 def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text_columns: list[str] | None = None,
             prompt_column: str | None = None, num_proc: int | None = None, cache_dir: str | None = None,
-            name: str | None = None) -> Prepared:
+            name: str | None = None, one_of_several: bool = False) -> Prepared:
     """Tokenised causal-LM examples of `source` (see load_rows). Conversations and Alpaca rows are recognised by
     their columns and rendered with the tokenizer's chat template (set it first with conversations.set_chat_template);
     other tables use `text_columns` (default ["text"], joined with a space) and `prompt_column`. Rows longer than
     `max_length` tokens are cut to it ("truncate") or left out ("drop"); rows left with no labelled token are left
-    out either way. Every row is checked; errors name the row (from 1)."""
+    out either way. Every row is checked; errors name the row (from 1). A source `one_of_several` (a run mixing
+    conversations with prompt/text data) reads `prompt_column` only if it is prompt/text data."""
     if overlong not in OVERLONG:
         raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
     name = name or (str(source) if not isinstance(source, pd.DataFrame) else "the table")
@@ -172,16 +192,16 @@ def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text
     text_columns = list(text_columns or ["text"])
     if fmt is None:
         check_text_columns(ds, text_columns + ([prompt_column] if prompt_column else []), name)
-    elif prompt_column:
+    elif prompt_column and not one_of_several:
         raise DataError(f"{name} holds {fmt.name} data (columns {', '.join(fmt.columns)}); its prompts come from "
                         f"the conversation, so --prompt-column {prompt_column} has no use")
     else:
         set_chat_template(tokenizer)  # no template, or one unfit for training: said once, before any row
+        prompt_column = None
     fmt_name = fmt.name if fmt else "text"
     settings = {"format": fmt_name, "max_length": max_length, "text_columns": text_columns,
                 "prompt_column": prompt_column}
-    encode = partial(_encode, tokenizer=tokenizer, fmt_name=fmt_name, text_columns=text_columns,
-                     prompt_column=prompt_column, max_length=max_length)
+    encode = encoder(tokenizer, fmt_name, text_columns, prompt_column, max_length)
     key = fingerprint(ds._fingerprint, tokenizer, settings)  # datasets has no public name for a dataset's fingerprint
     try:
         out = ds.map(encode, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
@@ -189,10 +209,7 @@ def prepare(source, tokenizer, max_length: int, overlong: str = "truncate", text
     except DataError as e:
         raise DataError(f"{name}: {e}") from None
     lengths, learnable = (out.data.column(c).to_numpy() for c in ("length", "learnable"))  # Arrow, no Python lists
-    long = lengths > max_length
-    dropped = long if overlong == "drop" else np.zeros_like(long)
-    empty = (learnable == 0) & ~dropped  # a dropped long row counts as too long only
-    keep = ~(dropped | empty)
+    keep, long, empty = kept(lengths, learnable, max_length, overlong)
     if not keep.all():
         out = out.select(keep.nonzero()[0])
     return Prepared(out.remove_columns(["length", "learnable"]), fmt_name, len(ds), int(long.sum()), int(empty.sum()),

@@ -196,12 +196,14 @@ def count_tokens(examples: list[dict]) -> int:
 
 # ---- order of examples ----
 
-def epoch_order(n: int, global_batch: int, seed: int, epoch: int) -> list[int]:
-    """A seeded permutation of range(n) for `epoch`, padded by wrapping around to a multiple of global_batch (as
-    torch's DistributedSampler pads), so that every process gets equal batches and 2 processes × batch B see exactly
-    the batches of 1 process × batch 2B."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
+def epoch_order(n: int, global_batch: int, seed: int, epoch: int, drawn: list[int] | None = None) -> list[int]:
+    """A seeded permutation of range(n) for `epoch` (or `drawn`, the epoch's examples when they are drawn otherwise:
+    sources.mixed_order), padded by wrapping around to a multiple of global_batch (as torch's DistributedSampler
+    pads), so that every process gets equal batches and 2 processes × batch B see exactly the batches of 1 process
+    × batch 2B."""
+    if drawn is None:
+        drawn = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    order, n = drawn, len(drawn)
     padded = math.ceil(n / global_batch) * global_batch
     return (order * math.ceil(padded / n))[:padded]
 

@@ -87,7 +87,8 @@ class Loop:
 @dataclass
 class Batches:
     """The training examples and their order: `order(epoch)` lists this process's micro-batches (row indices) of
-    an epoch, `per_epoch` of them."""
+    an epoch, `per_epoch` of them. (A stream's batches, training/streams.py, have the same `get` and no epochs:
+    `per_epoch` None, and the step records then have no "epoch".)"""
 
     rows: list[dict]
     collate: Callable[[list[dict]], dict]
@@ -106,14 +107,16 @@ class Batches:
         return {k: v.to(device) for k, v in batch.items()}, sum(len(r.get("input_ids", ())) for r in rows)
 
 
-def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world: World = World()) -> Batches:
-    """lorakit train's order: per epoch a seeded permutation padded to whole global batches, each process taking its
-    slice of every global batch (so 2 processes × batch B see the batches of 1 process × batch 2B)."""
+def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world: World = World(),
+                   draw: Callable[[int], list[int]] | None = None) -> Batches:
+    """lorakit train's order: per epoch a seeded permutation (or `draw(epoch)`'s len(rows) indices: a weighted mix
+    of sources) padded to whole global batches, each process taking its slice of every global batch (so 2 processes
+    × batch B see the batches of 1 process × batch 2B)."""
     global_batch = batch_size * world.size
     per_epoch = math.ceil(len(rows) / global_batch)
 
     def order(epoch: int) -> list[list[int]]:
-        perm = epoch_order(len(rows), global_batch, seed, epoch)
+        perm = epoch_order(len(rows), global_batch, seed, epoch, draw(epoch) if draw else None)
         return [micro_batch(perm, pos, batch_size, world.rank, world.size) for pos in range(per_epoch)]
 
     return Batches(rows, collate, order, per_epoch)
@@ -216,9 +219,9 @@ def _optimizer_step(run: _Run) -> dict:
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
     run.state.step += 1
-    return {"step": run.state.step, "epoch": round(run.state.micro / run.batches.per_epoch, 3), "loss": value,
-            "lr": run.sched.get_last_lr()[0], "tokens": tokens * run.world.size,
-            "seconds": time.perf_counter() - start, **metrics}
+    epoch = {"epoch": round(run.state.micro / run.batches.per_epoch, 3)} if run.batches.per_epoch else {}
+    return {"step": run.state.step, **epoch, "loss": value, "lr": run.sched.get_last_lr()[0],
+            "tokens": tokens * run.world.size, "seconds": time.perf_counter() - start, **metrics}
 
 
 def _accumulate(run: _Run) -> tuple[float, int, dict]:
@@ -292,7 +295,7 @@ def _log(run: _Run, record: dict) -> None:
 def _write_log(run: _Run) -> None:
     now, window = time.perf_counter(), run.window
     if run.hooks.log and run.world.main:
-        run.hooks.log({"step": window[-1]["step"], "epoch": window[-1]["epoch"],
+        run.hooks.log({"step": window[-1]["step"], **{k: window[-1][k] for k in ("epoch",) if k in window[-1]},
                        "loss": sum(r["loss"] for r in window) / len(window), "lr": window[-1]["lr"],
                        "tokens_per_s": round(sum(r["tokens"] for r in window) / (now - run.window_start), 1),
                        **_mean_metrics(window)})

@@ -13,6 +13,7 @@ import yaml
 
 from ..adapters.config import LoraConfig
 from ..data.prepare import OVERLONG
+from ..data.sources import one_or_many, parse_weights, source_list
 from ..data.tables import split_columns
 from ..errors import ConfigError
 from ..io.models import PACKAGED_MODEL
@@ -36,11 +37,12 @@ DATA, MODEL, LORA, TRAINING, EVALUATION, OUTPUT, DISTRIBUTED, PREFERENCE = (
     "Preference tuning (--task dpo | ipo | orpo | kto)")
 
 
-def setting(default, group: str, help: str, flag: str | None = None, envvar: str | None = None):
+def setting(default, group: str, help: str, flag: str | None = None, envvar: str | None = None, many: bool = False):
     """A settings field with what the command's --help says of it (cli/options.py builds the flags from these): its
-    help panel, its help line, its flag when that is not the field's name with dashes, and the environment variable
-    that gives it when the flag is left out."""
-    return field(default=default, metadata={"group": group, "help": help, "flag": flag, "envvar": envvar})
+    help panel, its help line, its flag when that is not the field's name with dashes, the environment variable
+    that gives it when the flag is left out, and whether the flag may be given several times (`many`: a list)."""
+    return field(default=default, metadata={"group": group, "help": help, "flag": flag, "envvar": envvar,
+                                            "many": many})
 
 
 @dataclass
@@ -50,9 +52,20 @@ class TrainConfig:
 
     model: str = setting(PACKAGED_MODEL, MODEL, "Hugging Face model id or local directory.")
     task: str = setting(DEFAULT.name, MODEL, f"What the model learns: {' | '.join(TASKS)}.")
-    data: str | None = setting(None, DATA, "Training data: .csv, .tsv, .jsonl or .parquet file, or a Hugging Face "
-                               "dataset name (name or name:split). None: the shipped news demo.")
+    data: list[str] | str | None = setting(None, DATA, "Training data: .csv, .tsv, .jsonl or .parquet file, or a "
+                                           "Hugging Face dataset name (name or name:split); give it several times (a "
+                                           "YAML list) for several sources, each of any format. None: the shipped "
+                                           "news demo.", many=True)
+    data_weights: list[float] | str | None = setting(None, DATA, "Mixing proportions of the --data sources, e.g. "
+                                                     "0.7,0.3: an epoch keeps the sources' total size, each source "
+                                                     "giving its share (drawn seeded, without replacement in passes "
+                                                     "over it); streamed, each example's source is drawn with "
+                                                     "these odds. Default: by size (the sources concatenated).")
+    streaming: bool = setting(False, DATA, "Language models: read --data as a stream (hub datasets, or large "
+                              ".jsonl/.csv/.parquet files) without loading it whole; needs --max-steps.")
     eval_data: str | None = setting(None, DATA, "Evaluation data, same formats.")
+    eval_split: float | None = setting(None, DATA, "Without --eval-data: hold out this share of each --data source "
+                                       "(seeded) as eval data, e.g. 0.05; never trained on.")
     text_column: str = setting("text", DATA, "Text column(s), comma-separated, joined with a space.")
     eval_text_column: str | None = setting(None, DATA, "Text column(s) of the eval data if they differ.")
     label_column: str = setting("label", DATA, "Label column: integer ids or names.")
@@ -162,6 +175,8 @@ def config_from(values: dict, base: TrainConfig | None = None) -> TrainConfig:
     unknown = sorted(set(clean) - names)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(names)}")
+    if "data" in clean:  # a YAML list or repeated flags; one source stays a string
+        clean["data"] = one_or_many(clean["data"])
     return dataclasses.replace(base or TrainConfig(), **clean)
 
 
@@ -228,12 +243,13 @@ def check_values(cfg: TrainConfig) -> None:
          f"early_stopping must be >= 1, got {cfg.early_stopping}"),
         (cfg.save_total_limit is None or cfg.save_total_limit >= 1,
          f"save_total_limit must be >= 1, got {cfg.save_total_limit}"),
-        (not (cfg.keep_best or cfg.early_stopping) or cfg.eval_data or cfg.data is None,
-         "--keep-best and --early-stopping compare evaluations: they need --eval-data"),
+        (not (cfg.keep_best or cfg.early_stopping) or cfg.eval_data or cfg.eval_split or cfg.data is None,
+         "--keep-best and --early-stopping compare evaluations: they need --eval-data or --eval-split"),
     ]
-    for ok, message in rules:
+    for ok, message in rules + data_rules(cfg):
         if not ok:
             raise ConfigError(message)
+    parse_weights(cfg.data_weights, len(source_list(cfg.data)))
     if TASKS[cfg.task].preference:
         from .preference.run import check
 
@@ -243,6 +259,38 @@ def check_values(cfg: TrainConfig) -> None:
         lora_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def data_rules(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """check_values' rules for the data's sources: --eval-split, --streaming and what each excludes."""
+    share, task = cfg.eval_split, TASKS.get(cfg.task)
+    streamable = [name for name, t in TASKS.items() if t.generates and not t.preference]
+    return [
+        (share is None or 0 < share < 1, f"--eval-split must be a share in (0, 1), e.g. 0.05; got {share}"),
+        (not (share and cfg.eval_data), "--eval-split holds eval rows out of --data, so it cannot be used with "
+                                        "--eval-data: give one or the other"),
+        (not (share and cfg.data is None), "--eval-split needs --data (the demo holds out its own eval rows)"),
+        (not (cfg.packing and cfg.data_weights), "--packing with --data-weights: packed rows are made once, before "
+                                                 "training, while a weighted epoch draws its examples anew; without "
+                                                 "weights the sources are packed together"),
+        (not cfg.streaming or cfg.data is not None, "--streaming needs --data (the demo is read whole)"),
+        (not cfg.streaming or cfg.max_steps, "--streaming needs --max-steps: a stream's length is unknown until it "
+                                             "has been read, so --epochs cannot say how many steps to train"),
+        (not cfg.streaming or task is None or cfg.task in streamable,
+         f"--streaming is for --task {' or '.join(streamable)}: a classifier's head is sized by every label of the "
+         f"data before training, and preference rows are read whole"),
+        (not (cfg.streaming and cfg.packing), "--packing with --streaming: packing places examples by their lengths "
+                                              "across the whole data (best fit), which a stream does not have"),
+        (not (cfg.streaming and share), "--eval-split with --streaming: a share of a stream of unknown length cannot "
+                                        "be held out; give --eval-data"),
+    ]
+
+
+def normalised(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` (checked) with its sources in their saved form (one as a string, several as a list) and its weights as
+    numbers, so that train_config.yaml holds what reproduces the run and --resume compares like with like."""
+    return dataclasses.replace(cfg, data=one_or_many(cfg.data),
+                               data_weights=parse_weights(cfg.data_weights, len(source_list(cfg.data))))
 
 
 def lora_config(cfg: TrainConfig, default_targets: list[str] | None = None) -> LoraConfig:

@@ -25,9 +25,9 @@ from ..runtime.heap import release_freed_memory
 from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
 from ..runtime.sharding import check_launch, is_sharded, local, save_adapter, shard
 from .chunked_loss import loss_model
-from .dataset import RunData, load_data, train_collator
+from .dataset import RunData, load_data, training_batches
 from .evaluation import describe, evaluate
-from .fit import Hooks, Loop, RunState, fit, seeded_batches
+from .fit import Hooks, Loop, RunState, fit
 from .preference import run as preference
 from .rundir import (
     CHECKPOINTS,
@@ -50,7 +50,7 @@ from .rundir import (
     start_files,
     write_json,
 )
-from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, resolved
+from .settings import SCHEDULERS, TrainConfig, check_values, lora_config, normalised, resolved
 from .tasks import Task, task_named
 from .tracking import open_reporter
 
@@ -63,6 +63,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     TrainingError on a non-finite loss, Interrupted after saving a checkpoint on Ctrl-C. `on_step(record)` gets each
     optimizer step's record (step, epoch, loss, lr, tokens, seconds). Under torchrun only rank 0 writes and prints."""
     check_values(cfg)
+    cfg = normalised(cfg)  # its sources and weights as train_config.yaml saves them
     check_launch(cfg.sharding)
     release_freed_memory()  # resident memory follows the live tensors (runtime/heap.py)
     world = init_distributed(sharded=cfg.sharding == "fsdp")
@@ -72,7 +73,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     out = Path(cfg.output)
     cfg = capped_length(cfg, say)
     run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
-    cfg = capped_batch(cfg, len(run_data.train), world, say)
+    cfg = capped_batch(cfg, None if cfg.streaming else len(run_data.train), world, say)  # a stream: length unknown
 
     model, adapter = setup_model(cfg, run_data, world)
     task = task_named(cfg.task)
@@ -80,7 +81,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     if task.preference:  # --precompute-ref: the reference's log-probabilities, once
         run_data.train, run_data.eval = preference.with_reference(model, run_data.train, run_data.eval, cfg,
                                                                   run_data.tokenizer.pad_token_id, say)
-    batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
+    batches = training_batches(run_data, model, cfg, world)
     loop = plan(cfg, batches.per_epoch)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
     state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)
@@ -173,9 +174,11 @@ def capped_length(cfg: TrainConfig, say) -> TrainConfig:
     return dataclasses.replace(cfg, max_length=most)
 
 
-def capped_batch(cfg: TrainConfig, rows: int, world: World, say) -> TrainConfig:
-    """`cfg` with --batch-size no larger than the training rows each process gets, saying so: a batch the data cannot
-    fill would only repeat rows (and take memory for them)."""
+def capped_batch(cfg: TrainConfig, rows: int | None, world: World, say) -> TrainConfig:
+    """`cfg` with --batch-size no larger than the training rows each process gets (None: unknown, a stream), saying
+    so: a batch the data cannot fill would only repeat rows (and take memory for them)."""
+    if rows is None:
+        return cfg
     most = max(1, rows // world.size)
     if cfg.batch_size <= most:
         return cfg
@@ -225,7 +228,7 @@ def with_output(cfg: TrainConfig, world: World) -> TrainConfig:
     return dataclasses.replace(cfg, output=from_main(str(fresh_run_dir()) if world.main else None, world))
 
 
-def plan(cfg: TrainConfig, micro_per_epoch: int) -> Loop:
+def plan(cfg: TrainConfig, micro_per_epoch: int | None) -> Loop:
     """How run `cfg` trains: its number of optimizer steps (grad_accum micro-batches each), what its loss is a mean
     over, when it logs, evaluates (5 times by default) and checkpoints, and how it picks its best step."""
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
@@ -276,11 +279,11 @@ def evaluate_before(check, state: RunState, log, world: World, say, collective: 
     return state.last_eval
 
 
-def results(cfg: TrainConfig, state: RunState, before, micro_per_epoch: int, params: tuple, world: World) -> dict:
+def results(cfg: TrainConfig, state: RunState, before, micro_per_epoch: int | None, params: tuple, world: World) -> dict:
     """metrics.json's content (the log-derived entries on the main process only)."""
     trainable, total = params
     records = read_log(Path(cfg.output) / LOG_FILE) if world.main else []
-    return {"task": cfg.task, "steps": state.step, "epochs": round(state.micro / micro_per_epoch, 3),
+    return {"task": cfg.task, "steps": state.step, "epochs": round(state.micro / micro_per_epoch, 3) if micro_per_epoch else None,
             "train_loss": last_loss(records) if world.main else None, "eval": state.last_eval,
             "eval_before": before if before is not None else first_eval(records) if world.main else None,
             "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,

@@ -60,24 +60,25 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"--ref-adapter {cfg.ref_adapter}: no adapter_config.json there")
 
 
-def load_rows(cfg: TrainConfig, tokenizer, say=print) -> tuple[list[dict], list[dict], bool]:
-    """(training rows, eval rows, conversational) tokenised; every row checked before the model loads."""
+def load_rows(cfg: TrainConfig, tokenizer, say=print) -> tuple[list[list[dict]], list[dict], bool]:
+    """(training rows, one list per --data source; eval rows; conversational) tokenised; every row checked before
+    the model loads, errors naming the source."""
     from ...data.conversations import set_chat_template
+    from ...data.sources import source_list
 
     if cfg.chat_template:
         set_chat_template(tokenizer, cfg.chat_template)
     objective = OBJECTIVES[cfg.task]
-    out, chat = [], False
-    for source, label in ((cfg.data, "training"), (cfg.eval_data, "eval")):
-        if source is None:
-            out.append([])
-            continue
+    parts, chat = [], False
+    sources = source_list(cfg.data)
+    for source in sources + ([cfg.eval_data] if cfg.eval_data else []):
         records = read_rows(source, objective.fields, source)
         tokenized = tokenize_rows(records, tokenizer, cfg.max_length, cfg.max_prompt_length, source, objective.paired)
-        say(f"{label} data: {tokenized.summary()}")
-        out.append(tokenized.rows)
-        chat = tokenized.chat if label == "training" else chat
-    return out[0], out[1], chat
+        label = "training" if len(parts) < len(sources) else "eval"
+        say(f"{label} data: {f'{source}: ' if len(sources) > 1 else ''}{tokenized.summary()}")
+        chat = chat or (tokenized.chat and label == "training")
+        parts.append(tokenized.rows)
+    return parts[: len(sources)], (parts[len(sources)] if cfg.eval_data else []), chat
 
 
 def attach_adapter(model, cfg: TrainConfig, add_adapter):
