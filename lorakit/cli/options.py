@@ -43,11 +43,16 @@ def field_parameters(cls) -> list[inspect.Parameter]:
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
         names = [f"{flag}/--no-{flag[2:]}"] if kind is Optional[bool] else [flag]
         option = typer.Option(None, *names, help=meta["help"] + _default_text(field.default), envvar=meta["envvar"],
-                              rich_help_panel=meta["group"], metavar="" if kind is Optional[bool] else None,
+                              rich_help_panel=meta["group"], metavar=_metavar(kind),
                               show_envvar=meta["envvar"] is not None)
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=Optional[kind] if kind is list[str] else kind))
     return params
+
+
+def _metavar(kind) -> str | None:
+    # A boolean flag takes no value; a repeatable one takes one value each time it is given (not "<list[str]>").
+    return {Optional[bool]: "", list[str]: "<str>"}.get(kind)
 
 
 def train_parameters() -> list[inspect.Parameter]:
