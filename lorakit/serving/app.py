@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
@@ -40,7 +39,6 @@ from .batcher import Batcher, Item
 from .cache import (
     Settings,
     State,
-    adapter_task,
     add,
     chat_template_of,
     check_name,
@@ -48,20 +46,8 @@ from .cache import (
     open_state,
     public,
     remove,
-    use,
 )
-from .limits import Guard, encode, prompt_ids
-
-
-def _unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate no tokenizer can take
-        raise ValueError(f"not valid Unicode: {e.reason} at character {e.start}") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
+from .limits import Guard, Text, encode, prompt_ids, too_long
 
 
 class Strict(BaseModel):
@@ -160,7 +146,7 @@ def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
     async def classify(body: ClassifyRequest, request: Request):
         if len(body.texts) > limits.max_texts:
             raise ServeError(413, f"too many texts: {len(body.texts)} > --max-texts {limits.max_texts}")
-        await _ready(state, batcher, body.adapter, CLASSIFY.endpoint)
+        await batcher.ready(body.adapter, CLASSIFY.endpoint)
         ids = await batcher.tokenize(lambda: [encode(state.tokenizer, t, text_tokens, True) for t in body.texts])
         _check_tokens(len(ids) * max(map(len, ids)), limits, f"{len(ids)} texts of up to {text_tokens} tokens")
         rows = await batcher.submit(Item(CLASSIFY.endpoint, body.adapter, ids, disconnected=request.is_disconnected))
@@ -170,39 +156,19 @@ def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
     async def generate(body: GenerateRequest, request: Request):
         if body.max_new_tokens > limits.max_new_tokens:
             raise ServeError(413, f"max_new_tokens {body.max_new_tokens} > --max-new-tokens {limits.max_new_tokens}")
-        await _ready(state, batcher, body.adapter, CAUSAL_LM.endpoint)
+        await batcher.ready(body.adapter, CAUSAL_LM.endpoint)
         room = int(min(positions, limits.max_batch_tokens)) - body.max_new_tokens  # the most prompt tokens
         template = chat_template_of(state, body.adapter)
         ids, stops = await batcher.tokenize(prompt_ids, state.tokenizer, body.prompt, template, room) if room > 0 \
             else (None, [])
         if ids is None:
-            raise _too_long(body.max_new_tokens, positions, limits)
+            raise too_long(body.max_new_tokens, positions, limits)
         if not ids:
             raise ServeError(422, "the prompt has no tokens")
-        options = (body.max_new_tokens, body.temperature, body.top_p, tuple(stops))
+        options = (body.max_new_tokens, body.temperature, body.top_p, tuple(stops), None)
         rows = await batcher.submit(Item(CAUSAL_LM.endpoint, body.adapter, [ids], options, disconnected=request.is_disconnected))
         decode = functools.partial(state.tokenizer.decode, rows[0], skip_special_tokens=True)
         return {"generation": await batcher.tokenize(decode)}
-
-
-async def _ready(state: State, batcher: Batcher, name: str, endpoint: str) -> None:
-    """Check that adapter `name` exists and is served at `endpoint`, and load it now if it is not: a failure to load is
-    this request's error, before it can join a batch with others."""
-    found = adapter_task(state, name)  # 400 for a bad name, 404 for an unknown adapter, 422 an unreadable config
-    if found.endpoint != endpoint:
-        raise ServeError(400, f"adapter {name!r} is a {found.name} adapter: use {found.endpoint}")
-    if name not in state.loaded:
-        error = await batcher.call(use, state, name)
-        if error is not None:
-            raise error
-
-
-def _too_long(max_new_tokens: int, positions: float, limits: Settings) -> ServeError:
-    if positions <= limits.max_batch_tokens:
-        return ServeError(422, f"prompt tokens + max_new_tokens {max_new_tokens} are more than the model's "
-                               f"{int(positions)} positions")
-    return ServeError(413, f"too many tokens: prompt tokens + max_new_tokens {max_new_tokens} > --max-batch-tokens "
-                           f"{limits.max_batch_tokens}")
 
 
 def _check_tokens(tokens: int, limits: Settings, what: str) -> None:
@@ -213,14 +179,17 @@ def _check_tokens(tokens: int, limits: Settings, what: str) -> None:
 def _error_handlers(app: FastAPI, state: State) -> None:
     """Every error as JSON {"error": message}, with no absolute server path in it."""
 
+    def answer(request: Request, status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, e: ServeError):
-        return JSONResponse({"error": public(state, e.message)}, status_code=e.status)
+        return answer(request, e.status, public(state, e.message))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+        return answer(request, 422, f"invalid request: {problems}")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
@@ -228,11 +197,11 @@ def _error_handlers(app: FastAPI, state: State) -> None:
             message = f"request body over --max-body-bytes {state.settings.max_body_bytes:,}"
         else:
             message = str(e.detail)
-        return JSONResponse({"error": message}, status_code=e.status_code, headers=e.headers)
+        return answer(request, e.status_code, message, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
-        return JSONResponse({"error": public(state, f"internal error: {type(e).__name__}: {e}")}, status_code=500)
+        return answer(request, 500, public(state, f"internal error: {type(e).__name__}: {e}"))
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
