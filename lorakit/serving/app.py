@@ -9,6 +9,7 @@ requests into mixed-adapter forwards (batcher.py) and keeps adapters in an LRU u
                               --allow-adapter-management only)
     DELETE /v1/adapters/NAME  unload it (the same; never a pinned adapter)
     GET    /health            status and counters;  /docs: the OpenAPI docs
+    POST   /v1/chat/completions, /v1/completions;  GET /v1/models: OpenAI's API (openai_api.py)
 
 Before a request is read, serve_limits.Guard checks the API key, the number of requests in progress and the body's
 size. Handlers then validate on the event loop; tokenizing and decoding run on the batcher's tokenizer thread, model
@@ -17,7 +18,8 @@ is loaded before the request joins a batch: an adapter that cannot be loaded fai
 Every error is JSON, {"error": message}, and names no absolute server path: 400 bad adapter name, path or task,
 401 no or wrong API key, 403 adapter management off, 404 unknown adapter, 409 name taken or adapter pinned,
 413 over a limit (named), 422 malformed request or an adapter that cannot be loaded, 429 too many requests in
-progress, 503 adapter memory full with pinned adapters, 500 anything else; the server keeps serving.
+progress, 503 adapter memory full with pinned adapters, 500 anything else; the server keeps serving. OpenAI's routes
+answer the same errors in OpenAI's shape, and a malformed request there with 400 (as OpenAI does), not 422.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from .cache import (
     remove,
 )
 from .limits import Guard, Text, encode, prompt_ids, too_long
+from .openai_api import openai_routes
+from .openai_schema import error_body, is_openai, param_of
 
 
 class Strict(BaseModel):
@@ -91,10 +95,11 @@ def create_app(state: State) -> FastAPI:
     app.state.batcher = batcher
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limits.max_body_bytes)  # counts chunked bodies
     app.add_middleware(Guard, api_key=limits.api_key, max_concurrent=limits.max_concurrent_requests,
-                       max_body_bytes=limits.max_body_bytes)  # added last: runs first
+                       max_body_bytes=limits.max_body_bytes, error_body=error_body)  # added last: runs first
     _error_handlers(app, state)
     _adapter_routes(app, state, batcher)
     _task_routes(app, state, batcher)
+    openai_routes(app, state, batcher)
     return app
 
 
@@ -177,10 +182,11 @@ def _check_tokens(tokens: int, limits: Settings, what: str) -> None:
 
 
 def _error_handlers(app: FastAPI, state: State) -> None:
-    """Every error as JSON {"error": message}, with no absolute server path in it."""
+    """Every error as JSON {"error": message} (OpenAI's routes: in OpenAI's shape), with no absolute server path in
+    it."""
 
     def answer(request: Request, status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+        return JSONResponse(error_body(request.url.path, status, message, param), status_code=status, headers=headers)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, e: ServeError):
@@ -189,7 +195,10 @@ def _error_handlers(app: FastAPI, state: State) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        return answer(request, 422, f"invalid request: {problems}")
+        if not is_openai(request.url.path):
+            return answer(request, 422, f"invalid request: {problems}")
+        problems = "; ".join(f"{param_of(err['loc'])}: {err['msg']}" for err in e.errors())
+        return answer(request, 400, f"invalid request: {problems}", param_of(e.errors()[0]["loc"]))  # as OpenAI
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
