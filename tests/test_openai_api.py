@@ -49,7 +49,8 @@ def runs(chat_llama_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(runs):
-    state = open_state(Settings(adapters={name: str(path) for name, path in runs.items()}, max_wait_ms=20))
+    state = open_state(Settings(adapters={name: str(path) for name, path in runs.items()}, max_wait_ms=20,
+                                max_body_bytes=20_000))
     app = create_app(state)
     running = Server(app)
     running.state, running.batcher = state, app.state.batcher
@@ -86,6 +87,9 @@ def test_chat_completion_is_predicts_answer_with_the_tokenizers_counts(server, c
         assert reply.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         assert reply.usage.completion_tokens == len(answer) + 1  # and <|im_end|>, which ended it
         assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    parts = [{"type": "text", "text": "how are"}, {"type": "text", "text": " you"}]  # content as OpenAI's parts
+    reply = client.chat.completions.create(model="world", messages=[{"role": "user", "content": parts}], temperature=0)
+    assert reply.choices[0].message.content == ANSWERS["world"]
 
 
 def test_a_stream_gives_the_same_text_in_order_then_the_finish_and_done(server, client):
@@ -200,6 +204,9 @@ def test_completions_continue_the_prompt_as_it_is(server, client, chat_llama_dir
                                               temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
     assert streamed[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    sampled = [client.completions.create(model="fine", prompt="hello", max_tokens=8, temperature=1.5, seed=7)
+               for _ in range(2)]
+    assert sampled[0].choices[0].text == sampled[1].choices[0].text  # the same seed, the same text
 
 
 def test_models_lists_the_base_and_the_adapters(server, client):
@@ -240,6 +247,8 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server, cli
     status, body = server.call("POST", "/v1/chat/completions", {"model": "fine", "messages": [
         {"role": "user", "content": "hi"}], "max_tokens": 999})
     assert status == 413 and body["error"]["code"] == "request_too_large" and "--max-new-tokens" in body["error"]["message"]
+    status, body = server.call("POST", "/v1/completions", {"model": "fine", "prompt": "x" * 30_000})
+    assert status == 413 and body["error"]["code"] == "request_too_large" and "--max-body-bytes" in body["error"]["message"]
     status, body = server.call("POST", "/v1/completions", {"model": "fine", "prompt": "x", "echo": True})
     assert status == 400 and body["error"]["param"] == "echo"
     status, body = server.call("POST", "/v1/generate", {"adapter": "fine", "prompt": "hi", "n": 2})
