@@ -257,8 +257,8 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server, cli
     assert ask(client, "fine", "hi").choices[0].message.content == ANSWERS["fine"]
 
 
-def test_a_wrong_api_key_is_an_authentication_error(runs):
-    state = open_state(Settings(adapters={"fine": str(runs["fine"])}, api_key=KEY))
+def test_a_wrong_key_and_too_many_requests_are_the_clients_errors(runs):
+    state = open_state(Settings(adapters={"fine": str(runs["fine"])}, api_key=KEY, max_concurrent_requests=1))
     running = Server(create_app(state))
     try:
         wrong = openai.OpenAI(base_url=running.url + "/v1", api_key="sk-wrong", max_retries=0)
@@ -267,6 +267,18 @@ def test_a_wrong_api_key_is_an_authentication_error(runs):
         assert caught.value.body["code"] == "invalid_api_key"
         right = openai.OpenAI(base_url=running.url + "/v1", api_key=KEY, max_retries=0)
         assert ask(right, "fine", "hi").choices[0].message.content == ANSWERS["fine"]
+        gate, held = Gate(state.model, at=1), {}
+        try:
+            first = threading.Thread(target=lambda: held.update(reply=ask(right, "fine", "hi")))
+            first.start()
+            assert gate.entered.wait(30)  # one request in progress: --max-concurrent-requests 1
+            with pytest.raises(openai.RateLimitError) as caught:
+                right.models.list()
+            assert caught.value.body["code"] == "rate_limit_exceeded"
+        finally:
+            gate.remove()
+            first.join(60)
+        assert held["reply"].choices[0].message.content == ANSWERS["fine"]
     finally:
         running.stop()
 
@@ -309,11 +321,36 @@ def stream_and_leave(server, request: dict, gate, before: dict) -> None:
         assert line.startswith(b"data: ") and json.loads(line[6:])["choices"][0]["text"]
         assert gate.entered.wait(30) and not gate.timed_out
         conn.close()  # the client leaves mid-answer, at its 12th token
-        wait_until(lambda: server.call("GET", "/health")[1]["abandoned"] > before["abandoned"])
+        wait_until(lambda: server.call("GET", "/health")[1]["streams_left"] > before["streams_left"])
         gate.open.set()
         wait_until(lambda: server.call("GET", "/health")[1]["batches"] > before["batches"])
     finally:
         gate.remove()
+
+
+def test_a_stream_whose_client_left_while_queued_is_never_computed(server, client):
+    gate, held = Gate(server.state.model, at=1), {}
+    before = server.call("GET", "/health")[1]
+    try:
+        first = threading.Thread(target=lambda: held.update(reply=ask(client, "fine", "hi", max_tokens=24)))
+        first.start()
+        assert gate.entered.wait(30)  # the worker is busy: the stream below waits in the queue
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "model": "world", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "stream": True}),
+            {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert json.loads(response.readline()[6:])["choices"][0]["delta"]["role"] == "assistant"
+        conn.close()
+        wait_until(lambda: server.call("GET", "/health")[1]["streams_left"] > before["streams_left"])
+        gate.open.set()
+        first.join(60)
+    finally:
+        gate.remove()
+    wait_until(lambda: server.call("GET", "/health")[1]["abandoned"] == before["abandoned"] + 1)
+    after = server.call("GET", "/health")[1]
+    assert after["requests"] == before["requests"] + 1  # the first request alone was computed
+    assert gate.calls == held["reply"].usage.completion_tokens
 
 
 def test_streamed_text_never_splits_a_character(server):

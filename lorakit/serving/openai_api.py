@@ -226,10 +226,10 @@ async def events(state: State, batcher: Batcher, job: Job):
                 yield _sse({**job.head(job.shape.chunk), "choices": [], "usage": job.answer.usage(len(job.item.ids[0]))})
         yield "data: [DONE]\n\n"
     finally:
-        if not done.done():
-            job.answer.left = True  # its row ends at its next token
-            state.stats["abandoned"] += 1
-            done.cancel()  # still queued: dropped before its batch
+        if not done.done():  # the client left before the end: its row ends at its next token, or, still queued,
+            job.answer.left = True  # it is dropped before its batch (and counted "abandoned" there)
+            state.stats["streams_left"] += 1
+            done.cancel()
 
 
 def _chunker(job: Job, usage: bool) -> Callable[[dict, str | None], str]:
