@@ -32,7 +32,7 @@ from ..errors import ServeError
 from ..io.models import positions as model_positions
 from ..training.tasks import CAUSAL_LM
 from .batcher import Batcher, Item
-from .cache import NAME, State, chat_template_of
+from .cache import NAME, State, chat_template_of, public
 from .limits import prompt_ids, too_long
 from .openai_schema import CHAT, TEXT, ChatRequest, CompletionRequest, Sampled, Shape, new_id, openai_error
 
@@ -216,8 +216,9 @@ async def events(state: State, batcher: Batcher, job: Job):
             yield chunk(job.shape.piece(text), None)
         if done.exception() is not None:
             error = done.exception()
-            status, message = (error.status, error.message) if isinstance(error, ServeError) else (500, str(error))
-            yield _sse(openai_error(status, message))
+            status, message = (error.status, error.message) if isinstance(error, ServeError) else \
+                (500, f"internal error: {type(error).__name__}: {error}")
+            yield _sse(openai_error(status, public(state, message)))  # the status line has gone: the error in-band
         else:
             if job.answer.rest():
                 yield chunk(job.shape.piece(job.answer.rest()), None)
