@@ -353,6 +353,25 @@ def test_a_stream_whose_client_left_while_queued_is_never_computed(server, clien
     assert gate.calls == held["reply"].usage.completion_tokens
 
 
+def test_a_failure_mid_stream_is_an_error_event_and_the_server_keeps_serving(server, client):
+    calls = []
+
+    def fail_second_step(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a forward failed")
+
+    handle = server.state.model.register_forward_pre_hook(fail_second_step, with_kwargs=True)
+    try:
+        events = sse(server, "/v1/chat/completions", {"model": "fine", "messages": [{"role": "user", "content": "hi"}],
+                                                      "temperature": 0, "stream": True})
+    finally:
+        handle.remove()
+    error = json.loads(events[-2])["error"]  # the status line went out with the first chunk: the error comes in-band
+    assert (error["type"], events[-1]) == ("server_error", "[DONE]") and "a forward failed" in error["message"]
+    assert ask(client, "fine", "hi").choices[0].message.content == ANSWERS["fine"]
+
+
 def test_streamed_text_never_splits_a_character(server):
     tokenizer = server.state.tokenizer
     text = "héllo wörld ☃ fine"
