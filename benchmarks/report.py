@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from . import fsdp, infer, memory, packing, rank, serving, train
+from . import fsdp, infer, memory, openai_serving, packing, rank, serving, train
 from .common import md_table
 from .memory import __doc__ as MEMORY_METHOD
 
@@ -252,6 +252,8 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
     sections.append("## 13. Preference tuning\n\n" + _note("preference"))
     sections.append("## 14. The loss and the training process on the CPU\n\n" + _note("losses"))
     sections.append("## 15. What bf16 does to exactness\n\n" + _note("exactness"))
+    sections.append("## 16. OpenAI's API on lorakit serve\n\n" + openai_serving.section(results_dir / "openai_serving.json")
+                    + _note("openai-serving"))
     log = [[r["row"], r["log"]["date"], f"{r['log']['seconds']:.0f}", f"{100 * r['log']['other_load']:.0f}%"]
            for rows in groups.values() for r in rows.values() if "log" in r]
     sections.append("## Run log\n\nOther load: the share of the machine's cores that other processes kept busy while a "

@@ -204,13 +204,15 @@ def save_adapters(model, names: list[str], out: Path) -> int:
     return total
 
 
-def start_server(path: str, adapter_dir: Path, batching: bool, log: Path) -> tuple[subprocess.Popen, int]:
-    """`python -m lorakit serve` on a free port of 127.0.0.1, its output in `log`."""
+def start_server(path: str, adapter_dir: Path, batching: bool, log: Path, task: str = "classify",
+                 adapters: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """`python -m lorakit serve` on a free port of 127.0.0.1 (`adapters` pinned: NAME -> DIR), its output in `log`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", path, "--task", "classify", "--adapter-dir",
+    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", path, "--task", task, "--adapter-dir",
            str(adapter_dir), "--port", str(port), "--allow-adapter-management"] + ([] if batching else ["--no-batching"])
+    cmd += [f"--adapter={name}={directory}" for name, directory in (adapters or {}).items()]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the servers use the threads we use
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), port
 

@@ -25,3 +25,18 @@ def test_serving_benchmark_runs_at_tiny_size(tmp_path):
     assert server["batched"]["rows_per_batch"] >= 1
     assert {"base_only_mib", "with_adapters_mib", "adapters_file_mib", "model_mib", "added_mib"} <= set(server["memory"])
     assert results["command"].startswith("python -m benchmarks.serving --size tiny")
+
+
+def test_openai_serving_benchmark_runs_at_tiny_size(tmp_path):
+    from benchmarks import openai_serving
+
+    out = tmp_path / "openai_serving.json"
+    openai_serving.main(["--size", "tiny", "--threads", "1", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert list(results["by_clients"]) == ["1", "2"]
+    for clients, by in results["by_clients"].items():
+        for endpoint in ("chat_stream", "generate"):
+            # every request answered, each with max_tokens tokens (the streams' counted from their usage chunks)
+            assert by[endpoint]["errors"] == 0 and by[endpoint]["tokens"] == int(clients) * 4, by
+        assert by["chat_stream"]["first_text_ms"] is not None
+    assert "| 2 |" in openai_serving.section(out)

@@ -9,6 +9,7 @@ requests into mixed-adapter forwards (batcher.py) and keeps adapters in an LRU u
                               --allow-adapter-management only)
     DELETE /v1/adapters/NAME  unload it (the same; never a pinned adapter)
     GET    /health            status and counters;  /docs: the OpenAPI docs
+    POST   /v1/chat/completions, /v1/completions;  GET /v1/models: OpenAI's API (openai_api.py)
 
 Before a request is read, serve_limits.Guard checks the API key, the number of requests in progress and the body's
 size. Handlers then validate on the event loop; tokenizing and decoding run on the batcher's tokenizer thread, model
@@ -17,19 +18,19 @@ is loaded before the request joins a batch: an adapter that cannot be loaded fai
 Every error is JSON, {"error": message}, and names no absolute server path: 400 bad adapter name, path or task,
 401 no or wrong API key, 403 adapter management off, 404 unknown adapter, 409 name taken or adapter pinned,
 413 over a limit (named), 422 malformed request or an adapter that cannot be loaded, 429 too many requests in
-progress, 503 adapter memory full with pinned adapters, 500 anything else; the server keeps serving.
+progress, 503 adapter memory full with pinned adapters, 500 anything else; the server keeps serving. OpenAI's routes
+answer the same errors in OpenAI's shape, and a malformed request there with 400 (as OpenAI does), not 422.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
@@ -40,7 +41,6 @@ from .batcher import Batcher, Item
 from .cache import (
     Settings,
     State,
-    adapter_task,
     add,
     chat_template_of,
     check_name,
@@ -48,20 +48,10 @@ from .cache import (
     open_state,
     public,
     remove,
-    use,
 )
-from .limits import Guard, encode, prompt_ids
-
-
-def _unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate no tokenizer can take
-        raise ValueError(f"not valid Unicode: {e.reason} at character {e.start}") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
+from .limits import Guard, Text, encode, prompt_ids, too_long
+from .openai_api import openai_routes
+from .openai_schema import error_body, is_openai, param_of
 
 
 class Strict(BaseModel):
@@ -105,10 +95,11 @@ def create_app(state: State) -> FastAPI:
     app.state.batcher = batcher
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limits.max_body_bytes)  # counts chunked bodies
     app.add_middleware(Guard, api_key=limits.api_key, max_concurrent=limits.max_concurrent_requests,
-                       max_body_bytes=limits.max_body_bytes)  # added last: runs first
+                       max_body_bytes=limits.max_body_bytes, error_body=error_body)  # added last: runs first
     _error_handlers(app, state)
     _adapter_routes(app, state, batcher)
     _task_routes(app, state, batcher)
+    openai_routes(app, state, batcher)
     return app
 
 
@@ -160,7 +151,7 @@ def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
     async def classify(body: ClassifyRequest, request: Request):
         if len(body.texts) > limits.max_texts:
             raise ServeError(413, f"too many texts: {len(body.texts)} > --max-texts {limits.max_texts}")
-        await _ready(state, batcher, body.adapter, CLASSIFY.endpoint)
+        await batcher.ready(body.adapter, CLASSIFY.endpoint)
         ids = await batcher.tokenize(lambda: [encode(state.tokenizer, t, text_tokens, True) for t in body.texts])
         _check_tokens(len(ids) * max(map(len, ids)), limits, f"{len(ids)} texts of up to {text_tokens} tokens")
         rows = await batcher.submit(Item(CLASSIFY.endpoint, body.adapter, ids, disconnected=request.is_disconnected))
@@ -170,39 +161,19 @@ def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
     async def generate(body: GenerateRequest, request: Request):
         if body.max_new_tokens > limits.max_new_tokens:
             raise ServeError(413, f"max_new_tokens {body.max_new_tokens} > --max-new-tokens {limits.max_new_tokens}")
-        await _ready(state, batcher, body.adapter, CAUSAL_LM.endpoint)
+        await batcher.ready(body.adapter, CAUSAL_LM.endpoint)
         room = int(min(positions, limits.max_batch_tokens)) - body.max_new_tokens  # the most prompt tokens
         template = chat_template_of(state, body.adapter)
         ids, stops = await batcher.tokenize(prompt_ids, state.tokenizer, body.prompt, template, room) if room > 0 \
             else (None, [])
         if ids is None:
-            raise _too_long(body.max_new_tokens, positions, limits)
+            raise too_long(body.max_new_tokens, positions, limits)
         if not ids:
             raise ServeError(422, "the prompt has no tokens")
-        options = (body.max_new_tokens, body.temperature, body.top_p, tuple(stops))
+        options = (body.max_new_tokens, body.temperature, body.top_p, tuple(stops), None)
         rows = await batcher.submit(Item(CAUSAL_LM.endpoint, body.adapter, [ids], options, disconnected=request.is_disconnected))
         decode = functools.partial(state.tokenizer.decode, rows[0], skip_special_tokens=True)
         return {"generation": await batcher.tokenize(decode)}
-
-
-async def _ready(state: State, batcher: Batcher, name: str, endpoint: str) -> None:
-    """Check that adapter `name` exists and is served at `endpoint`, and load it now if it is not: a failure to load is
-    this request's error, before it can join a batch with others."""
-    found = adapter_task(state, name)  # 400 for a bad name, 404 for an unknown adapter, 422 an unreadable config
-    if found.endpoint != endpoint:
-        raise ServeError(400, f"adapter {name!r} is a {found.name} adapter: use {found.endpoint}")
-    if name not in state.loaded:
-        error = await batcher.call(use, state, name)
-        if error is not None:
-            raise error
-
-
-def _too_long(max_new_tokens: int, positions: float, limits: Settings) -> ServeError:
-    if positions <= limits.max_batch_tokens:
-        return ServeError(422, f"prompt tokens + max_new_tokens {max_new_tokens} are more than the model's "
-                               f"{int(positions)} positions")
-    return ServeError(413, f"too many tokens: prompt tokens + max_new_tokens {max_new_tokens} > --max-batch-tokens "
-                           f"{limits.max_batch_tokens}")
 
 
 def _check_tokens(tokens: int, limits: Settings, what: str) -> None:
@@ -211,16 +182,23 @@ def _check_tokens(tokens: int, limits: Settings, what: str) -> None:
 
 
 def _error_handlers(app: FastAPI, state: State) -> None:
-    """Every error as JSON {"error": message}, with no absolute server path in it."""
+    """Every error as JSON {"error": message} (OpenAI's routes: in OpenAI's shape), with no absolute server path in
+    it."""
+
+    def answer(request: Request, status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
+        return JSONResponse(error_body(request.url.path, status, message, param), status_code=status, headers=headers)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, e: ServeError):
-        return JSONResponse({"error": public(state, e.message)}, status_code=e.status)
+        return answer(request, e.status, public(state, e.message))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+        if not is_openai(request.url.path):
+            return answer(request, 422, f"invalid request: {problems}")
+        problems = "; ".join(f"{param_of(err['loc'])}: {err['msg']}" for err in e.errors())
+        return answer(request, 400, f"invalid request: {problems}", param_of(e.errors()[0]["loc"]))  # as OpenAI
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
@@ -228,11 +206,11 @@ def _error_handlers(app: FastAPI, state: State) -> None:
             message = f"request body over --max-body-bytes {state.settings.max_body_bytes:,}"
         else:
             message = str(e.detail)
-        return JSONResponse({"error": message}, status_code=e.status_code, headers=e.headers)
+        return answer(request, e.status_code, message, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
-        return JSONResponse({"error": public(state, f"internal error: {type(e).__name__}: {e}")}, status_code=500)
+        return answer(request, 500, public(state, f"internal error: {type(e).__name__}: {e}"))
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:

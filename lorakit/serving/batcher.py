@@ -23,7 +23,7 @@ from ..adapters.inject import set_adapter
 from ..adapters.routing import route
 from ..errors import MemoryFull, ServeError
 from ..training.tasks import CAUSAL_LM, CLASSIFY
-from .cache import State, use
+from .cache import State, adapter_task, use
 from .generation import Sampling, generate_ids
 
 
@@ -32,11 +32,13 @@ class Item:
     """One request waiting for the worker."""
 
     kind: str  # classify | generate
-    adapter: str
+    adapter: str | None  # None: the base model (generate only)
     ids: list[list[int]]
-    options: tuple = ()  # generate: (max_new_tokens, temperature, top_p)
+    options: tuple = ()  # generate: (max_new_tokens, temperature, top_p, ids that end an answer, seed)
     future: asyncio.Future | None = None
     disconnected: Callable[[], Awaitable[bool]] | None = None  # whether the client has gone (Request.is_disconnected)
+    on_token: Callable[[int], bool] | None = None  # generate, one prompt: called on the worker thread with each token
+    # as it is generated (the one ending the answer too); True stops this row (a stop string, a client that left)
 
     def padded(self) -> tuple[int, int]:
         extra = self.options[0] if self.kind == CAUSAL_LM.endpoint else 0
@@ -52,8 +54,10 @@ def run_batch(state: State, batch: list[Item]) -> list:
     for items in fitting_groups(state, batch, results):
         groups = {}
         for item in items:
-            groups.setdefault((item.kind, item.options), []).append(item)
-        for (kind, options), same in groups.items():
+            seeded = item.kind == CAUSAL_LM.endpoint and item.options[4] is not None
+            # A seeded request runs alone: its random numbers, hence its text, are then those of no other batch.
+            groups.setdefault((item.kind, item.options, id(item) if seeded else None), []).append(item)
+        for (kind, _, _), same in groups.items():
             try:
                 rows = (classify_rows if kind == CLASSIFY.endpoint else generate_rows)(state, same)
             except Exception as e:  # noqa: BLE001 (a failed forward fails its requests, never the server)
@@ -74,7 +78,7 @@ def fitting_groups(state: State, batch: list[Item], results: dict):
         by_adapter.setdefault(item.adapter, []).append(item)
     group = []
     for name, items in by_adapter.items():
-        error = use(state, name, keep=group)
+        error = use(state, name, keep=group) if name is not None else None  # None: the base model, always there
         if isinstance(error, MemoryFull) and group:  # run what fits, then start over with this adapter
             yield [item for n in group for item in by_adapter[n]]
             group = []
@@ -100,8 +104,9 @@ def padded_batch(ids: list[list[int]], pad: int, left: bool, device="cpu") -> di
 
 @contextlib.contextmanager
 def _adapters_of(state: State, names: list[str]):
-    # Batching: each row through its own adapter. Otherwise (one request per batch): set_adapter, the usual way.
-    if state.settings.batching:
+    # Batching: each row through its own adapter. Otherwise (one request per batch): set_adapter, the usual way (a
+    # route of one row to None for the base model: set_adapter has no "no adapter").
+    if state.settings.batching or names[0] is None:
         with route(state.model, names):
             yield
     else:
@@ -128,21 +133,38 @@ def classify_rows(state: State, items: list[Item]) -> list[list[tuple[str, float
 
 @torch.no_grad()
 def generate_rows(state: State, items: list[Item]) -> list[list[list[int]]]:
-    """Per item, per prompt: the generated token ids (all items share max_new_tokens, temperature, top_p and the ids
-    that end an answer), decoded as `lorakit predict` decodes (generation.generate_ids)."""
-    max_new_tokens, temperature, top_p, stops = items[0].options
+    """Per item, per prompt: the generated token ids (all items share max_new_tokens, temperature, top_p, the ids
+    that end an answer and the seed), decoded as `lorakit predict` decodes (generation.generate_ids)."""
+    max_new_tokens, temperature, top_p, stops, seed = items[0].options
     names = [item.adapter for item in items for _ in item.ids]
     pad = state.tokenizer.pad_token_id or 0
     batch = padded_batch([row for item in items for row in item.ids], pad, left=True, device=state.model.device)
+    watching = any(item.on_token is not None for item in items)
     with _adapters_of(state, names):
-        ids = generate_ids(state.model, state.tokenizer, batch, Sampling(max_new_tokens, temperature, top_p),
-                           stop_ids=list(stops))
+        ids = generate_ids(state.model, state.tokenizer, batch, Sampling(max_new_tokens, temperature, top_p, seed),
+                           stop_ids=list(stops), on_step=each_token(items, set(stops)) if watching else None)
     new = ids[:, batch["input_ids"].shape[1]:].tolist()
     out, i = [], 0
     for item in items:
         out.append(new[i:i + len(item.ids)])
         i += len(item.ids)
     return out
+
+
+def each_token(items: list[Item], stops: set[int]) -> Callable[[list[int]], list[bool]]:
+    """generate_ids' on_step for `items`: each row's new token to its item's on_token while the row's answer goes
+    on; per row, whether it is over (an end id, or on_token said so)."""
+    rows = [item for item in items for _ in item.ids]
+    over = [False] * len(rows)
+
+    def on_step(tokens: list[int]) -> list[bool]:
+        for i, (item, token) in enumerate(zip(rows, tokens)):
+            if not over[i]:  # after its end a row gets padding: not the answer's
+                stop = item.on_token(token) if item.on_token is not None else False
+                over[i] = stop or token in stops
+        return over
+
+    return on_step
 
 
 # ---- the batcher ----
@@ -167,6 +189,20 @@ class Batcher:
     async def tokenize(self, fn, *args):
         """fn(*args) on the tokenizer's thread: the event loop goes on answering meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+
+    async def ready(self, name: str | None, endpoint: str) -> None:
+        """Check that adapter `name` exists and is served at `endpoint`, and load it now if it is not: a failure to
+        load is this request's error, before it can join a batch with others. None: the base model, for generation
+        when the server's model generates."""
+        state = self.state
+        found = state.task if name is None else adapter_task(state, name)  # 400 bad name, 404 unknown, 422 bad config
+        if found.endpoint != endpoint:
+            what = f"adapter {name!r} is a {found.name} adapter" if name else f"the base model is a {found.name} model"
+            raise ServeError(400, f"{what}: use {found.endpoint}")
+        if name is not None and name not in state.loaded:
+            error = await self.call(use, state, name)
+            if error is not None:
+                raise error
 
     async def run(self) -> None:
         while True:

@@ -92,7 +92,7 @@ class State:
     loaded: OrderedDict = field(default_factory=OrderedDict)  # name -> Entry, least recently used first
     paths: dict = field(default_factory=dict)  # name -> directory of adapters registered by --adapter or POST
     stats: dict = field(default_factory=lambda: {"requests": 0, "batches": 0, "rows": 0, "evictions": 0,
-                                                 "abandoned": 0})
+                                                 "abandoned": 0, "streams_left": 0})  # left: mid-stream
     private: list = field(default_factory=list)  # (absolute path, what clients see instead), longest first
 
 

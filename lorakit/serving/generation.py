@@ -122,17 +122,35 @@ def with_template(tokenizer, template: str | None):
     return view
 
 
+OnStep = Callable[[list[int]], list[bool]]
+
+
+def _each_step(on_step: OnStep):
+    """transformers' per-step hook (a stopping criterion: the one hook that sees every row) calling on_step with the
+    token each row just got; the rows it names stop, and get padding from then on."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class EachStep(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            return torch.tensor(on_step(input_ids[:, -1].tolist()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([EachStep()])
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, enc: dict, sampling: Sampling, streamer=None,
-                 stop_ids: list[int] | None = None) -> torch.Tensor:
+                 stop_ids: list[int] | None = None, on_step: OnStep | None = None) -> torch.Tensor:
     """The one decoding call of predict, chat and the server: prompt and generated ids for the (left-padded) batch
-    `enc`, stopping at `stop_ids` (default: the tokenizer's end of turn)."""
+    `enc`, stopping at `stop_ids` (default: the tokenizer's end of turn). `on_step`, if given, is called after every
+    step with each row's new token and returns, per row, whether that row stops (the server's streams, stop strings
+    and clients that left)."""
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     was_training = model.training
     model.eval()
+    each_step = _each_step(on_step) if on_step is not None else None
     try:
-        return model.generate(**enc, **sampling.generate_kwargs(), streamer=streamer,
+        return model.generate(**enc, **sampling.generate_kwargs(), streamer=streamer, stopping_criteria=each_step,
                               eos_token_id=stop_ids or end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     finally:
         model.train(was_training)

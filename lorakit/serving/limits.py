@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import secrets
+from typing import Annotated, Callable
 
+from pydantic import AfterValidator
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
@@ -29,8 +31,10 @@ class Guard:
     """ASGI middleware: 401 without the API key (when one is set), 429 past `max_concurrent` requests in progress,
     413 for a declared body over `max_body_bytes`. /health passes the first two."""
 
-    def __init__(self, app, api_key: str | None, max_concurrent: int, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_concurrent: int, max_body_bytes: int,
+                 error_body: Callable[[str, int, str], dict] = lambda path, status, message: {"error": message}):
         self.app, self.api_key, self.max_concurrent, self.max_body_bytes = app, api_key, max_concurrent, max_body_bytes
+        self.error_body = error_body  # (path, status, message) -> the JSON answer: routes may have their own shape
         self.in_progress = 0  # on the event loop only: no lock needed
 
     async def __call__(self, scope, receive, send) -> None:
@@ -39,7 +43,8 @@ class Guard:
         refusal = self.refusal(scope)
         if refusal is not None:
             status, message, headers = refusal
-            return await JSONResponse({"error": message}, status, headers)(scope, receive, send)
+            body = self.error_body(scope["path"], status, message)
+            return await JSONResponse(body, status, headers)(scope, receive, send)
         if scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         self.in_progress += 1
@@ -83,6 +88,17 @@ def encode(tokenizer, text: str, max_tokens: int, truncate: bool, special: bool 
     return ids if truncate or len(ids) <= max_tokens else None
 
 
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate no tokenizer can take
+        raise ValueError(f"not valid Unicode: {e.reason} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 def _head(text: str, chars: int) -> str:
     # `text` itself if short; else its first `chars` characters cut back to just before a whitespace, where the
     # tokenizers in use (WordPiece, byte-level BPE, SentencePiece) start a new word: the head's tokens are the text's.
@@ -93,13 +109,26 @@ def _head(text: str, chars: int) -> str:
     return cut[:space] if space > 0 else cut
 
 
-def prompt_ids(tokenizer, prompt: str, template: str | None, max_tokens: int) -> tuple[list[int] | None, list[int]]:
+def prompt_ids(tokenizer, prompt: str | list[dict], template: str | None, max_tokens: int,
+               chat: bool | None = None) -> tuple[list[int] | None, list[int]]:
     """(the prompt's token ids, or None past `max_tokens`; the ids that end the answer) as `lorakit predict` makes
-    them: an adapter trained on conversations (its chat `template`) gets the prompt as a user turn with the
-    assistant's turn opened, and its answer stops at the end of that turn."""
+    them: an adapter trained on conversations (its chat `template`) gets the prompt as a user turn (or the messages
+    `prompt` holds) with the assistant's turn opened, and its answer stops at the end of that turn. chat=False: the
+    prompt as it is (OpenAI's /v1/completions), still stopped at the end of a turn."""
     view = with_template(tokenizer, template)
+    chat = template is not None if chat is None else chat
     try:
-        text = prompt_text(view, prompt, chat=template is not None)
+        text = prompt_text(view, prompt, chat=chat)
     except DataError as e:
-        raise ServeError(422, f"the adapter's chat template cannot render this prompt: {e}") from None
-    return encode(view, text, max_tokens, False, special=template is None), end_of_turn_ids(view)
+        raise ServeError(422, f"the chat template cannot render this prompt: {e}") from None
+    return encode(view, text, max_tokens, False, special=not chat), end_of_turn_ids(view)
+
+
+def too_long(max_new_tokens: int, positions: float, limits) -> ServeError:
+    """The error for a prompt with no room for `max_new_tokens` more tokens: 422 past the model's positions, 413
+    past --max-batch-tokens (serving.cache.Settings `limits`)."""
+    if positions <= limits.max_batch_tokens:
+        return ServeError(422, f"prompt tokens + max_new_tokens {max_new_tokens} are more than the model's "
+                               f"{int(positions)} positions")
+    return ServeError(413, f"too many tokens: prompt tokens + max_new_tokens {max_new_tokens} > --max-batch-tokens "
+                           f"{limits.max_batch_tokens}")
