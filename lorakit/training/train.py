@@ -80,7 +80,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     if task.preference:  # --precompute-ref: the reference's log-probabilities, once
         run_data.train, run_data.eval = preference.with_reference(model, run_data.train, run_data.eval, cfg,
                                                                   run_data.tokenizer.pad_token_id, say)
-    batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world)
+    batches = seeded_batches(run_data.train, train_collator(run_data, model, cfg), cfg.batch_size, cfg.seed, world,
+                             **(preference.batch_parts(cfg) if task.preference else {}))
     loop = plan(cfg, batches.per_epoch)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
     state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)

@@ -122,6 +122,11 @@ class Objective:
         return partial(collate_pairs, pad_id=pad_id) if self.paired else partial(
             collate_unpaired, pad_id=pad_id, max_length=max_length)
 
+    def tokens(self, row: dict) -> int:
+        """The tokens a row puts through the policy: prompt and completion, of both sides of a pair."""
+        sides = ("chosen_ids", "rejected_ids") if self.paired else ("completion_ids",)
+        return sum(len(row["prompt_ids"]) + len(row[side]) for side in sides)
+
     def count(self, batch: dict) -> int:
         """The batch's targets, over which its loss is a mean: pairs, or KTO's examples."""
         return batch["input_ids"].shape[0] // 2 if self.paired else batch["input_ids"].shape[0]

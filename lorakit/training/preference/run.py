@@ -117,6 +117,13 @@ def loop_parts(cfg: TrainConfig) -> dict:
     return {"count": objective.count, "loss_of": partial(batch_loss, objective, settings(cfg))}
 
 
+def batch_parts(cfg: TrainConfig) -> dict:
+    """fit.seeded_batches' arguments for a preference task: the tokens a row puts through the model and, for KTO,
+    the global batch's row before each process's first (its mismatched pairs span the global batch)."""
+    objective = OBJECTIVES[cfg.task]
+    return {"tokens": objective.tokens, "previous": not objective.paired}
+
+
 def collator(cfg: TrainConfig, pad_id: int):
     return OBJECTIVES[cfg.task].collate(pad_id, cfg.max_length)
 
