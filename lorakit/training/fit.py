@@ -19,7 +19,7 @@ import torch
 
 from ..data.tables import epoch_order, micro_batch
 from ..errors import Interrupted, TrainingError
-from ..runtime.distributed import World, any_rank, barrier, gradient_sync, is_sharded, wrap
+from ..runtime.distributed import World, any_rank, barrier, gradient_sync, is_sharded, sum_over_processes, wrap
 from ..runtime.precision import autocast
 from .evaluation import better, describe
 from .stops import StopOnSignal
@@ -249,7 +249,7 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
     loop, world = run.loop, run.world
     fetched = [run.batches.get(run.state.micro + a, world.device) for a in range(loop.grad_accum)]
     counts = [loop.count(batch) for batch, _ in fetched]
-    total = max(_sum_over_processes(torch.tensor(float(sum(counts)), device=world.device), world).item(), 1.0)
+    total = max(sum_over_processes(torch.tensor(float(sum(counts)), device=world.device), world).item(), 1.0)
     loss_sum = torch.zeros((), device=world.device)
     sums, weights = {}, {}
     for a, ((batch, _), n) in enumerate(zip(fetched, counts)):
@@ -266,7 +266,7 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
             sums[k], weights[k] = sums.get(k, 0.0) + v * n, weights.get(k, 0) + n
         run.state.micro += 1
     metrics = {k: sums[k] / weights[k] for k in sums if weights[k]}
-    return _sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched), metrics
+    return sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched), metrics
 
 
 def _model_loss(net: torch.nn.Module, batch: dict, n: int) -> tuple[torch.Tensor, dict]:
@@ -277,12 +277,6 @@ def _model_loss(net: torch.nn.Module, batch: dict, n: int) -> tuple[torch.Tensor
     if n:
         return out.loss, {}
     return (out.logits.sum() * 0.0 if out.logits is not None else out.loss * 0.0), {}
-
-
-def _sum_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:
-    if world.size > 1:
-        torch.distributed.all_reduce(value)
-    return value
 
 
 def _stop_if_not_finite(loss: float, state: RunState) -> None:

@@ -16,6 +16,7 @@ from ...adapters.attach import load_adapter
 from ...adapters.files import read_adapter_config
 from ...adapters.inject import set_adapter
 from ...errors import ConfigError
+from ...runtime.distributed import World
 from .data import read_rows, tokenize_rows
 from .logps import REF_ADAPTER, precompute_reference
 from .objectives import OBJECTIVES, Settings, batch_loss, evaluate
@@ -110,11 +111,11 @@ def with_reference(model, train_rows, eval_rows, cfg: TrainConfig, pad_id: int, 
     return train_rows, eval_rows
 
 
-def loop_parts(cfg: TrainConfig) -> dict:
+def loop_parts(cfg: TrainConfig, world: World = World()) -> dict:
     """fit.Loop's fields for a preference task: what its loss is a mean over (pairs, or KTO's examples) and the hook
-    that computes a batch's loss and metrics."""
+    that computes a batch's loss and metrics (over the global batch of `world`'s processes)."""
     objective = OBJECTIVES[cfg.task]
-    return {"count": objective.count, "loss_of": partial(batch_loss, objective, settings(cfg))}
+    return {"count": objective.count, "loss_of": partial(batch_loss, objective, settings(cfg), world=world)}
 
 
 def batch_parts(cfg: TrainConfig) -> dict:
