@@ -39,7 +39,7 @@ def check(cfg: TrainConfig) -> None:
                           "scored as whole sequences after their shared prompt, and the loss compares them pair by "
                           "pair; packed rows would hold pieces of several pairs"),
         (cfg.data is not None, f"--task {cfg.task} needs --data (prompt/chosen/rejected rows; kto: "
-                               f"prompt/completion/label); lorakit ships lorakit/demo/news_preferences.jsonl"),
+                               f"prompt/completion/label); lorakit ships lorakit/demo/news_preferences_train.jsonl"),
         (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
         (0 <= cfg.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
         (cfg.label_smoothing == 0 or objective.label_smoothing,
