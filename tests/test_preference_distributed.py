@@ -77,12 +77,15 @@ def test_two_processes_train_the_adapter_and_log_the_metrics_of_one_process_with
     assert max(v.abs().max().item() for k, v in theirs.items() if "lora_B" in k) > 1e-2
     logged, reference = steps(two / name), steps(one)
     assert [r["step"] for r in logged] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
+    for ours_step, ref_step in zip(logged, reference):
+        assert ours_step.keys() == ref_step.keys()  # a KTO batch without undesirable rows has no rewards/rejected
     metrics = [k for k in reference[0] if k.startswith(("rewards/", "logps/", "kl"))] + ["loss"]
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"} & set(metrics)
-    for key in metrics:  # step 1: the same numbers; later steps: after updates equal within the noise above
-        assert logged[0][key] == pytest.approx(reference[0][key], abs=1e-6), key
-        for ours_step, ref_step in zip(logged[1:], reference[1:]):
+    for key in metrics:  # step 1: the same numbers (but for float32 sums added in another order: a few ulp)
+        assert logged[0][key] == pytest.approx(reference[0][key], rel=1e-6, abs=1e-6), key
+    for ours_step, ref_step in zip(logged[1:], reference[1:]):  # after updates: equal within the noise above
+        for key in set(ref_step) - {"step", "epoch", "lr", "tokens_per_s"}:
             assert ours_step[key] == pytest.approx(ref_step[key], abs=1e-3), key
-    assert logged[-1]["rewards/margins"] != 0  # the comparison is not between zeros
+    assert any(r["rewards/chosen"] != 0 for r in logged)  # the comparison is not between zeros
     if name == "kto":
         assert reference[-1]["kl"] > 0.1  # the KL term takes part
