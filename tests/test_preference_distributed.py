@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_preference import PAIRS, UNPAIRED_ROWS, adapter_tensors, write_jsonl
+from safetensors.torch import load_file
 
 from lorakit.training.rundir import read_log
 
@@ -22,14 +22,29 @@ B, STEPS = 2, 3  # per process
 # noise into steps of up to lr on elements whose gradient nearly cancels; a real defect (the wrong rows, a
 # process's own KL) moves the adapter by about as much as training does (checked below).
 FP32_REDUCTION_NOISE = 2e-4
-MORE_PAIRS = PAIRS + [{"prompt": "sports", "chosen": " news", "rejected": " hello"},
-                      {"prompt": "how are you", "chosen": " fine", "rejected": " what topic"}]
+MORE_PAIRS = [{"prompt": "hello there how are", "chosen": " you fine thanks", "rejected": " sports news"},
+              {"prompt": "what is the topic", "chosen": " world news", "rejected": " fine thanks what"},
+              {"prompt": "be brief", "chosen": " answer", "rejected": " question there is the topic"},
+              {"prompt": "sports", "chosen": " news", "rejected": " hello"},
+              {"prompt": "how are you", "chosen": " fine", "rejected": " what topic"}]
 # Mostly desirable rows: the policy then likes the mismatched pairs better than the reference does, and KTO's KL
 # estimate is positive from step 2 (with as many undesirable rows it is negative, clamped to 0, and takes no part).
-MORE_ROWS = [{**row, "label": True} for row in UNPAIRED_ROWS[:3]] + [
-    UNPAIRED_ROWS[3], {"prompt": "sports", "completion": " world news", "label": True},
-    {"prompt": "what is", "completion": " hello there", "label": True}]
+MORE_ROWS = [{"prompt": "hello there how are", "completion": " you fine thanks", "label": True},
+             {"prompt": "what is the topic", "completion": " fine thanks what", "label": True},
+             {"prompt": "be brief", "completion": " answer", "label": True},
+             {"prompt": "how are you", "completion": " sports world news", "label": False},
+             {"prompt": "sports", "completion": " world news", "label": True},
+             {"prompt": "what is", "completion": " hello there", "label": True}]
 CASES = {"dpo": dict(task="dpo"), "kto": dict(task="kto", beta=0.5), "dpo-fsdp": dict(task="dpo", sharding="fsdp")}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def adapter_tensors(run: Path) -> dict:
+    return load_file(run / "adapter_model.safetensors")
 
 
 def settings(model, data_dir: Path, out: Path, task: str, **kw) -> dict:
