@@ -298,6 +298,27 @@ def test_dpo_run_logs_rewards_and_accumulation_counts_pairs(chat_llama_dir, tmp_
     assert (tmp_path / "whole" / "training.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_tokens_per_second_counts_prompt_and_completion_tokens_of_every_sequence(chat_llama_dir, tmp_path, task):
+    """A step's tokens are those put through the policy: prompt + completion of chosen and of rejected (KTO: of each
+    row), counted here with the tokenizer alone (plain text: prompt + completion + EOS). They were 0 before."""
+    from transformers import AutoTokenizer
+
+    from lorakit.training.rundir import read_log
+    from lorakit.training.train import train
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama_dir)
+    rows = UNPAIRED_ROWS if task == "kto" else PAIRS
+    sides = ("completion",) if task == "kto" else ("chosen", "rejected")
+    expected = sum(len(tokenizer(r["prompt"] + r[side] + tokenizer.eos_token)["input_ids"]) for r in rows for side in sides)
+    records = []
+    train(train_cfg(chat_llama_dir, write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "run", task=task,
+                    batch_size=len(rows), max_steps=2), on_step=records.append, echo=lambda *_: None, progress=False)
+    assert [r["tokens"] for r in records] == [expected, expected]
+    logged = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "tokens_per_s" in r]
+    assert len(logged) == 2 and all(r["tokens_per_s"] > 0 for r in logged)
+
+
 @pytest.mark.parametrize("task", ["ipo", "orpo", "kto"])
 def test_every_task_trains_with_nf4_and_dora(chat_llama_dir, tmp_path, task):
     from lorakit.training.train import train

@@ -66,6 +66,13 @@ def any_rank(flag: bool, world: World) -> bool:
     return bool(t.item() > 0)
 
 
+def sum_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:
+    """`value` summed over every process (in place), or itself for a single process."""
+    if world.size > 1:
+        dist.all_reduce(value)
+    return value
+
+
 def from_main(value, world: World):
     """Rank 0's `value`, on every process."""
     if world.size == 1:

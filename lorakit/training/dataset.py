@@ -359,9 +359,10 @@ def train_collator(run_data: RunData, model, cfg: TrainConfig):
     return task_named(cfg.task).collator(run_data.tokenizer)
 
 
-def training_batches(run_data: RunData, model, cfg: TrainConfig, world: World = World()):
-    """fit()'s batches: a stream's in stream order (--streaming), else seeded epochs (weighted with --data-weights)."""
+def training_batches(run_data: RunData, model, cfg: TrainConfig, world: World = World(), **task_parts):
+    """fit()'s batches: a stream's in stream order (--streaming), else seeded epochs (weighted with --data-weights).
+    `task_parts`: a task's own `tokens` and `previous` (seeded_batches; preference.batch_parts)."""
     collate = train_collator(run_data, model, cfg)
     if cfg.streaming:
         return run_data.train.batches(collate, cfg.batch_size, world)
-    return seeded_batches(run_data.train, collate, cfg.batch_size, cfg.seed, world, run_data.draw)
+    return seeded_batches(run_data.train, collate, cfg.batch_size, cfg.seed, world, run_data.draw, **task_parts)

@@ -19,7 +19,7 @@ import torch
 
 from ..data.tables import epoch_order, micro_batch
 from ..errors import Interrupted, TrainingError
-from ..runtime.distributed import World, any_rank, barrier, gradient_sync, is_sharded, wrap
+from ..runtime.distributed import World, any_rank, barrier, gradient_sync, is_sharded, sum_over_processes, wrap
 from ..runtime.precision import autocast
 from .evaluation import better, describe
 from .stops import StopOnSignal
@@ -84,42 +84,55 @@ class Loop:
     loss_of: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]] | None = None
 
 
+def row_tokens(row: dict) -> int:
+    """The tokens a row puts through the model: its input_ids (packed batches have no attention mask to count)."""
+    return len(row.get("input_ids", ()))
+
+
 @dataclass
 class Batches:
     """The training examples and their order: `order(epoch)` lists this process's micro-batches (row indices) of
-    an epoch, `per_epoch` of them. (A stream's batches, training/streams.py, have the same `get` and no epochs:
-    `per_epoch` None, and the step records then have no "epoch".)"""
+    an epoch, `per_epoch` of them; `tokens(row)`: what a row puts through the model. With `previous`, each list
+    starts with the global batch's row before this process's first (cyclically), passed as collate(rows,
+    previous=row): KTO pairs each prompt with the completion before it in the global batch, as one process would.
+    (A stream's batches, training/streams.py, have the same `get` and no epochs: `per_epoch` None, and the step
+    records then have no "epoch".)"""
 
     rows: list[dict]
-    collate: Callable[[list[dict]], dict]
+    collate: Callable[..., dict]
     order: Callable[[int], list[list[int]]]
     per_epoch: int
+    tokens: Callable[[dict], int] = row_tokens
+    previous: bool = False
     _epoch: tuple = field(default=(None, None), init=False, repr=False)  # (epoch, its order), computed once
 
     def get(self, micro: int, device: torch.device) -> tuple[dict, int]:
-        """Micro-batch number `micro` of the run (counted over epochs), collated, on `device`; and its real tokens
-        (the rows' own lengths: packed batches have no attention mask to count them from)."""
+        """Micro-batch number `micro` of the run (counted over epochs), collated, on `device`; and its tokens."""
         epoch, pos = divmod(micro, self.per_epoch)
         if self._epoch[0] != epoch:
             self._epoch = (epoch, self.order(epoch))
         rows = [self.rows[i] for i in self._epoch[1][pos]]
-        batch = self.collate(rows)
-        return {k: v.to(device) for k, v in batch.items()}, sum(len(r.get("input_ids", ())) for r in rows)
+        rows, extra = (rows[1:], {"previous": rows[0]}) if self.previous else (rows, {})
+        batch = self.collate(rows, **extra)
+        return {k: v.to(device) for k, v in batch.items()}, sum(self.tokens(r) for r in rows)
 
 
 def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world: World = World(),
-                   draw: Callable[[int], list[int]] | None = None) -> Batches:
+                   draw: Callable[[int], list[int]] | None = None, tokens: Callable[[dict], int] = row_tokens,
+                   previous: bool = False) -> Batches:
     """lorakit train's order: per epoch a seeded permutation (or `draw(epoch)`'s len(rows) indices: a weighted mix
     of sources) padded to whole global batches, each process taking its slice of every global batch (so 2 processes
-    × batch B see the batches of 1 process × batch 2B)."""
+    × batch B see the batches of 1 process × batch 2B). `tokens` and `previous`: as Batches says."""
     global_batch = batch_size * world.size
     per_epoch = math.ceil(len(rows) / global_batch)
 
     def order(epoch: int) -> list[list[int]]:
         perm = epoch_order(len(rows), global_batch, seed, epoch, draw(epoch) if draw else None)
-        return [micro_batch(perm, pos, batch_size, world.rank, world.size) for pos in range(per_epoch)]
+        slices = [micro_batch(perm, pos, batch_size, world.rank, world.size) for pos in range(per_epoch)]
+        before = [perm[pos * global_batch + (world.rank * batch_size - 1) % global_batch] for pos in range(per_epoch)]
+        return [[b, *s] for b, s in zip(before, slices)] if previous else slices
 
-    return Batches(rows, collate, order, per_epoch)
+    return Batches(rows, collate, order, per_epoch, tokens, previous)
 
 
 @dataclass
@@ -239,7 +252,7 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
     loop, world = run.loop, run.world
     fetched = [run.batches.get(run.state.micro + a, world.device) for a in range(loop.grad_accum)]
     counts = [loop.count(batch) for batch, _ in fetched]
-    total = max(_sum_over_processes(torch.tensor(float(sum(counts)), device=world.device), world).item(), 1.0)
+    total = max(sum_over_processes(torch.tensor(float(sum(counts)), device=world.device), world).item(), 1.0)
     loss_sum = torch.zeros((), device=world.device)
     sums, weights = {}, {}
     for a, ((batch, _), n) in enumerate(zip(fetched, counts)):
@@ -256,7 +269,7 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
             sums[k], weights[k] = sums.get(k, 0.0) + v * n, weights.get(k, 0) + n
         run.state.micro += 1
     metrics = {k: sums[k] / weights[k] for k in sums if weights[k]}
-    return _sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched), metrics
+    return sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched), metrics
 
 
 def _model_loss(net: torch.nn.Module, batch: dict, n: int) -> tuple[torch.Tensor, dict]:
@@ -267,12 +280,6 @@ def _model_loss(net: torch.nn.Module, batch: dict, n: int) -> tuple[torch.Tensor
     if n:
         return out.loss, {}
     return (out.logits.sum() * 0.0 if out.logits is not None else out.loss * 0.0), {}
-
-
-def _sum_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:
-    if world.size > 1:
-        torch.distributed.all_reduce(value)
-    return value
 
 
 def _stop_if_not_finite(loss: float, state: RunState) -> None:

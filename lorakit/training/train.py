@@ -81,8 +81,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     if task.preference:  # --precompute-ref: the reference's log-probabilities, once
         run_data.train, run_data.eval = preference.with_reference(model, run_data.train, run_data.eval, cfg,
                                                                   run_data.tokenizer.pad_token_id, say)
-    batches = training_batches(run_data, model, cfg, world)
-    loop = plan(cfg, batches.per_epoch)
+    batches = training_batches(run_data, model, cfg, world, **(preference.batch_parts(cfg) if task.preference else {}))
+    loop = plan(cfg, batches.per_epoch, world)
     opt, sched = optimizer_and_scheduler(model, cfg, loop.total_steps)
     state = start(cfg, out, resolved(cfg, adapter.targets), run_data.labels, (model, opt, sched), loop, world, say)
 
@@ -228,7 +228,7 @@ def with_output(cfg: TrainConfig, world: World) -> TrainConfig:
     return dataclasses.replace(cfg, output=from_main(str(fresh_run_dir()) if world.main else None, world))
 
 
-def plan(cfg: TrainConfig, micro_per_epoch: int | None) -> Loop:
+def plan(cfg: TrainConfig, micro_per_epoch: int | None, world: World = World()) -> Loop:
     """How run `cfg` trains: its number of optimizer steps (grad_accum micro-batches each), what its loss is a mean
     over, when it logs, evaluates (5 times by default) and checkpoints, and how it picks its best step."""
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
@@ -237,7 +237,7 @@ def plan(cfg: TrainConfig, micro_per_epoch: int | None) -> Loop:
                 precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every,
                 eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every,
                 count=task_named(cfg.task).count, select_by=task_named(cfg.task).metric if select else None,
-                loss_of=preference.loop_parts(cfg)["loss_of"] if task_named(cfg.task).preference else None,
+                loss_of=preference.loop_parts(cfg, world)["loss_of"] if task_named(cfg.task).preference else None,
                 keep_best=cfg.keep_best, early_stopping=cfg.early_stopping)
 
 

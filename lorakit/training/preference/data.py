@@ -161,11 +161,13 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def collate_unpaired(rows: list[dict], pad_id: int, max_length: int | None = None) -> dict:
+def collate_unpaired(rows: list[dict], pad_id: int, max_length: int | None = None, previous: dict | None = None) -> dict:
     """KTO's batch: the rows' prompt + completion sequences and labels, and (KL_...) mismatched pairs for the KL
-    estimate: completions rotated by one within the batch, (x_1, y_n), (x_2, y_1), ..., as TRL builds them."""
+    estimate: each prompt with the completion before it, (x_1, y_0), (x_2, y_1), ..., as TRL builds them. y_0 is
+    `previous`'s completion: the row before this process's first in the global batch (fit.Batches), so that the
+    pairs span the global batch as one process's would; without it, the batch's own last completion."""
     prompts, completions = [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows]
-    rotated = completions[-1:] + completions[:-1]
+    rotated = [(previous or rows[-1])["completion_ids"]] + completions[:-1]
     if max_length is not None:  # a mismatched pair may be longer than either row: cut it as TRL's collator does
         rotated = [c[:max(0, max_length - len(p))] for p, c in zip(prompts, rotated)]
     return {**_sequences(prompts, completions, pad_id), **_sequences(prompts, rotated, pad_id, "KL_"),

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ...runtime.distributed import World, sum_over_processes
 from ...runtime.precision import autocast
 from .data import PAIRED, UNPAIRED, collate_pairs, collate_unpaired
 from .logps import reference_logps, sequence_logps
@@ -44,13 +45,17 @@ class Scores:
     batch: dict
 
 
+def _total(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) of a metric's per-pair (per-row) values: what adds up over processes."""
+    values = values.detach().float()
+    return values.sum(), torch.tensor(float(values.numel()), device=values.device)
+
+
 def _rewards(chosen: torch.Tensor, rejected: torch.Tensor, logps: torch.Tensor) -> dict:
-    chosen, rejected = chosen.detach(), rejected.detach()
-    policy_chosen, policy_rejected = logps.detach().chunk(2)
-    return {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
-            "rewards/margins": (chosen - rejected).mean().item(),
-            "rewards/accuracies": (chosen > rejected).float().mean().item(),
-            "logps/chosen": policy_chosen.mean().item(), "logps/rejected": policy_rejected.mean().item()}
+    policy_chosen, policy_rejected = logps.chunk(2)
+    return {"rewards/chosen": _total(chosen), "rewards/rejected": _total(rejected),
+            "rewards/accuracies": _total(chosen > rejected), "logps/chosen": _total(policy_chosen),
+            "logps/rejected": _total(policy_rejected)}
 
 
 def _logratios(s: Scores) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +89,7 @@ def orpo(s: Scores, cfg: Settings) -> tuple[torch.Tensor, dict]:
     nll = -s.logps.chunk(2)[0].sum() / chosen_tokens.sum().clamp(min=1)
     losses, log_odds = orpo_loss(chosen, rejected, nll, cfg.beta, cfg.orpo_alpha)
     metrics = _rewards(cfg.beta * chosen, cfg.beta * rejected, s.logps)
-    return losses, {**metrics, "nll_loss": nll.item(), "log_odds": log_odds.detach().mean().item()}
+    return losses, {**metrics, "nll_loss": _total(nll), "log_odds": _total(log_odds)}
 
 
 def kto(s: Scores, cfg: Settings) -> tuple[torch.Tensor, dict]:
@@ -92,14 +97,10 @@ def kto(s: Scores, cfg: Settings) -> tuple[torch.Tensor, dict]:
     desirable = s.batch["label"]
     logratios = s.logps - s.ref
     losses = kto_loss(logratios, desirable, s.batch["kl"], cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
-    rewards = cfg.beta * logratios.detach()
-    metrics = {"kl": s.batch["kl"].item()}
+    rewards = cfg.beta * logratios
+    metrics = {"kl": _total(s.batch["kl"])}  # the same on every process: its mean over them is itself
     for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
-        if rows.any():
-            metrics[f"rewards/{name}"] = rewards[rows].mean().item()
-            metrics[f"logps/{name}"] = s.logps.detach()[rows].mean().item()
-    if desirable.any() and (~desirable).any():
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        metrics[f"rewards/{name}"], metrics[f"logps/{name}"] = _total(rewards[rows]), _total(s.logps[rows])
     return losses, metrics
 
 
@@ -122,6 +123,11 @@ class Objective:
         return partial(collate_pairs, pad_id=pad_id) if self.paired else partial(
             collate_unpaired, pad_id=pad_id, max_length=max_length)
 
+    def tokens(self, row: dict) -> int:
+        """The tokens a row puts through the policy: prompt and completion, of both sides of a pair."""
+        sides = ("chosen_ids", "rejected_ids") if self.paired else ("completion_ids",)
+        return sum(len(row["prompt_ids"]) + len(row[side]) for side in sides)
+
     def count(self, batch: dict) -> int:
         """The batch's targets, over which its loss is a mean: pairs, or KTO's examples."""
         return batch["input_ids"].shape[0] // 2 if self.paired else batch["input_ids"].shape[0]
@@ -132,29 +138,44 @@ OBJECTIVES = {o.name: o for o in (Objective("dpo", PAIRED, True, dpo, label_smoo
 PREFERENCE_TASKS = tuple(OBJECTIVES)
 
 
-def _kl_estimate(model, batch: dict, cfg: Settings) -> torch.Tensor:
-    """KTO's KL(π‖π_ref) estimate: the batch mean of log π − log π_ref over its mismatched pairs, detached and
-    clamped at 0 (TRL)."""
+def _kl_estimate(model, batch: dict, cfg: Settings, world: World) -> torch.Tensor:
+    """KTO's KL(π‖π_ref) estimate: the mean of log π − log π_ref over the global batch's mismatched pairs (its sum
+    and count added over the processes, as TRL gathers it), detached and clamped at 0 (TRL)."""
     with torch.no_grad():
         kl_batch = {k: batch["KL_" + k] for k in ("input_ids", "attention_mask", "completion_mask")}
         policy = sequence_logps(model, kl_batch, cfg.precision)[0]
     reference = reference_logps(model, batch, cfg.precision, prefix="KL_")
-    return (policy - reference).mean().clamp(min=0)
+    total, count = sum_over_processes(torch.stack(_total(policy - reference)), world)
+    return (total / count).clamp(min=0)
 
 
-def batch_loss(objective: Objective, cfg: Settings, model, batch: dict) -> tuple[torch.Tensor, dict]:
+def global_means(totals: dict, world: World) -> dict:
+    """Each metric's mean over the global batch, from its (sum, count) added over the processes in one all-reduce
+    (and one read back); rewards/margins is chosen's mean minus rejected's (a pair's margin, or KTO's). A metric
+    with no rows anywhere (KTO: a batch without desirable rows) is left out."""
+    names = sorted(totals)
+    sums, counts = sum_over_processes(torch.stack([torch.stack(totals[k]) for k in names]), world).T.tolist()
+    means = {k: s / c for k, s, c in zip(names, sums, counts) if c}
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return means
+
+
+def batch_loss(objective: Objective, cfg: Settings, model, batch: dict,
+               world: World = World()) -> tuple[torch.Tensor, dict]:
     """fit.Loop.loss_of for a preference task: the batch's mean loss over its pairs (or KTO's examples) and its
-    metrics. The policy's log-probabilities come first, then the reference's (as TRL orders them); precomputed
-    reference log-probabilities (batch["ref_logps"]) are used when the batch has them."""
+    metrics, each the mean over the global batch of this step's processes (`world`; fit weights the loss). The
+    policy's log-probabilities come first, then the reference's (as TRL orders them); precomputed reference
+    log-probabilities (batch["ref_logps"]) are used when the batch has them."""
     if not objective.paired:  # KTO: a KL estimate from mismatched prompts and completions
-        batch = {**batch, "kl": _kl_estimate(model, batch, cfg)}
+        batch = {**batch, "kl": _kl_estimate(model, batch, cfg, world)}
     logps, logits = sequence_logps(model, batch, cfg.precision)
     ref = None
     if objective.reference:
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(model, batch, cfg.precision)
     tokens = batch["completion_mask"][:, 1:].sum(-1)
-    losses, metrics = objective.losses(Scores(logps, ref, tokens, logits, batch), cfg)
-    return losses.mean(), metrics
+    losses, totals = objective.losses(Scores(logps, ref, tokens, logits, batch), cfg)
+    return losses.mean(), global_means(totals, world)
 
 
 @torch.no_grad()

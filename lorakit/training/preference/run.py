@@ -16,6 +16,7 @@ from ...adapters.attach import load_adapter
 from ...adapters.files import read_adapter_config
 from ...adapters.inject import set_adapter
 from ...errors import ConfigError
+from ...runtime.distributed import World
 from .data import read_rows, tokenize_rows
 from .logps import REF_ADAPTER, precompute_reference
 from .objectives import OBJECTIVES, Settings, batch_loss, evaluate
@@ -38,7 +39,7 @@ def check(cfg: TrainConfig) -> None:
                           "scored as whole sequences after their shared prompt, and the loss compares them pair by "
                           "pair; packed rows would hold pieces of several pairs"),
         (cfg.data is not None, f"--task {cfg.task} needs --data (prompt/chosen/rejected rows; kto: "
-                               f"prompt/completion/label); lorakit ships lorakit/demo/news_preferences.jsonl"),
+                               f"prompt/completion/label); lorakit ships lorakit/demo/news_preferences_train.jsonl"),
         (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
         (0 <= cfg.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
         (cfg.label_smoothing == 0 or objective.label_smoothing,
@@ -111,11 +112,18 @@ def with_reference(model, train_rows, eval_rows, cfg: TrainConfig, pad_id: int, 
     return train_rows, eval_rows
 
 
-def loop_parts(cfg: TrainConfig) -> dict:
+def loop_parts(cfg: TrainConfig, world: World = World()) -> dict:
     """fit.Loop's fields for a preference task: what its loss is a mean over (pairs, or KTO's examples) and the hook
-    that computes a batch's loss and metrics."""
+    that computes a batch's loss and metrics (over the global batch of `world`'s processes)."""
     objective = OBJECTIVES[cfg.task]
-    return {"count": objective.count, "loss_of": partial(batch_loss, objective, settings(cfg))}
+    return {"count": objective.count, "loss_of": partial(batch_loss, objective, settings(cfg), world=world)}
+
+
+def batch_parts(cfg: TrainConfig) -> dict:
+    """fit.seeded_batches' arguments for a preference task: the tokens a row puts through the model and, for KTO,
+    the global batch's row before each process's first (its mismatched pairs span the global batch)."""
+    objective = OBJECTIVES[cfg.task]
+    return {"tokens": objective.tokens, "previous": not objective.paired}
 
 
 def collator(cfg: TrainConfig, pad_id: int):
