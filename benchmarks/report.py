@@ -254,6 +254,7 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
     sections.append("## 15. What bf16 does to exactness\n\n" + _note("exactness"))
     sections.append("## 16. OpenAI's API on lorakit serve\n\n" + openai_serving.section(results_dir / "openai_serving.json")
                     + _note("openai-serving"))
+    sections.append("## 17. NF4 on a CPU with fast bf16\n\n" + _note("nf4-cpu"))
     log = [[r["row"], r["log"]["date"], f"{r['log']['seconds']:.0f}", f"{100 * r['log']['other_load']:.0f}%"]
            for rows in groups.values() for r in rows.values() if "log" in r]
     sections.append("## Run log\n\nOther load: the share of the machine's cores that other processes kept busy while a "
