@@ -236,12 +236,14 @@ def test_orpo_odds_ratio_term_equals_trl(chat_llama_dir, adapter_dir):
     assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=TOL)
     assert metrics["log_odds"] == pytest.approx(log_odds.item(), abs=TOL)
     assert_same_grads(adapter_grads(model), adapter_grads(trainer.model))
-    # The NLL term: a cross-entropy over the chosen rows' completion tokens, computed here with torch alone.
+    # The NLL term: per pair, the cross-entropy over its chosen completion's tokens, averaged over the pairs;
+    # computed here with torch alone.
     with torch.no_grad():
         n = len(PAIRS)
         logits = model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n]).logits
-        labels = batch["input_ids"][:n].masked_fill(batch["completion_mask"][:n] == 0, -100)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        labels = batch["input_ids"][:n].masked_fill(batch["completion_mask"][:n] == 0, -100)[:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
+        nll = (per_token.sum(1) / (labels != -100).sum(1)).mean()
         weighted, _ = batch_loss(OBJECTIVES["orpo"], Settings(beta=0.25, orpo_alpha=2.0), model, batch)
     assert weighted.item() == pytest.approx(loss.item() + 2.0 * nll.item(), abs=TOL)
 
@@ -450,3 +452,18 @@ def test_the_shipped_demo_pairs_are_valid_preference_data():
     eval_rows = read_rows(str(demo / "news_preferences_eval.jsonl"), PAIRED, "eval")
     assert len(train_rows) == 320 and len(eval_rows) == 80
     assert {r["chosen"] for r in train_rows} == {" World", " Sports", " Business", " Science"}
+
+
+def test_orpo_accumulation_gives_the_loss_of_one_batch(chat_llama_dir, tmp_path):
+    """ORPO's NLL is counted per pair like the rest of its loss, so 2 micro-batches of 2 pairs whose chosen
+    completions differ in length give the loss of one batch of 4 (a token mean per micro-batch would not). The loss
+    is compared, not the adapter: B's gradient is near zero in places, where AdamW's first step turns summation-order
+    noise into steps of up to lr."""
+    from lorakit.training.train import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS + [
+        {"prompt": "sports", "chosen": " news world sports news world sports news world", "rejected": " hello"}])
+    whole, parts = (train(train_cfg(chat_llama_dir, data, tmp_path / name, task="orpo", max_steps=1, **extra),
+                          echo=lambda *_: None, progress=False)
+                    for name, extra in (("whole", {}), ("parts", {"batch_size": 2, "grad_accum": 2})))
+    assert parts["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-6)

@@ -81,12 +81,13 @@ def ipo(s: Scores, cfg: Settings) -> tuple[torch.Tensor, dict]:
 
 
 def orpo(s: Scores, cfg: Settings) -> tuple[torch.Tensor, dict]:
-    """ORPO from mean token log-probabilities; its NLL is the mean over the chosen completions' tokens (the
-    paper's L_SFT; TRL's also counts the prompt tokens). Rewards β·mean log-probability, as TRL reports them."""
+    """ORPO from mean token log-probabilities. Its NLL (the paper's L_SFT) is per pair: the chosen completion's mean
+    token NLL, so that, counted per pair as every preference loss is, accumulation and processes give the loss of
+    one batch (the paper and TRL average over the batch's tokens, and TRL counts the prompt's too). Rewards β·mean
+    log-probability, as TRL reports them."""
     means = s.logps / s.tokens.clamp(min=1)
     chosen, rejected = means.chunk(2)
-    chosen_tokens = s.tokens.chunk(2)[0]
-    nll = -s.logps.chunk(2)[0].sum() / chosen_tokens.sum().clamp(min=1)
+    nll = -chosen
     losses, log_odds = orpo_loss(chosen, rejected, nll, cfg.beta, cfg.orpo_alpha)
     metrics = _rewards(cfg.beta * chosen, cfg.beta * rejected, s.logps)
     return losses, {**metrics, "nll_loss": _total(nll), "log_odds": _total(log_odds)}
