@@ -138,7 +138,7 @@ def run_peft(folder: Path, size: str, steps: int, checkpointing: bool) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     seconds, cpu = [], []
     for step in range(steps):
-        rows = texts[step * batch:(step + 1) * batch]
+        rows = [texts[(step * batch + i) % len(texts)] for i in range(batch)]  # wraps round, as lorakit's epochs do
         enc = tokenizer(rows, truncation=True, max_length=tokens, return_tensors="pt")
         start, cpu_start = time.perf_counter(), _cpu_seconds()
         loss = model(**enc, labels=enc["input_ids"]).loss

@@ -208,7 +208,7 @@ def _dequantize_torch(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 # ---- Fused paths (CUDA: issue 14; CPU: issue 25). Each must equal _dequantize_torch bit for bit, which
 # _fast_dequantizer checks. On the CPU the compiled decode is one loop over the bytes, where the eager path makes an
-# int64 and a float32 temporary per slice: 2-7x faster at 7B's shapes (BENCHMARKS §17). Small weights stay eager, so
+# int64 and a float32 temporary per slice: 1.3-7x faster at 7B's shapes (BENCHMARKS §17). Small weights stay eager, so
 # that a tiny model never waits for the compiler.
 COMPILED_MIN = 1 << 20  # elements
 BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
