@@ -22,7 +22,7 @@ from ..data.tables import (
     texts,
 )
 from ..errors import ConfigError
-from ..io.models import positions
+from ..io.models import positions, within_positions
 from ..serving.cache import Settings as ServeSettings
 from ..serving.generation import Sampling, generate, prompt_text, use_chat_template
 from ..serving.generation import stream as generate_stream
@@ -101,7 +101,7 @@ def evaluate(
         cols = split_columns(text_column)
         net, tokenizer, task, labels = load_trained(model, adapter, task, _data_labels(df, label_column, task), dtype,
                                                     precision)
-        max_length = _within_positions(net, max_length)
+        max_length = within_positions(max_length, net, lambda line: typer.echo(line, err=True))
         if task.generates:  # conversations (in the adapter's chat template) or prompt/text, as training reads them
             use_chat_template(tokenizer, adapter)
             with no_progress_bars():  # a tokenising bar in front of the metrics is noise
@@ -127,16 +127,6 @@ def _prompt_room(net, max_new_tokens: int) -> int | None:
     if most is not None and max_new_tokens >= most:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model has {most} positions, prompt included")
     return None if most is None else most - max_new_tokens
-
-
-def _within_positions(net, max_length: int) -> int:
-    # --max-length capped at the model's positions, saying so (longer inputs fail inside the model).
-    most = positions(net)
-    if most is not None and max_length > most:
-        typer.echo(f"--max-length {max_length} is more than the model's {most} positions: inputs of up to {most} "
-                   f"tokens", err=True)
-        return most
-    return max_length
 
 
 def _data_labels(df, label_column: str, task: str | None) -> list[str] | None:
@@ -181,7 +171,7 @@ def predict(
             raise ConfigError("--stream prints text as it comes; --json prints whole results: use one of them")
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
         net, tokenizer, task, labels = load_trained(model, adapter, task)
-        max_length = _within_positions(net, max_length)
+        max_length = within_positions(max_length, net, lambda line: typer.echo(line, err=True))
         if task.generates:
             room = _prompt_room(net, max_new_tokens)
             chat = use_chat_template(tokenizer, adapter, chat_template)

@@ -86,6 +86,17 @@ def positions(model) -> int | None:
     return next((n for n in found if isinstance(n, int) and n > 0), None)
 
 
+def within_positions(max_length: int, model, say) -> int:
+    """`max_length` capped at `model`'s positions (a path, hub id or loaded model, as `positions` takes), saying so
+    with `say`: longer inputs fail inside the model with an index error. The one rule of train, eval, predict and
+    serve."""
+    most = positions(model)
+    if most is None or max_length <= most:
+        return max_length
+    say(f"--max-length {max_length} is more than the model's {most} positions: inputs are cut to {most} tokens")
+    return most
+
+
 def load_tokenizer(path: str):
     """The tokenizer of the model at `path`, with EOS as its pad token if it has none."""
     from transformers import AutoTokenizer

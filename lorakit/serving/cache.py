@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ..adapters.parts import saved_modules
 from ..adapters.routing import load_adapter_with_head
 from ..data.tables import load_labels
 from ..errors import ConfigError, MemoryFull, ServeError
-from ..io.models import load_model, positions, resolve_model
+from ..io.models import load_model, resolve_model, within_positions
 from ..training.rundir import saved_chat_template
 from ..training.settings import setting
 from ..training.tasks import TASKS, Task, task_of
@@ -109,7 +109,7 @@ def open_state(settings: Settings) -> State:
     task = task_of(path, first_config, settings.task)
     device = default_device()  # the GPU when there is one, as predict
     net, tokenizer = load_model(path, task, device=device)
-    settings = _within_positions(settings, positions(net))
+    settings.max_length = within_positions(settings.max_length, net, lambda line: print(line, file=sys.stderr))
     name = Path(path).resolve().name if Path(path).is_dir() else path  # a hub id is no secret
     state = State(settings, net.to(device).eval(), tokenizer, task, path, name)
     state.private = _private_paths(settings, path, state.model_name)
@@ -120,16 +120,6 @@ def open_state(settings: Settings) -> State:
         except ServeError as e:
             raise ConfigError(f"--adapter {name}={directory}: {e.message}") from None
     return state
-
-
-def _within_positions(settings: Settings, most: int | None) -> Settings:
-    """--max-length past the model's positions capped at start, saying so (texts that long would fail inside the
-    model). Generation needs no cap here: each request's prompt plus max_new_tokens is checked against them."""
-    if most is None or settings.max_length <= most:
-        return settings
-    print(f"--max-length {settings.max_length} is more than the model's {most} positions: texts are truncated to "
-          f"{most} tokens", file=sys.stderr)
-    return replace(settings, max_length=most)
 
 
 def _private_paths(settings: Settings, model_path: str, model_name: str) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from ..adapters.inject import count_parameters, enable_gradient_checkpointing, i
 from ..adapters.optim import optimizer as make_optimizer
 from ..adapters.parts import base_modules, default_targets
 from ..errors import ConfigError, Interrupted
-from ..io.models import load_model, positions, resolve_model, stored_name
+from ..io.models import load_model, resolve_model, stored_name, within_positions
 from ..nn.kinds import kind_of
 from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
 from ..runtime.heap import release_freed_memory
@@ -164,14 +164,8 @@ def check_every_target_matches(model, targets: list[str]) -> None:
 
 
 def capped_length(cfg: TrainConfig, say) -> TrainConfig:
-    """`cfg` with --max-length no longer than the model's positions, saying so (longer examples would fail inside
-    the model with an index error)."""
-    most = positions(resolve_model(cfg.model))
-    if most is None or cfg.max_length <= most:
-        return cfg
-    say(f"--max-length {cfg.max_length} is more than the {most} positions of {cfg.model}: examples of up to {most} "
-        f"tokens")
-    return dataclasses.replace(cfg, max_length=most)
+    """`cfg` with --max-length no longer than the model's positions, saying so (io.models.within_positions)."""
+    return dataclasses.replace(cfg, max_length=within_positions(cfg.max_length, resolve_model(cfg.model), say))
 
 
 def capped_batch(cfg: TrainConfig, rows: int | None, world: World, say) -> TrainConfig:
