@@ -83,22 +83,28 @@ def dequantize_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
     return rows
 
 
-def linear_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
-    """Seconds of y = x Wᵀ forward + backward to x through nf4_linear and through F.linear on the already
-    dequantized W (no dequantization), x (tokens, in) requiring grad; their ratio is the cost of the 4-bit storage."""
-    rows, tokens = [], TOKENS[size]
+def _linear_cases(size: str, dtypes: list[str]):
+    """Per shape and dtype: (shape, dtype name, the quantized weight, it dequantized, x requiring grad, the output's
+    gradient), x and the gradient one sequence of TOKENS[size] tokens."""
+    tokens = TOKENS[size]
     for shape in SHAPES[size]:
         q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
         for name in dtypes:
             dtype = DTYPES[name]
-            w = dequantize_nf4(q, dtype)
             x = torch.randn(tokens, shape[1], dtype=dtype, requires_grad=True)
-            g = torch.randn(tokens, shape[0], dtype=dtype)
-            nf4_s, nf4_cpu = timed(lambda: nf4_linear(x, q).backward(g), rounds)
-            dense_s, dense_cpu = timed(lambda: F.linear(x, w).backward(g), rounds)
-            rows.append({"op": "linear fwd+bwd", "shape": list(shape), "dtype": name, "tokens": tokens,
-                         "nf4_s": nf4_s, "dense_s": dense_s, "nf4_cpu_s": nf4_cpu, "dense_cpu_s": dense_cpu,
-                         "nf4_vs_dense": nf4_s / dense_s})
+            yield shape, name, q, dequantize_nf4(q, dtype), x, torch.randn(tokens, shape[0], dtype=dtype)
+
+
+def linear_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
+    """Seconds of y = x Wᵀ forward + backward to x through nf4_linear and through F.linear on the already
+    dequantized W (no dequantization), x (tokens, in) requiring grad; their ratio is the cost of the 4-bit storage."""
+    rows, tokens = [], TOKENS[size]
+    for shape, name, q, w, x, g in _linear_cases(size, dtypes):
+        nf4_s, nf4_cpu = timed(lambda: nf4_linear(x, q).backward(g), rounds)
+        dense_s, dense_cpu = timed(lambda: F.linear(x, w).backward(g), rounds)
+        rows.append({"op": "linear fwd+bwd", "shape": list(shape), "dtype": name, "tokens": tokens,
+                     "nf4_s": nf4_s, "dense_s": dense_s, "nf4_cpu_s": nf4_cpu, "dense_cpu_s": dense_cpu,
+                     "nf4_vs_dense": nf4_s / dense_s})
     return rows
 
 
@@ -145,26 +151,20 @@ def step_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
     in backward, and kept from the recompute (keep_for_backward, as in checkpointed blocks); beside F.linear on the
     dense weight, the step's matmul limit."""
     rows, tokens = [], TOKENS[size]
-    for shape in SHAPES[size]:
-        q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-        for name in dtypes:
-            dtype = DTYPES[name]
-            w = dequantize_nf4(q, dtype)
-            x = torch.randn(tokens, shape[1], dtype=dtype, requires_grad=True)
-            g = torch.randn(tokens, shape[0], dtype=dtype)
+    for shape, name, q, w, x, g in _linear_cases(size, dtypes):
 
-            def step(linear):
-                with torch.no_grad():
-                    linear(x)
-                linear(x).backward(g)
+        def step(linear):
+            with torch.no_grad():
+                linear(x)
+            linear(x).backward(g)
 
-            row = {"op": "checkpointed step", "shape": list(shape), "dtype": name, "tokens": tokens}
-            row["dense_s"], _ = timed(lambda: step(lambda x: F.linear(x, w)), rounds)
-            for keep in (False, True):
-                q.keep_for_backward = keep
-                row["kept_s" if keep else "rebuilt_s"], _ = timed(lambda: step(lambda x: nf4_linear(x, q)), rounds)
-            q.keep_for_backward = False
-            rows.append(row)
+        row = {"op": "checkpointed step", "shape": list(shape), "dtype": name, "tokens": tokens}
+        row["dense_s"], _ = timed(lambda: step(lambda x: F.linear(x, w)), rounds)
+        for keep in (False, True):
+            q.keep_for_backward = keep
+            row["kept_s" if keep else "rebuilt_s"], _ = timed(lambda: step(lambda x: nf4_linear(x, q)), rounds)
+        q.keep_for_backward = False
+        rows.append(row)
     return rows
 
 

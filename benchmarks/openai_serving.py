@@ -25,14 +25,13 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from .common import machine, md_table, set_threads
-from .serving import ROOT, headlines, request, start_server, wait_ready
+from .serving import ROOT, headlines, request, run_clients, start_server, wait_ready
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -118,13 +117,8 @@ def load(port: int, endpoint: str, clients: int, requests: int, max_tokens: int)
             except Exception as e:  # noqa: BLE001 (counted and reported)
                 errors.append(str(e)[:200])
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"seconds": time.perf_counter() - start, "tokens": sum(tokens), "firsts": firsts, "errors": errors}
+    seconds = run_clients(client, clients)
+    return {"seconds": seconds, "tokens": sum(tokens), "firsts": firsts, "errors": errors}
 
 
 def measure(size: str) -> dict:

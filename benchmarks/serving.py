@@ -258,13 +258,18 @@ def load_test(port: int, names: list[str], clients: int, requests: int, seed: in
             except Exception as e:  # noqa: BLE001 (counted and reported)
                 errors.append(str(e))
 
+    return {"seconds": run_clients(client, clients), "latencies": latencies, "errors": errors}
+
+
+def run_clients(client, clients: int) -> float:
+    """Seconds until `clients` threads, thread i running client(i), have all finished."""
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"seconds": time.perf_counter() - start, "latencies": latencies, "errors": errors}
+    return time.perf_counter() - start
 
 
 def server(path: str, size: str, model, names: list[str]) -> dict:
