@@ -73,7 +73,9 @@ def run_commands(commands: list[str], work: Path, model: Path) -> str:
            "PYTHONPATH": str(README.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     shown = []
     for command in commands:
-        args = [a if a != "Qwen/Qwen2.5-0.5B-Instruct" else str(model) for a in shlex.split(command)]
+        args = shlex.split(command)
+        if "--model" in args:  # README's hub model, replaced by the local tiny one
+            args[args.index("--model") + 1] = str(model)
         chat = args[1] == "chat"
         done = subprocess.run([sys.executable, "-m", "lorakit", *args[1:]], cwd=work, env=env, text=True,
                               capture_output=True, input="\n".join(TYPED) + "\n" if chat else None, timeout=900)
