@@ -35,7 +35,6 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from ..errors import ServeError
-from ..io.models import positions as model_positions
 from ..training.tasks import CAUSAL_LM, CLASSIFY
 from .batcher import Batcher, Item
 from .cache import (
@@ -144,16 +143,15 @@ def _check_management(limits: Settings) -> None:
 def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
     """/v1/classify and /v1/generate: checked, their adapter loaded, tokenized off the event loop, then batched."""
     limits = state.settings
-    positions = model_positions(state.model) or float("inf")
-    text_tokens = int(min(limits.max_length, positions))
+    positions = state.positions
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request):
         if len(body.texts) > limits.max_texts:
             raise ServeError(413, f"too many texts: {len(body.texts)} > --max-texts {limits.max_texts}")
         await batcher.ready(body.adapter, CLASSIFY.endpoint)
-        ids = await batcher.tokenize(lambda: [encode(state.tokenizer, t, text_tokens, True) for t in body.texts])
-        _check_tokens(len(ids) * max(map(len, ids)), limits, f"{len(ids)} texts of up to {text_tokens} tokens")
+        ids = await batcher.tokenize(lambda: [encode(state.tokenizer, t, limits.max_length, True) for t in body.texts])
+        _check_tokens(len(ids) * max(map(len, ids)), limits, f"{len(ids)} texts of up to {limits.max_length} tokens")
         rows = await batcher.submit(Item(CLASSIFY.endpoint, body.adapter, ids, disconnected=request.is_disconnected))
         return {"results": [{"label": ranked[0][0], "probabilities": dict(ranked)} for ranked in rows]}
 

@@ -24,7 +24,7 @@ from ..adapters.parts import saved_modules
 from ..adapters.routing import load_adapter_with_head
 from ..data.tables import load_labels
 from ..errors import ConfigError, MemoryFull, ServeError
-from ..io.models import load_model, resolve_model, within_positions
+from ..io.models import load_model, positions, resolve_model, within_positions
 from ..training.rundir import saved_chat_template
 from ..training.settings import setting
 from ..training.tasks import TASKS, Task, task_of
@@ -94,6 +94,11 @@ class State:
     stats: dict = field(default_factory=lambda: {"requests": 0, "batches": 0, "rows": 0, "evictions": 0,
                                                  "abandoned": 0, "streams_left": 0})  # left: mid-stream
     private: list = field(default_factory=list)  # (absolute path, what clients see instead), longest first
+
+    @property
+    def positions(self) -> float:
+        """The model's token positions (inf when its config does not say): a prompt and its answer fit in them."""
+        return positions(self.model) or float("inf")
 
 
 def open_state(settings: Settings) -> State:

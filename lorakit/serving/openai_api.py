@@ -29,7 +29,6 @@ from fastapi.responses import StreamingResponse
 
 from ..adapters.files import CONFIG_NAME
 from ..errors import ServeError
-from ..io.models import positions as model_positions
 from ..training.tasks import CAUSAL_LM
 from .batcher import Batcher, Item
 from .cache import NAME, State, chat_template_of, public
@@ -174,12 +173,12 @@ async def prepare(state: State, batcher: Batcher, body: Sampled, prompt, shape: 
     if shape.chat and template is None:
         raise ServeError(400, f"model {body.model!r} has no chat template (trained on plain text, and the tokenizer "
                               f"has none): use /v1/completions")
-    cap = int(min(model_positions(state.model) or float("inf"), limits.max_batch_tokens))
+    cap = int(min(state.positions, limits.max_batch_tokens))
     room = cap - (most or 1)  # the most prompt tokens
     ids, ends = await batcher.tokenize(prompt_ids, state.tokenizer, prompt, template, room, shape.chat) \
         if room > 0 else (None, [])
     if ids is None:
-        raise too_long(most or 1, model_positions(state.model) or float("inf"), limits)
+        raise too_long(most or 1, state.positions, limits)
     if not ids:
         raise ServeError(422, "the prompt has no tokens")
     most = most or min(limits.max_new_tokens, cap - len(ids))
