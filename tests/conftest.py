@@ -1,11 +1,18 @@
 """Shared fixtures: tiny Hugging Face model directories (built from configs, saved with save_pretrained, loaded back
-through the same from_pretrained path as hub models) and a small labelled text file."""
+through the same from_pretrained path as hub models) and a small labelled text file; the CPU treated as one without
+fast bf16 (LORAKIT_CPU_BF16=0 unless set)."""
 
+import os
 import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+# `--precision auto` (the default of predict, chat and eval) is bf16 on CPUs with AVX-512 BF16 or AMX and fp32
+# elsewhere. The suite runs as on a CPU without it, whatever this machine has, so that no test depends on the CPU;
+# the tests of the bf16 decision set LORAKIT_CPU_BF16 themselves (monkeypatch), and subprocesses inherit this.
+os.environ.setdefault("LORAKIT_CPU_BF16", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not __import__("torch").cuda.is_available(),
