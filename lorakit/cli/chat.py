@@ -17,7 +17,7 @@ import typer
 
 from ..errors import ConfigError
 from ..io.models import positions
-from ..serving.generation import Sampling, prompt_text, stream, use_chat_template
+from ..serving.generation import Sampling, prompt_tokens, stream, use_chat_template
 from ..training.tasks import CAUSAL_LM
 from ..training.trained import load_trained
 from .feedback import user_errors
@@ -82,23 +82,18 @@ def _fit(history: list[dict], kept: int, tokenizer, max_length: int | None, writ
     tokens; the first `kept` turns (the system prompt) stay. A user turn that does not fit alone is taken back."""
     if max_length is None:
         return history
-    alone = _tokens(tokenizer, history[:kept] + history[-1:])
+    alone = prompt_tokens(tokenizer, history[:kept] + history[-1:], chat=True)
     if alone > max_length:
         write(f"(that message takes {alone} tokens with the chat template; the model is given at most {max_length} "
               "(--max-length): not sent)")
         return history[:-1]
     dropped = 0
-    while _tokens(tokenizer, history) > max_length:
+    while prompt_tokens(tokenizer, history, chat=True) > max_length:
         history = history[:kept] + history[kept + 2:]  # the oldest exchange: a user turn and its answer
         dropped += 2
     if dropped:
         write(f"(the oldest {dropped} turns no longer fit --max-length {max_length} and were dropped)")
     return history
-
-
-def _tokens(tokenizer, history: list[dict]) -> int:
-    # As generation encodes it: the rendered conversation, its special tokens written by the template.
-    return len(tokenizer(prompt_text(tokenizer, history, chat=True), add_special_tokens=False)["input_ids"])
 
 
 def _answer(model, tokenizer, history: list[dict], sampling: Sampling, write) -> str:

@@ -24,7 +24,7 @@ from ..data.tables import (
 from ..errors import ConfigError
 from ..io.models import positions, within_positions
 from ..serving.cache import Settings as ServeSettings
-from ..serving.generation import Sampling, generate, prompt_text, use_chat_template
+from ..serving.generation import Sampling, generate, prompt_tokens, use_chat_template
 from ..serving.generation import stream as generate_stream
 from ..training.dataset import examples, other_columns
 from ..training.evaluation import evaluate as evaluate_model
@@ -195,9 +195,11 @@ def _classify(net, tokenizer, labels: list[str], item: str, max_length: int) -> 
 
 def _check_prompts(tokenizer, items: list[str], chat: bool, room: int | None, max_new_tokens: int) -> None:
     # Every prompt fits beside the answer before any is generated (one too long fails inside the model).
+    if room is None:  # the model's config names no positions
+        return
     for number, item in enumerate(items, 1):
-        tokens = len(tokenizer(prompt_text(tokenizer, item, chat), add_special_tokens=not chat)["input_ids"])
-        if room is not None and tokens > room:
+        tokens = prompt_tokens(tokenizer, item, chat)
+        if tokens > room:
             raise ConfigError(f"prompt {number} has {tokens} tokens{' in the chat template' if chat else ''}; with "
                               f"--max-new-tokens {max_new_tokens} the model's {room + max_new_tokens} positions "
                               f"leave room for {room}")

@@ -74,6 +74,11 @@ def prompt_text(tokenizer, prompt: str | list[dict], chat: bool) -> str:
     return render(tokenizer, messages, row=0, add_generation_prompt=True)
 
 
+def prompt_tokens(tokenizer, prompt: str | list[dict], chat: bool) -> int:
+    """How many tokens the model is given for `prompt`, encoded as generation encodes it (`_encode`)."""
+    return len(tokenizer(prompt_text(tokenizer, prompt, chat), add_special_tokens=not chat)["input_ids"])
+
+
 def generate(model, tokenizer, prompts: list, sampling: Sampling, chat: bool = False, batch_size: int = 8) -> list[str]:
     """The generated text for each prompt (text, or a list of messages with chat=True), in batches of `batch_size`
     (left-padded, as decoder-only models need); stops at end-of-turn."""

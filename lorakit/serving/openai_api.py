@@ -57,6 +57,8 @@ class Answer:
         if token in self.ends:
             self.finish = "stop"
             return True
+        if not self.followed:  # nothing needs the text as it grows: `whole` decodes it once
+            return self.left
         text = self.decode(self.tokens)
         cut = min((i for i in map(text.find, self.stops) if i >= 0), default=-1)
         if cut >= 0:
@@ -72,6 +74,17 @@ class Answer:
         if len(certain) > len(self.sent) and certain.startswith(self.sent):
             self.emit(certain[len(self.sent):])
             self.sent = certain
+
+    @property
+    def followed(self) -> bool:
+        """Whether the text is decoded as it grows: stop strings are looked for in it, or a stream sends it."""
+        return bool(self.stops) or self.emit is not None
+
+    def whole(self) -> str:
+        """The answer's text once it is over (decoded here when it was not followed token by token)."""
+        if not self.followed:
+            self.text = self.decode(self.tokens[:-1] if self.finish == "stop" else self.tokens)
+        return self.text
 
     def rest(self) -> str:
         """What a stream has still to send once the answer is over."""
@@ -195,7 +208,7 @@ async def respond(state: State, batcher: Batcher, job: Job, request: Request):
     job.item.disconnected = request.is_disconnected  # a client gone before its batch starts is never computed
     await batcher.submit(job.item)
     answer = job.answer
-    return {**job.head(job.shape.whole), "choices": [job.choice(job.shape.choice(answer.text), answer.finish)],
+    return {**job.head(job.shape.whole), "choices": [job.choice(job.shape.choice(answer.whole()), answer.finish)],
             "usage": answer.usage(len(job.item.ids[0]))}
 
 

@@ -47,11 +47,6 @@ class Tables:
     eval_text_columns: list[str]
     labels: list[str] | None
 
-    @property
-    def train(self) -> pd.DataFrame:
-        """The training tables as one."""
-        return concatenated(self.parts)
-
 
 @dataclass
 class RunData:
@@ -300,7 +295,7 @@ def streamed_data(cfg: TrainConfig, tokenizer, world: World, say) -> RunData:
     chat = any(s.format != "text" for s in sources)
     if cfg.chat_template and not chat:
         raise ConfigError(f"--chat-template is for conversation data; {' and '.join(names)} hold(s) plain text")
-    examples = Streamed(partial(mixed, sources, weights, cfg.seed), names)
+    examples = Streamed(partial(mixed, sources, weights, cfg.seed))
     return RunData(examples, evaluation.dataset if evaluation is not None else [], None, tokenizer, chat)
 
 

@@ -129,8 +129,10 @@ def seeded_batches(rows: list[dict], collate, batch_size: int, seed: int, world:
     def order(epoch: int) -> list[list[int]]:
         perm = epoch_order(len(rows), global_batch, seed, epoch, draw(epoch) if draw else None)
         slices = [micro_batch(perm, pos, batch_size, world.rank, world.size) for pos in range(per_epoch)]
+        if not previous:
+            return slices
         before = [perm[pos * global_batch + (world.rank * batch_size - 1) % global_batch] for pos in range(per_epoch)]
-        return [[b, *s] for b, s in zip(before, slices)] if previous else slices
+        return [[b, *s] for b, s in zip(before, slices)]
 
     return Batches(rows, collate, order, per_epoch, tokens, previous)
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..runtime.distributed import World
+from .fit import row_tokens
 
 
 @dataclass
@@ -41,7 +42,7 @@ class StreamBatches:
         rows = list(itertools.islice(stream, width))[start: start + self.batch_size]
         self._position = (stream, micro + 1)
         batch = self.collate(rows)
-        return {k: v.to(device) for k, v in batch.items()}, sum(len(r["input_ids"]) for r in rows)
+        return {k: v.to(device) for k, v in batch.items()}, sum(map(row_tokens, rows))
 
 
 @dataclass
@@ -49,7 +50,6 @@ class Streamed:
     """A run's streamed training examples (RunData.train under --streaming)."""
 
     examples: Callable[[], Iterator[dict]]  # the stream from its beginning
-    sources: list[str]
 
     def batches(self, collate, batch_size: int, world: World = World()) -> StreamBatches:
         """fit()'s batches of this stream."""

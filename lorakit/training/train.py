@@ -231,7 +231,7 @@ def plan(cfg: TrainConfig, micro_per_epoch: int | None, world: World = World()) 
                 precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every,
                 eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every,
                 count=task_named(cfg.task).count, select_by=task_named(cfg.task).metric if select else None,
-                loss_of=preference.loop_parts(cfg, world)["loss_of"] if task_named(cfg.task).preference else None,
+                loss_of=preference.loss_hook(cfg, world) if task_named(cfg.task).preference else None,
                 keep_best=cfg.keep_best, early_stopping=cfg.early_stopping)
 
 

@@ -112,11 +112,10 @@ def with_reference(model, train_rows, eval_rows, cfg: TrainConfig, pad_id: int, 
     return train_rows, eval_rows
 
 
-def loop_parts(cfg: TrainConfig, world: World = World()) -> dict:
-    """fit.Loop's fields for a preference task: what its loss is a mean over (pairs, or KTO's examples) and the hook
-    that computes a batch's loss and metrics (over the global batch of `world`'s processes)."""
-    objective = OBJECTIVES[cfg.task]
-    return {"count": objective.count, "loss_of": partial(batch_loss, objective, settings(cfg), world=world)}
+def loss_hook(cfg: TrainConfig, world: World = World()):
+    """fit.Loop's loss_of for a preference task: a batch's loss and metrics (over the global batch of `world`'s
+    processes); what the loss is a mean over (pairs, or KTO's examples) is the task record's count."""
+    return partial(batch_loss, OBJECTIVES[cfg.task], settings(cfg), world=world)
 
 
 def batch_parts(cfg: TrainConfig) -> dict:
