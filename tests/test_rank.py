@@ -219,6 +219,14 @@ def test_extract_recovers_a_known_rank_5_change_and_loads_in_peft(tmp_path, base
     assert torch.allclose(theirs, logits(tuned), atol=1e-2)
 
 
+def test_extract_refuses_targets_that_are_not_linear(tmp_path, base_dir):
+    tuned, _ = tuned_copy(tiny_bert(), everything=True)
+    tuned.save_pretrained(tmp_path / "tuned")
+    with pytest.raises(ValueError, match=r"word_embeddings.*are \[.embedding.\]: leave them out of --targets"):
+        extract(str(base_dir), str(tmp_path / "tuned"), tmp_path / "out", r=2, targets=["query", "word_embeddings"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_extract_by_energy_gives_per_module_ranks(tmp_path, base_dir):
     tuned, _ = tuned_copy(tiny_bert(), noise=0.0)
     tuned.save_pretrained(tmp_path / "tuned")

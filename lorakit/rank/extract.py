@@ -62,6 +62,10 @@ def extract(base: str, tuned: str, output: str | Path, r: int | None = None, ene
     _check_shapes(first, second)
     wanted = plan_targets(skeleton, LoraConfig(r=1, targets=targets or "all-linear", modules_to_save=[]))
     modules = dict(skeleton.named_modules())
+    matrices = [p for p in wanted if not kind_of(modules[p]).linear]
+    if matrices:  # an Embedding's or a Conv2d's change has another layout and other PEFT keys than B·A of a Linear
+        raise ValueError(f"extract factors Linear and Conv1D layers; {matrices[:3]} are "
+                         f"{sorted({kind_of(modules[p]).name for p in matrices})}: leave them out of --targets")
     plan = _stream(first, second, {p: modules[p] for p in wanted}, r, energy)
     if not plan.factors:
         raise ValueError(f"{tuned} does not differ from {base} in any target module: nothing to extract")
