@@ -212,3 +212,20 @@ def test_a_run_finds_its_base_model_from_any_directory_and_says_when_it_is_gone(
     result = runner.invoke(app, ["predict", "--adapter", str(tmp_path / "run"), "summit treaty"])
     assert result.exit_code == 1 and f"was trained on {base}, which cannot be loaded here" in result.output
     assert "pass --model" in result.output
+
+
+def test_every_command_help_ends_with_examples_whose_flags_exist():
+    import re
+
+    from lorakit.cli.examples import EXAMPLES
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert commands == set(EXAMPLES)  # every command has examples, and every table row is a command
+    group = get_command(app)
+    for command, lines in EXAMPLES.items():
+        assert "Examples:" in runner.invoke(app, [command, "--help"]).output and 2 <= len(lines) <= 4, command
+        flags = {o for p in group.commands[command].params for o in (*p.opts, *p.secondary_opts)}
+        for line in lines:
+            assert line.startswith(f"lorakit {command} "), line
+            for flag in re.findall(r"\s(--[a-z][a-z-]*)", line.split("#")[0]):
+                assert flag in flags, (command, flag)

@@ -34,6 +34,7 @@ from ..training.tasks import TASKS, task_named
 from ..training.train import train as run_training
 from ..training.trained import load_trained
 from .chat import chat
+from .examples import help_examples
 from .feedback import user_errors
 from .options import field_parameters, pairs, train_parameters, with_flags
 
@@ -55,19 +56,9 @@ def main(verbose: bool = typer.Option(False, "--verbose", help="Also show the lo
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
-TRAIN_EXAMPLES = """Examples:
-
-  lorakit train --model bert-base-uncased --data news.csv --eval-data dev.csv --text-column title,description
-
-  lorakit train --model gpt2 --task causal-lm --data qa.jsonl --prompt-column prompt --text-column completion
-
-  lorakit train --config run.yaml --lr 5e-4 --no-packing
-
-  lorakit train --task causal-lm --data chats.jsonl --data qa.jsonl --data-weights 0.7,0.3 --eval-split 0.05
-"""
 
 
-@app.command(epilog=TRAIN_EXAMPLES)
+@app.command(epilog=help_examples("train"))
 @with_flags(train_parameters())
 def train(flags: dict):
     """Fine-tune a model with LoRA. With no --data: a short demo on shipped news headlines with MiniLM."""
@@ -79,7 +70,7 @@ def train(flags: dict):
         run_training(cfg, echo=typer.echo)
 
 
-@app.command("eval")
+@app.command("eval", epilog=help_examples("eval"))
 def evaluate(
     data: str = typer.Option(..., help="Evaluation data file (or Hugging Face dataset name)."),
     model: Optional[str] = typer.Option(None, help="Base model or merged export (default: the adapter's base model)"),
@@ -136,7 +127,7 @@ def _data_labels(df, label_column: str, task: str | None) -> list[str] | None:
     return label_names(df[label_column], "data")
 
 
-@app.command()
+@app.command(epilog=help_examples("predict"))
 def predict(
     text: Optional[list[str]] = typer.Argument(None, help="Text(s) to classify, or prompts to continue."),
     model: Optional[str] = typer.Option(None, help="Base model or merged export (default: the adapter's base model)"),
@@ -222,7 +213,7 @@ def _generate_all(net, tokenizer, items: list[str], sampling: Sampling, chat: bo
                    generated if chat else f"{item}{generated}")
 
 
-@app.command()
+@app.command(epilog=help_examples("merge"))
 def merge(
     adapter: str = typer.Option(..., help="Adapter directory."),
     output: str = typer.Option(..., help="Directory for the merged model (Hugging Face format)."),
@@ -261,7 +252,7 @@ def merge(
                    f"load it with transformers' from_pretrained")
 
 
-@app.command()
+@app.command(epilog=help_examples("info"))
 def info(
     directory: str = typer.Argument(..., help="Adapter or run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -312,12 +303,6 @@ def _human(key: str, value) -> str:
     return str(value)
 
 
-SERVE_EXAMPLES = """Examples:
-
-  lorakit serve --adapter news=runs/news --adapter sentiment=runs/sst2
-
-  lorakit serve --model gpt2 --adapter-dir runs/ --api-key $KEY --allow-adapter-management
-"""
 
 
 def serve_parameters() -> list[inspect.Parameter]:
@@ -329,7 +314,7 @@ def serve_parameters() -> list[inspect.Parameter]:
         for name, kind, default, text in where]
 
 
-@app.command(epilog=SERVE_EXAMPLES)
+@app.command(epilog=help_examples("serve"))
 @with_flags(serve_parameters())
 def serve(flags: dict):
     """Serve one base model with many adapters over HTTP; concurrent requests share mixed-adapter batches."""
@@ -343,11 +328,11 @@ def serve(flags: dict):
         run(ServeSettings(**flags), host, port)
 
 
-app.command()(chat)
+app.command(epilog=help_examples("chat"))(chat)
 
 from .export import export  # noqa: E402  (lorakit export: GGUF for llama.cpp and Ollama, vLLM; the work is in deploy/)
 
-app.command()(export)
+app.command(epilog=help_examples("export"))(export)
 
 from .rank import register as register_rank_commands  # noqa: E402  (analyze, extract, resize, combine)
 

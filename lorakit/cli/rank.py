@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from .examples import help_examples
 from .feedback import user_errors
 
 
@@ -114,4 +115,4 @@ def combine(
 def register(app: typer.Typer) -> None:
     """Add the rank commands to the main typer app."""
     for command in (analyze, extract, resize, combine):
-        app.command(command.__name__)(command)
+        app.command(command.__name__, epilog=help_examples(command.__name__))(command)

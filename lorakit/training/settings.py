@@ -119,7 +119,7 @@ class TrainConfig:
                                      "the model's own loss.")
     report_to: str = setting("none", OUTPUT, "none | tensorboard | wandb: also send the log there.")
     keep_best: bool = setting(False, EVALUATION, "The final adapter is the checkpoint with the best eval metric "
-                              "(accuracy, or loss for a language model); needs --eval-data.")
+                              "(accuracy, or loss for a language model); needs --eval-data or --eval-split.")
     early_stopping: int | None = setting(None, EVALUATION, "Stop after N evaluations without a better eval metric.")
     save_total_limit: int | None = setting(None, OUTPUT, "Keep the newest K checkpoints (and the best), also after "
                                            "the run (default: only the newest, removed at the end).")
