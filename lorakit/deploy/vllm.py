@@ -21,11 +21,12 @@ from safetensors.torch import save_file
 from ..adapters.config import replace, to_peft_dict
 from ..adapters.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write, read_adapter_config, read_adapter_tensors
 from ..errors import ConfigError
+from ..nn.kinds import FILE_KEYS
 from ..training.rundir import CHAT_TEMPLATE_FILE
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 SAVED_OK = ("embed_tokens", "lm_head")  # modules a vLLM LoRA may carry in full
-FACTORS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+FACTORS = {key: factor for pair in FILE_KEYS for key, factor in zip(pair, "AB")}  # file key -> "A" | "B"
 
 
 def split_keys(tensors: dict) -> tuple[dict[str, dict[str, str]], list[str]]:

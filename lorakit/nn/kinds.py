@@ -126,6 +126,7 @@ NF4 = Kind("nf4", dims=lambda m: (m.in_features, m.out_features), matrix=lambda 
 KINDS: list[tuple[type, Kind]] = [(NF4Linear, NF4), (nn.Linear, LINEAR), (nn.Embedding, EMBEDDING), (nn.Conv2d, CONV2D)]
 if Conv1D is not None:
     KINDS.append((Conv1D, CONV1D))
+FILE_KEYS: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(kind.file_keys for _, kind in KINDS))  # PEFT's A/B names
 
 
 def kind_of(module: nn.Module) -> Kind | None:

@@ -28,10 +28,10 @@ from ..adapters.files import (
     read_adapter_tensors,
 )
 from ..data.tables import load_labels as read_labels
+from ..nn.kinds import FILE_KEYS
 
 LABELS_NAME = "labels.json"
-# PEFT's file names of A and B per layer kind (kinds.py holds the same pairs)
-FACTOR_KEYS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
+FACTOR_KEYS = FILE_KEYS  # PEFT's file names of A and B, per layer kind
 MAGNITUDE_KEY = "lora_magnitude_vector"
 
 

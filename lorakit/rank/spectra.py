@@ -63,12 +63,6 @@ def split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, dtype=torch.float3
     return (root[:, None] * vh).to(dtype).contiguous(), (u * root[None, :]).to(dtype).contiguous()
 
 
-def factor(delta: torch.Tensor, r: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with B @ A the best rank-r approximation of `delta`; the singular values split evenly between them
-    (A = √σ Vᵀ, B = U √σ), so that both factors have the same scale for further training."""
-    return split(*truncated(delta, r), dtype=dtype)
-
-
 def amplification(delta: torch.Tensor, weight: torch.Tensor, r: int, seed: int = 0) -> dict:
     """The paper's amplification factor of `delta` on `weight` (both (d_out, d_in)) with ΔW's top-r singular vectors,
     beside the same for the singular vectors of a random Gaussian matrix of that shape (seeded: reproducible)."""
