@@ -9,7 +9,7 @@ import os
 import torch
 from torch import nn
 
-from ..nn.kinds import kind_of
+from ..nn.kinds import BIAS_FILE_KEY, kind_of
 from ..nn.layers import LoraLayer, SavedModule
 from .config import LoraConfig, replace
 from .files import adapter_tensors, bias_tensors, read_adapter
@@ -73,6 +73,8 @@ def _expected_shapes(root: nn.Module, config: LoraConfig, plan: dict, saved: lis
             raise ValueError(f"DoRA supports Linear and Conv1D layers, not {kind.name} ({path!r})")
         if config.use_dora:
             expected[f"{path}.lora_magnitude_vector"] = (kind.dims(base)[1],)
+        if config.lora_bias:
+            expected[f"{path}.{BIAS_FILE_KEY}"] = (kind.dims(base)[1],)
     for path in saved:
         module = root.get_submodule(path)
         module = module.original_module if isinstance(module, SavedModule) else module
@@ -105,6 +107,11 @@ def _fill_new_adapter(root, config: LoraConfig, name: str, plan: dict, saved: li
 def _check_tensors(path, expected: dict, tensors: dict) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    stray_biases = [k for k in unexpected if k.endswith("." + BIAS_FILE_KEY)]
+    if stray_biases and len(stray_biases) == len(unexpected) and not missing:
+        raise ValueError(f"adapter {str(path)!r} holds biases of lora_B ({stray_biases[0]}, ...) but its "
+                         f"adapter_config.json does not say \"lora_bias\": true (PEFT would drop them silently); "
+                         f"set it if the file is right")
     if missing or unexpected:
         raise ValueError(f"adapter {str(path)!r} does not fit this model: "
                          + (f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}; " if missing else "")

@@ -48,6 +48,7 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None  # name of the layer list ("layer", "h", "layers"); None: any
     use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
     use_dora: bool = False
+    lora_bias: bool = False  # B carries a trainable bias (PEFT's lora_B.bias), scaled like B·A; zero at init
     quantize: str | None = None  # "nf4": 4-bit NormalFloat frozen base weights (QLoRA)
     base_model_name_or_path: str | None = None  # metadata written to adapter_config.json
     task_type: str | None = None  # PEFT task type ("SEQ_CLS", "CAUSAL_LM", ...), metadata
@@ -66,6 +67,11 @@ class LoraConfig:
         _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         _check(self.init in INIT_MODES, f"init must be one of {INIT_MODES}, got {self.init!r}")
         _check(self.quantize in QUANTIZE_MODES, f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        _check(isinstance(self.lora_bias, bool), f"lora_bias must be true or false, got {self.lora_bias!r}")
+        _check(not (self.lora_bias and self.use_dora), "lora_bias is not supported with DoRA (PEFT refuses it too: "
+               "DoRA rescales W + ΔW per row, where a bias on B has no defined place)")
+        _check(not (self.lora_bias and self.init in ("gaussian", "pissa")), f"lora_bias needs init 'kaiming', "
+               f"'zeros' or 'random' (PEFT refuses lora_bias with init_lora_weights={self.init!r}), got {self.init!r}")
         _check(not (self.quantize and self.init == "pissa"), "PiSSA on a quantized base is not supported: PiSSA "
                "rewrites the base weight as a residual, which a quantized weight cannot hold exactly")
         for name in ("targets", "exclude"):
@@ -140,7 +146,7 @@ _TO_PEFT = {
     "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
     "exclude": "exclude_modules", "bias": "bias", "modules_to_save": "modules_to_save",
     "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "layers_to_transform": "layers_to_transform",
-    "layers_pattern": "layers_pattern", "use_rslora": "use_rslora", "use_dora": "use_dora",
+    "layers_pattern": "layers_pattern", "use_rslora": "use_rslora", "use_dora": "use_dora", "lora_bias": "lora_bias",
     "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type",
 }
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "zeros": False, "random": False, "pissa": "pissa"}

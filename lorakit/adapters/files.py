@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..nn.kinds import BIAS_FILE_KEY
 from ..nn.layers import LoraLayer
 from .config import LoraConfig, from_peft_dict, replace, to_peft_dict
 from .parts import (
@@ -50,7 +51,7 @@ def _parse_file_key(key: str) -> str:
 # ---- one adapter's tensors under PEFT's names ----
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """{file key without PEFT's prefix: live tensor} for adapter `name`: LoRA A/B (and DoRA magnitudes), its
+    """{file key without PEFT's prefix: live tensor} for adapter `name`: LoRA A/B (DoRA magnitudes, B's biases), its
     modules_to_save copies, and the biases its config's bias setting trains."""
     root = unwrap(model)
     out = {}
@@ -60,6 +61,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             out[f"{path}.{key_a}"], out[f"{path}.{key_b}"] = layer.lora_A[name], layer.lora_B[name]
             if name in layer.lora_magnitude_vector:
                 out[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+            if name in layer.lora_B_bias:
+                out[f"{path}.{BIAS_FILE_KEY}"] = layer.lora_B_bias[name]
     for path, wrapper in saved_modules(root).items():
         if name in wrapper.modules_to_save:
             for key, value in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
@@ -90,6 +93,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default",
     if name not in configs(root):
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(configs(root))}")
     out = {_file_key(key): gather(t.detach()) for key, t in adapter_tensors(root, name).items()}
+    out.update(_unmerged_base_biases(root, out))
     for path, layer in lora_layers(root).items():
         start = layer.adapters[name].pissa_start if name in layer.adapters else None
         if start is not None:  # ΔW = s·(BA − B0A0) on the original W: a rank-2r LoRA [B, −B0] @ [A; A0]
@@ -97,6 +101,19 @@ def adapter_state_dict(model: nn.Module, name: str = "default",
             out[key_a] = torch.cat([out[key_a], start[0].to(out[key_a])])
             out[key_b] = torch.cat([out[key_b], -start[1].to(out[key_b])], dim=1)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _unmerged_base_biases(root: nn.Module, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A trained base bias (bias="lora_only"/"all") of a layer with merged lora_bias adapters holds their s · c too:
+    # the file gets the bias without them, as for W (merging never changes what the file holds).
+    fixed = {}
+    for path, layer in lora_layers(root).items():
+        merged = [n for n in layer.merged if n in layer.lora_B_bias]
+        for key in (_file_key(f"{path}.base_layer.bias"), _file_key(f"{path}.bias")):
+            if merged and key in out:
+                folded = sum(layer.lora_B_bias[n].detach().float() * layer.adapters[n].scale for n in merged)
+                fixed[key] = (out[key].float() - folded.to(out[key].device)).to(out[key].dtype)
+    return fixed
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",

@@ -80,7 +80,7 @@ def add_adapter_layers(root: nn.Module, config: LoraConfig, name: str, plan: dic
         if not isinstance(layer, LoraLayer):
             layer = LoraLayer(layer)
             replace_module(root, path, layer)
-        layer.add_adapter(name, r, scale, config.dropout, config.init, config.use_dora)
+        layer.add_adapter(name, r, scale, config.dropout, config.init, config.use_dora, config.lora_bias)
     for path in saved:
         wrapper = root.get_submodule(path)
         if not isinstance(wrapper, SavedModule):

@@ -133,6 +133,9 @@ def _checked_rank(name: str, module: nn.Module, config: LoraConfig) -> tuple[int
     if kind is None:
         raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA adapts Linear, Conv1D, Embedding "
                          f"and Conv2d layers (name a layer inside it instead)")
+    if config.lora_bias and not kind.biased:  # PEFT refuses it too: its Embedding's B is a bare tensor
+        raise ValueError(f"lora_bias is not supported on {type(base).__name__} layers such as {name!r}; exclude them "
+                         f"or target other layers")
     r = config.rank_for(name)
     d_in, d_out = kind.dims(base)
     if r > min(d_in, d_out):

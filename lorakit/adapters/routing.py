@@ -10,7 +10,7 @@ adapter's scale folded into B, slot 0 all zeros for the base model. With idx (N,
 
 and each row gathers its own factors, applied with batched matmuls (bmm) instead of a Python loop over adapters:
 
-    LoRA    y[n] = base(x[n]) + x[n] A[idx[n]]ᵀ B[idx[n]]ᵀ
+    LoRA    y[n] = base(x[n]) + x[n] A[idx[n]]ᵀ B[idx[n]]ᵀ (+ C[idx[n]]: s · B's bias, for lora_bias adapters)
     DoRA    y[n] = base(x[n]) + (F[idx[n]] − 1) ⊙ x[n] Wᵀ + F[idx[n]] ⊙ x[n] A[idx[n]]ᵀ B[idx[n]]ᵀ
 
 x[n] is everything of row n: (T, d_in) tokens for a sequence, also when a model flattens its input to (N·T, d_in)
@@ -99,7 +99,7 @@ def stack(layer: LoraLayer, used: list[str]) -> Stack:
     """The adapters `used` of `layer` stacked (adapters this layer lacks get zeros: those rows add nothing)."""
     a_of = {n: layer.lora_A[n] for n in used if n in layer.adapters}
     if not a_of:
-        return Stack(None, None, None, 0)
+        return Stack(None, None, None, None, 0)
     b_of = {n: layer.lora_B[n].flatten(1) for n in a_of}  # (d_out, r)
     rank = max(a.shape[0] for a in a_of.values())
     first = next(iter(a_of.values()))
@@ -116,7 +116,16 @@ def stack(layer: LoraLayer, used: list[str]) -> Stack:
         factor = first.new_ones(len(used) + 1, d_out)
         for slot, name in scaled:  # DoRA's row norms depend on W and on each adapter: one per such adapter
             factor[slot] = layer.adapters[name].variant.row_factor(layer, name)
-    return Stack(a, b, factor, rank)
+    return Stack(a, b, factor, _biases(layer, used, d_out, first), rank)
+
+
+def _biases(layer: LoraLayer, used: list[str], d_out: int, like: torch.Tensor) -> torch.Tensor | None:
+    # s · B's bias per slot, (k+1, d_out): zeros for the base model and for adapters without one; None if none has.
+    if not any(n in layer.lora_B_bias for n in used):
+        return None
+    rows = [like.new_zeros(d_out)] + [layer.lora_B_bias[n] * layer.adapters[n].scale if n in layer.lora_B_bias
+                                      else like.new_zeros(d_out) for n in used]
+    return torch.stack(rows)
 
 
 def _padded(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:

@@ -36,6 +36,9 @@ def check_separable(model: nn.Module, name: str = ADAPTER) -> None:
         raise ConfigError("a DoRA adapter cannot be a separate llama.cpp LoRA file: llama.cpp has no DoRA (its "
                           "magnitude vector rescales each row of W + ΔW, which lora_a/lora_b cannot express)"
                           + merged_hint)
+    if config.lora_bias:
+        raise ConfigError("the adapter has a bias on lora_B (lora_bias), which a llama.cpp LoRA file (lora_a/lora_b "
+                          "only) cannot hold" + merged_hint)
     if config.bias != "none":
         raise ConfigError(f"the adapter trains biases (bias={config.bias!r}), which a llama.cpp LoRA file cannot "
                           f"hold" + merged_hint)

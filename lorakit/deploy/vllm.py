@@ -51,6 +51,9 @@ def check(adapter: Path, max_lora_rank: int) -> None:
     if config.use_dora:
         raise ConfigError("vLLM does not support DoRA adapters; merge it (lorakit merge) and serve the merged model, "
                           "or export it for llama.cpp with --format gguf")
+    if config.lora_bias:
+        raise ConfigError("lorakit's vLLM export does not carry a bias on lora_B (lora_bias: vLLM's support for it "
+                          "depends on its version and flags); merge it (lorakit merge) and serve the merged model")
     if config.bias != "none":
         raise ConfigError(f"vLLM does not support adapters that train biases (bias={config.bias!r}); merge it "
                           f"(lorakit merge) and serve the merged model")

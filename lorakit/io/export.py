@@ -59,13 +59,20 @@ def _lora_layer_tensors(layer: LoraLayer, prefix: str):
         layer.dequantize_base(export_dtype)  # an NF4 base straight into the export dtype, not through its own
         if export_dtype not in (None, layer.weight.dtype):  # a full-precision base in another dtype: merged in
             layer.weight.data = layer.weight.data.float()  # float32, so that writing it rounds once
+            if layer.bias is not None:  # so is the bias, which a lora_bias adapter changes
+                layer.bias.data = layer.bias.data.float()
         for name in layer.active:
             layer.merge(name)  # ΔW is added in float32 and rounded once
         return layer.weight.detach()
 
+    def merged_bias(export_dtype) -> torch.Tensor:
+        if any(name not in layer.merged for name in layer.active):  # lora_bias adapters merge into the bias too
+            merged_weight(export_dtype)
+        return layer.bias.detach()
+
     yield prefix + "weight", shape, dtype, merged_weight
     if layer.bias is not None:
-        yield prefix + "bias", layer.bias.shape, layer.bias.dtype, (lambda export_dtype: layer.bias.detach())
+        yield prefix + "bias", layer.bias.shape, layer.bias.dtype, merged_bias
 
 
 def _nf4_tensors(linear: NF4Linear, prefix: str):

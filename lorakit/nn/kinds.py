@@ -10,6 +10,7 @@ Every kind answers the same questions in one place:
     update(layer, x, a, b)   B·A applied to x, unscaled: (..., d_out) (Conv2d: (N, C_out, H', W'))
     held                the base layer's own tensor names, which the LoRA layer holds under the same names
     file_keys           PEFT's names of A and B inside adapter files
+    biased              whether B may carry a bias (PEFT's lora_bias; B·A's output gets it per output channel)
 
 The base layer's hyperparameters (stride, padding_idx, ...) are read from the base module itself.
 """
@@ -53,6 +54,12 @@ class Kind:
     check: Callable[[nn.Module], None] = lambda base: None  # TypeError for a base of this type LoRA cannot adapt
     rows: Callable = linear_rows  # (layer, Stack, idx, x) -> y: each row through its own adapter (rows.py)
     check_routable: Callable[[nn.Module], None] = lambda base: None  # ValueError where rows cannot route it
+    biased: bool = True  # lora_B may carry a bias (PEFT's lora_bias): not on an Embedding, whose B is a bare tensor
+    spatial: int = 0  # dimensions after the output channel in update's output (Conv2d: H', W'), for B's bias
+
+    def bias_shaped(self, bias: torch.Tensor) -> torch.Tensor:
+        """A (d_out,) bias shaped to broadcast over update's output (Conv2d: (d_out, 1, 1))."""
+        return bias.view(-1, *([1] * self.spatial))
 
     def factor_shapes(self, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of A and B at rank r for `base`."""
@@ -113,10 +120,10 @@ CONV1D = Kind("conv1d", dims=lambda m: (m.nx, m.nf), matrix=lambda layer: layer.
 EMBEDDING = Kind("embedding", dims=lambda m: (m.num_embeddings, m.embedding_dim), matrix=lambda layer: layer.weight.t(),
                  base=_embedding_base, update=_embedding_update, held=("weight",),
                  file_keys=("lora_embedding_A", "lora_embedding_B"), dropout=False, rows=embedding_rows,
-                 check_routable=_check_routable_embedding)
+                 check_routable=_check_routable_embedding, biased=False)
 CONV2D = Kind("conv2d", dims=lambda m: (m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels),
               matrix=lambda layer: layer.weight.view(layer.weight.shape[0], -1), base=_conv2d_base,
-              update=_conv2d_update, check=_check_conv2d, rows=conv2d_rows,
+              update=_conv2d_update, check=_check_conv2d, rows=conv2d_rows, spatial=2,
               shapes=lambda base, r: ((r, base.in_channels, *base.kernel_size), (base.out_channels, r, 1, 1)))
 NF4 = Kind("nf4", dims=lambda m: (m.in_features, m.out_features), matrix=lambda layer: dequantize_nf4(layer.weight_nf4),
            base=lambda layer, x: nf4_linear(x, layer.weight_nf4, layer.bias), update=_linear_update,
@@ -127,6 +134,7 @@ KINDS: list[tuple[type, Kind]] = [(NF4Linear, NF4), (nn.Linear, LINEAR), (nn.Emb
 if Conv1D is not None:
     KINDS.append((Conv1D, CONV1D))
 FILE_KEYS: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(kind.file_keys for _, kind in KINDS))  # PEFT's A/B names
+BIAS_FILE_KEY = "lora_B.bias"  # PEFT's name of B's bias (lora_bias=True), for every kind that is `biased`
 
 
 def kind_of(module: nn.Module) -> Kind | None:

@@ -6,7 +6,8 @@ a Linear held in 4 bits). It takes over the base layer's own tensors under their
 and it holds any number of named adapters:
 
     lora_A[name]: (r, d_in)     lora_B[name]: (d_out, r)        (Conv2d: (r, C_in, kh, kw) and (C_out, r, 1, 1))
-    adapters[name]: scale, dropout, variant (LoRA or DoRA; variants.py), PiSSA's starting factors
+    lora_B_bias[name]: (d_out,)  B's bias, for adapters with lora_bias (PEFT's lora_B.bias)
+    adapters[name]: scale, dropout, variant (LoRA, LoRA with a bias on B, or DoRA; variants.py), PiSSA's starting factors
 
 Forward: y = base(x) + Σ over active, unmerged adapters of what each adds (a variant's `output`). Inside
 `lorakit.route(model, names)` each row goes through its own adapter instead (routing.py).
@@ -59,6 +60,7 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
+        self.lora_B_bias = nn.ParameterDict()  # lora_bias adapters only
         self.adapters: dict[str, Adapter] = {}
         self.active: tuple[str, ...] = ()  # adapters applied in forward
         self.merged: list[str] = []  # adapters folded into W, in the order they were merged
@@ -90,12 +92,14 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str = "kaiming",
-                    use_dora: bool = False) -> None:
-        """Create lora_A[name] and lora_B[name] so that the output is unchanged (unless init='random'); float32
-        unless the base is float64. init='pissa' also replaces W by its residual (variants.py)."""
-        start, variant = INITS[init], variant_for(use_dora)
+                    use_dora: bool = False, lora_bias: bool = False) -> None:
+        """Create lora_A[name] and lora_B[name] (and B's bias with lora_bias) so that the output is unchanged (unless
+        init='random'); float32 unless the base is float64. init='pissa' also replaces W by its residual (variants.py)."""
+        start, variant = INITS[init], variant_for(use_dora, lora_bias)
         if (use_dora or start.residual) and not self.kind.linear:
             raise ValueError(f"{'DoRA' if use_dora else 'PiSSA'} supports Linear and Conv1D layers, not {self.kind.name}")
+        if lora_bias and (start.residual or not self.kind.biased):
+            raise ValueError(f"lora_bias is not supported {'with PiSSA' if start.residual else 'on ' + self.kind.name}")
         shape_a, shape_b = self.kind.factor_shapes(self.base_layer, r)
         a, b = start.factors(self, shape_a, shape_b, scale, self._factor_options())
         self.lora_A[name] = nn.Parameter(a)
@@ -123,8 +127,9 @@ class LoraLayer(nn.Module):
             self.unmerge(name)
         self.restore_pissa([name], +1)
         del self.lora_A[name], self.lora_B[name], self.adapters[name]
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
+        for extra in (self.lora_magnitude_vector, self.lora_B_bias):
+            if name in extra:
+                del extra[name]
         self.active = tuple(a for a in self.active if a != name)
 
     def set_active(self, names: tuple[str, ...]) -> None:

@@ -23,6 +23,7 @@ class Stack:
     a: torch.Tensor | None
     b: torch.Tensor | None  # (k+1, d_out, R), each adapter's scale folded in
     factor: torch.Tensor | None  # DoRA's (k+1, d_out); None when no adapter here is DoRA
+    bias: torch.Tensor | None  # B's biases (lora_bias), each adapter's scale folded in: (k+1, d_out); None when none
     rank: int  # R; 0 when no routed adapter is in this layer (the layer runs its base alone)
 
 
@@ -44,10 +45,12 @@ def linear_rows(layer: "LoraLayer", s: Stack, idx: torch.Tensor, x: torch.Tensor
     rows = x.reshape(idx.shape[0], -1, x.shape[-1])
     a, b = s.a[idx].to(x.dtype), s.b[idx].to(x.dtype)  # (N, R, d_in), (N, d_out, R)
     lora = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))  # (N, M, d_out)
+    if s.bias is not None:
+        lora = lora + s.bias[idx].to(lora.dtype).unsqueeze(1)
     if s.factor is None:
         return y + lora.view(y.shape)
     base = y if layer.bias is None else y - layer.bias  # x Wᵀ
-    f = s.factor[idx].to(y.dtype).unsqueeze(1)  # (N, 1, d_out)
+    f = s.factor[idx].to(y.dtype).unsqueeze(1)  # (N, 1, d_out); 1 in the rows of an adapter with a bias
     return y + ((f - 1) * base.reshape(lora.shape) + f * lora).view(y.shape)
 
 
@@ -72,4 +75,6 @@ def conv2d_rows(layer: "LoraLayer", s: Stack, idx: torch.Tensor, x: torch.Tensor
     a = s.a[per].to(x.dtype).flatten(0, 1)  # (L·R, C, kh, kw)
     h = F.conv2d(x.reshape(1, -1, *x.shape[2:]), a, None, c.stride, c.padding, c.dilation, groups=n)
     lora = torch.bmm(s.b[per].to(x.dtype), h.view(n, s.rank, -1))  # (L, d_out, H'·W')
+    if s.bias is not None:
+        lora = lora + s.bias[per].to(lora.dtype).unsqueeze(2)
     return y + lora.view(y.shape)

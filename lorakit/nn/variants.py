@@ -4,6 +4,8 @@ on the layer (`Variant`: its extra parameters, ΔW, its share of the output, mer
 With W the layer's (d_out, d_in) matrix, s the adapter's scale and x the input:
 
     LoRA    y = x Wᵀ + s · x Aᵀ Bᵀ                         ΔW = s · B A
+    LoRA with a bias on B (PEFT's lora_bias)
+            y = x Wᵀ + s · (x Aᵀ Bᵀ + c)                   ΔW = s · B A, Δbias = s · c (c zero at init)
     DoRA    y = m / ‖W + s·BA‖ ⊙ (x Wᵀ + s · x Aᵀ Bᵀ)      ΔW = m / ‖W + s·BA‖ ⊙ (W + s·BA) − W
             (Liu et al., 2024; m a trainable magnitude per output row, the row norm a constant in backward)
     PiSSA   an Init: A0, B0 from W's top-r singular vectors (Meng et al., 2024), W replaced by its residual
@@ -109,6 +111,43 @@ LORA = Variant(
     trainable=lambda layer, name: [], merge_is_finite=_lora_merge_is_finite, fusable=True)
 
 
+# ---- LoRA with a bias on B (PEFT's lora_bias: its lora_B is a Linear with a bias, scaled with B A) ----
+
+def _bias_create(layer, name):
+    b = layer.lora_B[name]
+    layer.lora_B_bias[name] = nn.Parameter(b.new_zeros(b.shape[0]))  # zero: the output is unchanged at init
+
+
+def _bias_output(layer, name, x, y):
+    a, b, c = layer.lora_A[name], layer.lora_B[name], layer.lora_B_bias[name]
+    h = layer.kind.update(layer, dropped(layer, name, x), a, b)
+    return (h + layer.kind.bias_shaped(c).to(h.dtype)) * layer.adapters[name].scale  # PEFT: lora_B(·) · scaling
+
+
+def _bias_delta(layer, name) -> torch.Tensor:
+    """s · c: what merging adapter `name` adds to the base layer's bias, float32 (d_out,)."""
+    return layer.lora_B_bias[name].detach().float() * layer.adapters[name].scale
+
+
+def _bias_merge(layer, name) -> float:
+    error = _lora_merge(layer, name)
+    return max(error, _copy_into(layer.bias.data, layer.bias.float() + _bias_delta(layer, name)))
+
+
+def _bias_unmerge(layer, name):
+    LORA.unmerge(layer, name)
+    layer.bias.data.copy_(layer.bias.float() - _bias_delta(layer, name))
+
+
+def _bias_merge_is_finite(layer, name) -> bool:
+    return _lora_merge_is_finite(layer, name) and bool(torch.isfinite(layer.bias.float() + _bias_delta(layer, name)).all())
+
+
+LORA_BIAS = Variant("lora_bias", create=_bias_create, delta=lowrank, output=_bias_output, merge=_bias_merge,
+                    unmerge=_bias_unmerge, trainable=lambda layer, name: [layer.lora_B_bias[name]],
+                    merge_is_finite=_bias_merge_is_finite)
+
+
 # ---- DoRA ----
 
 @torch.no_grad()
@@ -173,9 +212,11 @@ DORA = Variant("dora", create=_dora_create, delta=_dora_delta, output=_dora_outp
                merge_is_finite=finite_after_merge, row_factor=_dora_row_factor)
 
 
-def variant_for(use_dora: bool) -> Variant:
-    """DORA or LORA."""
-    return DORA if use_dora else LORA
+def variant_for(use_dora: bool, lora_bias: bool = False) -> Variant:
+    """DORA, LORA_BIAS or LORA (LoraConfig refuses DoRA with lora_bias, as PEFT does)."""
+    if use_dora and lora_bias:
+        raise ValueError("lora_bias is not supported with DoRA")
+    return DORA if use_dora else LORA_BIAS if lora_bias else LORA
 
 
 # ---- how A and B start ----
