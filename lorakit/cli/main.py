@@ -257,7 +257,7 @@ def info(
     directory: str = typer.Argument(..., help="Adapter or run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Rank, alpha, targets, variant (LoRA or DoRA), scale (rsLoRA or not), quantization, trainable parameters,
+    """Rank, alpha, targets, variant (LoRA or DoRA), lora_bias, scale (rsLoRA or not), quantization, trainable parameters,
     file size, base model, task and labels of an adapter."""
     from safetensors import safe_open
 
@@ -269,7 +269,7 @@ def info(
         with safe_open(weights, framework="pt") as f:
             params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         result = {"r": cfg.r, "alpha": cfg.alpha, "targets": cfg.targets, "modules_to_save": cfg.modules_to_save,
-                  "variant": "DoRA" if cfg.use_dora else "LoRA", "scale": _scale(cfg), "quantize": cfg.quantize,
+                  "variant": "DoRA" if cfg.use_dora else "LoRA", "lora_bias": cfg.lora_bias, "scale": _scale(cfg), "quantize": cfg.quantize,
                   "trainable_params": params, "file_bytes": weights.stat().st_size,
                   "base_model": cfg.base_model_name_or_path, "task": cfg.task_type, "labels": load_labels(directory)}
         metrics = Path(directory) / METRICS_FILE

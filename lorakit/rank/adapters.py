@@ -28,7 +28,7 @@ from ..adapters.files import (
     read_adapter_tensors,
 )
 from ..data.tables import load_labels as read_labels
-from ..nn.kinds import FILE_KEYS
+from ..nn.kinds import BIAS_FILE_KEY, FILE_KEYS
 
 LABELS_NAME = "labels.json"
 FACTOR_KEYS = FILE_KEYS  # PEFT's file names of A and B, per layer kind
@@ -38,7 +38,8 @@ MAGNITUDE_KEY = "lora_magnitude_vector"
 @dataclass
 class Factors:
     """One adapted module: ΔW = scale · B @ A with A flattened to (r, d_in) and B to (d_out, r); `a_shape` and
-    `b_shape` are the shapes in the file (Conv2d keeps 4 dims); `magnitude` is DoRA's, else None."""
+    `b_shape` are the shapes in the file (Conv2d keeps 4 dims); `magnitude` is DoRA's, else None; `bias` is B's
+    bias c as in the file (lora_bias), else None: it adds scale · c to the layer's bias."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -47,6 +48,7 @@ class Factors:
     b_shape: tuple = ()
     keys: tuple[str, str] = FACTOR_KEYS[0]
     magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     @property
     def r(self) -> int:
@@ -85,9 +87,10 @@ def read(path: str | os.PathLike) -> AdapterFile:
             if key.endswith("." + key_a):
                 module = key[: -len(key_a) - 1]
                 modules[module] = _factors(path, config, tensors, module, key_a, key_b)
-                used |= {key, f"{module}.{key_b}", f"{module}.{MAGNITUDE_KEY}"}
+                used |= {key, f"{module}.{key_b}", f"{module}.{MAGNITUDE_KEY}", f"{module}.{BIAS_FILE_KEY}"}
     other = {k: v for k, v in tensors.items() if k not in used}
-    stray = [k for k in other if any(k.endswith("." + kb) for _, kb in FACTOR_KEYS) or k.endswith(MAGNITUDE_KEY)]
+    beside_a = [kb for _, kb in FACTOR_KEYS] + [MAGNITUDE_KEY, BIAS_FILE_KEY]  # each needs its module's lora_A
+    stray = [k for k in other if any(k.endswith("." + key) for key in beside_a)]
     if stray:
         raise ValueError(f"{path}: {stray[0]} has no matching lora_A tensor: the adapter file is incomplete")
     if not modules:
@@ -105,9 +108,13 @@ def _factors(path, config: LoraConfig, tensors: dict, module: str, key_a: str, k
     if a2.shape[0] != config.rank_for(module):
         raise ValueError(f"{path}: {module} has rank {a2.shape[0]} in the file but {config.rank_for(module)} in "
                          f"adapter_config.json (r / rank_pattern)")
-    magnitude = tensors.get(f"{module}.{MAGNITUDE_KEY}")
+    magnitude, bias = tensors.get(f"{module}.{MAGNITUDE_KEY}"), tensors.get(f"{module}.{BIAS_FILE_KEY}")
+    if (bias is not None) != config.lora_bias or (bias is not None and tuple(bias.shape) != (b2.shape[0],)):
+        raise ValueError(f"{path}: {module}.{BIAS_FILE_KEY} is {'absent' if bias is None else tuple(bias.shape)} "
+                         f"but adapter_config.json has lora_bias={config.lora_bias} and lora_B has "
+                         f"{b2.shape[0]} rows")
     # PEFT's embedding A is (r, num_embeddings) and B (embedding_dim, r): B @ A is W's (d_out, d_in) as for Linear
-    return Factors(a2, b2, config.scale_for(module), tuple(a.shape), tuple(b.shape), (key_a, key_b), magnitude)
+    return Factors(a2, b2, config.scale_for(module), tuple(a.shape), tuple(b.shape), (key_a, key_b), magnitude, bias)
 
 
 def uniform_config(source: LoraConfig, ranks: dict[str, int], **changes) -> LoraConfig:
@@ -129,6 +136,8 @@ def factor_tensors(modules: dict[str, Factors]) -> dict[str, torch.Tensor]:
         b_shape = (f.b.shape[0], f.r, *f.b_shape[2:]) if f.b_shape else tuple(f.b.shape)
         out[f"{path}.{key_a}"] = f.a.reshape(a_shape).contiguous()
         out[f"{path}.{key_b}"] = f.b.reshape(b_shape).contiguous()
+        if f.bias is not None:
+            out[f"{path}.{BIAS_FILE_KEY}"] = f.bias.contiguous()
     return out
 
 

@@ -96,6 +96,8 @@ def _module_report(factors, layer, with_base: bool, seed: int) -> dict:
         delta = None
     keep = max(factors.r, spectra.rank_for_energy(sigma, 0.99))
     report = {"r": factors.r, **spectra.spectrum(sigma, keep)}
+    if factors.bias is not None:  # lora_bias: the change to the layer's bias, s · c, outside ΔW's spectrum
+        report["bias_norm"] = (factors.bias.double() * factors.scale).norm().item()
     if with_base:
         weight = layer.base_matrix().detach().double()
         delta = delta if delta is not None else factors.delta().double()

@@ -13,8 +13,8 @@ The new adapter has scale 1 (alpha = r), as PEFT's. Where this differs from PEFT
 from a generator seeded with `seed`, module by module in sorted order, A before B, adapter by adapter (PEFT draws
 from torch's global generator, whatever state it is in); a single adapter is combined "linear" as in PEFT. A
 classification head (modules_to_save) is combined as the weighted mean Σ w_i H_i / Σ w_i when every adapter saves
-one for the same label set, and refused otherwise (PEFT refuses any two heads). DoRA adapters and trained biases
-are refused: neither has a combination PEFT defines.
+one for the same label set, and refused otherwise (PEFT refuses any two heads). DoRA adapters, trained biases and
+biases on B (lora_bias) are refused: PEFT defines no combination of them (it leaves B's biases as initialised).
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def _checked_inputs(adapters, weights, method, density, r) -> list[AdapterFile]:
     for s in sources:
         if any(f.magnitude is not None for f in s.modules.values()):
             raise ValueError(f"{s.path} is a DoRA adapter: combining DoRA magnitudes is not defined (PEFT neither)")
+        if s.config.lora_bias:
+            raise ValueError(f"{s.path} has biases on lora_B (lora_bias): PEFT's add_weighted_adapter does not combine "
+                             f"them (the new adapter's B biases keep their fresh initialisation), so combine refuses "
+                             f"rather than drop them or differ from PEFT; merge the adapters into the model instead")
         if s.config.bias != "none":
             raise ValueError(f"{s.path} trains biases (bias={s.config.bias!r}): combine does not mix base biases")
     _check_same_base(sources)

@@ -80,6 +80,8 @@ class TrainConfig:
                                     "when others match none (else those are named, and the run stops).")
     use_rslora: bool = setting(False, LORA, "rsLoRA: scale alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = setting(False, LORA, "DoRA: weight-decomposed LoRA (a trainable magnitude per output).")
+    lora_bias: bool = setting(False, LORA, "A trainable bias on lora_B (PEFT's lora_bias), scaled like B·A; not "
+                              "with DoRA or on Embedding layers.")
     quantize: str | None = setting(None, MODEL, "nf4: QLoRA, every frozen Linear of the base in 4-bit NormalFloat, "
                                    "quantized while the checkpoint loads.")
     dtype: str = setting("auto", MODEL, "The base's weights: auto (the checkpoint's own) | bf16 | fp16 | fp32.")
@@ -297,7 +299,8 @@ def lora_config(cfg: TrainConfig, default_targets: list[str] | None = None) -> L
     """The run's one LoraConfig (raises ValueError for values it refuses): --targets, else `default_targets` (the
     model's). A task model's head is trained and saved in full (inject's default for it, as in PEFT)."""
     return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=parse_targets(cfg.targets) or
-                      default_targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, quantize=cfg.quantize)
+                      default_targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, lora_bias=cfg.lora_bias,
+                      quantize=cfg.quantize)
 
 
 def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
