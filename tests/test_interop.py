@@ -83,6 +83,7 @@ VARIANTS = {  # variant: (lorakit.LoraConfig arguments, peft.LoraConfig argument
     "dora": ({"use_dora": True}, {"use_dora": True}),
     "pissa": ({"init": "pissa"}, {"init_lora_weights": "pissa"}),
     "nf4": ({"quantize": "nf4"}, {}),
+    "lora-bias": ({"lora_bias": True}, {"lora_bias": True}),  # B's bias, randomized like every trained tensor
 }
 CELLS = [(k, v, n) for k in KINDS for v in VARIANTS for n in ("default", "second")] + [
     (k, "lora", "default") for k in EXTRA_KINDS]
