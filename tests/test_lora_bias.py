@@ -218,6 +218,12 @@ def test_merge_refused_where_the_layer_has_no_bias():
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
     with pytest.raises(RuntimeError, match="base layer has no bias"):  # PEFT refuses it too
         theirs.merge_and_unload()
+    with torch.no_grad():  # a zero bias on B adds nothing: lorakit merges it (PEFT refuses even that)
+        for layer in lora_layers(model).values():
+            layer.lora_B_bias["default"].zero_()
+        expected = model(input_ids=IDS).logits
+        lorakit.merge(model)
+        torch.testing.assert_close(model(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
 
 
 def _bias_file(tmp_path, edit):
@@ -234,7 +240,6 @@ def _bias_file(tmp_path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c, t: c.update(lora_bias=False), r"holds biases of lora_B .* does not say \"lora_bias\": true"),
     (lambda c, t: t.update({BIAS_KEY: torch.zeros(31)}), r"query.lora_B.bias has shape \(31,\), this model expects \(32,\)"),
     (lambda c, t: t.pop(BIAS_KEY), r"missing tensors \['bert.encoder.layer.0.attention.self.query.lora_B.bias'\]"),
 ])
@@ -292,11 +297,11 @@ def test_combine_refuses(tmp_path, method):
     assert not (tmp_path / "out").exists()
 
 
-def test_rank_read_checks_bias_against_config(tmp_path):
+def test_rank_read_checks_the_bias_shape(tmp_path):
     path = save_random_adapter(tmp_path / "a", seed=1, lora_bias=True)
-    config = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": False}))
-    with pytest.raises(ValueError, match="lora_B.bias is \\(32,\\) but adapter_config.json has lora_bias=False"):
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file({**tensors, BIAS_KEY: torch.zeros(31)}, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"query.lora_B.bias has shape \(31,\) but lora_B has 32 rows"):
         read(path)
 
 
@@ -326,3 +331,96 @@ def test_qlora_base_with_lora_bias_merges():
         expected = model(input_ids=IDS).logits
         lorakit.merge(model)
         torch.testing.assert_close(model(input_ids=IDS).logits, expected, atol=1e-4, rtol=0)
+
+
+# ---- mergekit-extract-lora's files: B's bias = the fine-tune's bias change, and no lora_bias key ----
+
+def _tiny_qwen2(seed=0):
+    # Qwen2's q/k/v projections have biases, its o_proj none: the case where mergekit writes lora_B.bias for some
+    # targets only.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def _fine_tuned(targets):
+    tuned = _tiny_qwen2()
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, module in tuned.named_modules():
+            if name.rsplit(".", 1)[-1] in targets:
+                module.weight.add_(torch.randn(module.weight.shape, generator=g) * 0.05)
+                if module.bias is not None:
+                    module.bias.add_(torch.randn(module.bias.shape, generator=g) * 0.5)
+    return tuned
+
+
+def _mergekit_style_file(base, tuned, targets, out):
+    # What mergekit-extract-lora writes (at full rank): A = √S Vᵀ, B = U √S of ΔW, alpha = r (scale 1),
+    # lora_B.bias = Δbias where the layer has a bias, and an adapter_config.json without lora_bias.
+    tensors, rank = {}, None
+    for name, module in base.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        tuned_module = tuned.get_submodule(name)
+        u, s, vh = torch.linalg.svd(tuned_module.weight - module.weight, full_matrices=False)
+        rank = s.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = (s.sqrt().unsqueeze(1) * vh).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (u * s.sqrt()).contiguous()
+        if module.bias is not None:
+            tensors[f"base_model.model.{name}.lora_B.bias"] = tuned_module.bias - module.bias
+    out.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, out / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "use_rslora": False, "target_modules": sorted(targets), "modules_to_save": [],
+              "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {},
+              "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_mergekit_extracted_file_loads_with_its_biases(tmp_path):
+    targets = {"q_proj", "o_proj"}
+    tuned = _fine_tuned(targets)
+    path = _mergekit_style_file(_tiny_qwen2(), tuned, targets, tmp_path / "extracted")
+    with torch.no_grad():
+        expected = tuned(input_ids=IDS).logits
+    with pytest.warns(UserWarning, match="lora_B.bias tensors but adapter_config.json does not say"):
+        ours = lorakit.load_adapter(_tiny_qwen2(), path)
+    assert lorakit.configs(ours)["default"].lora_bias is True
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, expected, atol=1e-4, rtol=0)  # the fine-tune itself
+    announced = tmp_path / "announced"  # PEFT needs the key to apply the biases
+    announced.mkdir()
+    (announced / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors").read_bytes())
+    config = json.loads((path / "adapter_config.json").read_text())
+    (announced / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    theirs = peft.PeftModel.from_pretrained(_tiny_qwen2(), announced).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=1e-6, rtol=0)
+        lorakit.merge(ours)  # o_proj has no bias and no lora_B.bias: its zero bias merges as nothing
+        torch.testing.assert_close(ours(input_ids=IDS).logits, expected, atol=1e-4, rtol=0)
+    lorakit.save_adapter(ours, tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())["lora_bias"] is True
+    again = peft.PeftModel.from_pretrained(_tiny_qwen2(), tmp_path / "resaved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=IDS).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_mergekit_extracted_file_in_the_rank_tools(tmp_path):
+    targets = {"q_proj", "o_proj"}
+    path = _mergekit_style_file(_tiny_qwen2(), _fine_tuned(targets), targets, tmp_path / "extracted")
+    with pytest.warns(UserWarning, match="lora_B.bias"):
+        source = read(path)
+    assert source.config.lora_bias is True
+    assert source.modules["model.layers.0.self_attn.q_proj"].bias is not None
+    assert source.modules["model.layers.0.self_attn.o_proj"].bias is None
+    with pytest.warns(UserWarning, match="lora_B.bias"):
+        resize(path, tmp_path / "resized", r=32)
+    ours = lorakit.load_adapter(_tiny_qwen2(), tmp_path / "resized")
+    with pytest.warns(UserWarning, match="lora_B.bias"):
+        original = lorakit.load_adapter(_tiny_qwen2(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, original(input_ids=IDS).logits, atol=1e-5, rtol=0)

@@ -43,7 +43,7 @@ def attach(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor
         raise ValueError(f"adapter {str(path)!r} does not fit this model: {e}") from None
     saved = plan_saved_modules(root, config, strict=False)  # PEFT lists e.g. "score" beside "classifier"
     try:
-        expected = _expected_shapes(root, config, plan, saved)
+        expected = _expected_shapes(root, config, plan, saved, set(tensors))
     except ValueError as e:
         raise ValueError(f"adapter {str(path)!r} does not fit this model: {e}") from None
     _check_tensors(path, expected, tensors)
@@ -60,8 +60,10 @@ def attach(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor
     return model
 
 
-def _expected_shapes(root: nn.Module, config: LoraConfig, plan: dict, saved: list[str]) -> dict[str, tuple]:
+def _expected_shapes(root: nn.Module, config: LoraConfig, plan: dict, saved: list[str],
+                     present: set[str]) -> dict[str, tuple]:
     # {file key without prefix: shape} for everything `config` puts in a file, from the model before it changes.
+    # B's bias may be absent where the layer has no bias of its own (mergekit writes none there): it stays zero.
     expected = {}
     for path, (r, _) in plan.items():
         module = root.get_submodule(path)
@@ -73,8 +75,9 @@ def _expected_shapes(root: nn.Module, config: LoraConfig, plan: dict, saved: lis
             raise ValueError(f"DoRA supports Linear and Conv1D layers, not {kind.name} ({path!r})")
         if config.use_dora:
             expected[f"{path}.lora_magnitude_vector"] = (kind.dims(base)[1],)
-        if config.lora_bias:
-            expected[f"{path}.{BIAS_FILE_KEY}"] = (kind.dims(base)[1],)
+        key = f"{path}.{BIAS_FILE_KEY}"
+        if config.lora_bias and (getattr(module, "bias", None) is not None or key in present):
+            expected[key] = (kind.dims(base)[1],)
     for path in saved:
         module = root.get_submodule(path)
         module = module.original_module if isinstance(module, SavedModule) else module
@@ -107,11 +110,6 @@ def _fill_new_adapter(root, config: LoraConfig, name: str, plan: dict, saved: li
 def _check_tensors(path, expected: dict, tensors: dict) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    stray_biases = [k for k in unexpected if k.endswith("." + BIAS_FILE_KEY)]
-    if stray_biases and len(stray_biases) == len(unexpected) and not missing:
-        raise ValueError(f"adapter {str(path)!r} holds biases of lora_B ({stray_biases[0]}, ...) but its "
-                         f"adapter_config.json does not say \"lora_bias\": true (PEFT would drop them silently); "
-                         f"set it if the file is right")
     if missing or unexpected:
         raise ValueError(f"adapter {str(path)!r} does not fit this model: "
                          + (f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}; " if missing else "")

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -207,8 +208,21 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """(config, tensors under file keys without PEFT's prefix) of the adapter in `path`: each file read once."""
-    config = read_adapter_config(path)
-    return config, {_parse_file_key(k): v for k, v in read_adapter_tensors(path).items()}
+    config = read_adapter_config(path)  # first: a directory without one is not an adapter at all
+    tensors = {_parse_file_key(k): v for k, v in read_adapter_tensors(path).items()}
+    return with_file_biases(config, tensors, path), tensors
+
+
+def with_file_biases(config: LoraConfig, keys, path) -> LoraConfig:
+    """`config` with lora_bias=True when the file holds lora_B biases its config does not announce, with a warning.
+    mergekit-extract-lora writes such files: the fine-tune's bias change as lora_B.bias at scale 1, and no lora_bias
+    key. PEFT would drop those biases; lorakit applies them, and saves the adapter with lora_bias: true."""
+    if config.lora_bias or not any(k.endswith("." + BIAS_FILE_KEY) for k in keys):
+        return config
+    warnings.warn(f"{path}: the file holds {BIAS_FILE_KEY} tensors but adapter_config.json does not say "
+                  f"\"lora_bias\": true (as mergekit-extract-lora writes it); loading them as lora_bias=True (PEFT "
+                  f"would drop them)", stacklevel=3)
+    return replace(config, lora_bias=True)
 
 
 def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

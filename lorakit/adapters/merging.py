@@ -53,9 +53,10 @@ def check_mergeable(model: nn.Module) -> list[tuple[str, "LoraLayer", str]]:
         if tied:
             raise ValueError(f"cannot merge adapter {name!r} into {path!r}: its weight is shared with {tied} "
                              f"(tied weights), which would change too; keep it unmerged")
-        if name in layer.lora_B_bias and layer.bias is None:  # PEFT refuses this merge too
-            raise ValueError(f"cannot merge adapter {name!r} into {path!r}: the adapter has a bias on lora_B "
-                             f"(lora_bias) but the layer has no bias to fold it into; keep it unmerged")
+        if name in layer.lora_B_bias and layer.bias is None and layer.lora_B_bias[name].any():
+            # PEFT refuses even a zero one; lorakit merges that (it adds nothing), e.g. where mergekit wrote none
+            raise ValueError(f"cannot merge adapter {name!r} into {path!r}: the adapter has a non-zero bias on "
+                             f"lora_B (lora_bias) but the layer has no bias to fold it into; keep it unmerged")
         if not layer.merge_stays_finite(name):
             raise ValueError(f"merging adapter {name!r} into {path!r} gives non-finite weights; the adapter is broken")
     return pending

@@ -19,7 +19,15 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapters.config import replace, to_peft_dict
-from ..adapters.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write, read_adapter_config, read_adapter_tensors
+from ..adapters.files import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    atomic_write,
+    read_adapter_config,
+    read_adapter_tensors,
+    with_file_biases,
+)
 from ..errors import ConfigError
 from ..nn.kinds import FILE_KEYS
 from ..training.rundir import CHAT_TEMPLATE_FILE
@@ -48,6 +56,8 @@ def check(adapter: Path, max_lora_rank: int) -> None:
     if max_lora_rank not in MAX_LORA_RANKS:
         raise ConfigError(f"--max-lora-rank {max_lora_rank}: vLLM accepts one of {list(MAX_LORA_RANKS)}")
     config = read_adapter_config(adapter)
+    tensors = read_adapter_tensors(adapter)
+    config = with_file_biases(config, tensors, adapter)  # mergekit's unannounced lora_B biases too
     if config.use_dora:
         raise ConfigError("vLLM does not support DoRA adapters; merge it (lorakit merge) and serve the merged model, "
                           "or export it for llama.cpp with --format gguf")
@@ -57,7 +67,7 @@ def check(adapter: Path, max_lora_rank: int) -> None:
     if config.bias != "none":
         raise ConfigError(f"vLLM does not support adapters that train biases (bias={config.bias!r}); merge it "
                           f"(lorakit merge) and serve the merged model")
-    pairs, full = split_keys(read_adapter_tensors(adapter))
+    pairs, full = split_keys(tensors)
     modules = {key.rpartition(".")[0] for key in full}  # "lm_head.weight" -> "lm_head"
     refused = sorted(m for m in modules if m.rpartition(".")[2] not in SAVED_OK)
     if refused:

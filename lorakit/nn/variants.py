@@ -129,18 +129,25 @@ def _bias_delta(layer, name) -> torch.Tensor:
     return layer.lora_B_bias[name].detach().float() * layer.adapters[name].scale
 
 
+# A layer without a bias of its own takes only a zero c (merging.check_mergeable refuses any other): nothing to add.
+
 def _bias_merge(layer, name) -> float:
     error = _lora_merge(layer, name)
+    if layer.bias is None:
+        return error
     return max(error, _copy_into(layer.bias.data, layer.bias.float() + _bias_delta(layer, name)))
 
 
 def _bias_unmerge(layer, name):
     LORA.unmerge(layer, name)
-    layer.bias.data.copy_(layer.bias.float() - _bias_delta(layer, name))
+    if layer.bias is not None:
+        layer.bias.data.copy_(layer.bias.float() - _bias_delta(layer, name))
 
 
 def _bias_merge_is_finite(layer, name) -> bool:
-    return _lora_merge_is_finite(layer, name) and bool(torch.isfinite(layer.bias.float() + _bias_delta(layer, name)).all())
+    if not _lora_merge_is_finite(layer, name):
+        return False
+    return layer.bias is None or bool(torch.isfinite(layer.bias.float() + _bias_delta(layer, name)).all())
 
 
 LORA_BIAS = Variant("lora_bias", create=_bias_create, delta=lowrank, output=_bias_output, merge=_bias_merge,

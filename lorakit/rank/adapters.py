@@ -26,6 +26,7 @@ from ..adapters.files import (
     atomic_directory,
     read_adapter_config,
     read_adapter_tensors,
+    with_file_biases,
 )
 from ..data.tables import load_labels as read_labels
 from ..nn.kinds import BIAS_FILE_KEY, FILE_KEYS
@@ -81,6 +82,7 @@ def read(path: str | os.PathLike) -> AdapterFile:
                          f"model, not to the base; save it converted (lorakit does) first")
     raw = json.loads((Path(path) / CONFIG_NAME).read_text())
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_adapter_tensors(path).items()}
+    config = with_file_biases(config, tensors, path)  # mergekit-extract-lora's unannounced lora_B biases
     modules, used = {}, set()
     for key in tensors:
         for key_a, key_b in FACTOR_KEYS:
@@ -109,9 +111,8 @@ def _factors(path, config: LoraConfig, tensors: dict, module: str, key_a: str, k
         raise ValueError(f"{path}: {module} has rank {a2.shape[0]} in the file but {config.rank_for(module)} in "
                          f"adapter_config.json (r / rank_pattern)")
     magnitude, bias = tensors.get(f"{module}.{MAGNITUDE_KEY}"), tensors.get(f"{module}.{BIAS_FILE_KEY}")
-    if (bias is not None) != config.lora_bias or (bias is not None and tuple(bias.shape) != (b2.shape[0],)):
-        raise ValueError(f"{path}: {module}.{BIAS_FILE_KEY} is {'absent' if bias is None else tuple(bias.shape)} "
-                         f"but adapter_config.json has lora_bias={config.lora_bias} and lora_B has "
+    if bias is not None and tuple(bias.shape) != (b2.shape[0],):  # absent: zero (mergekit writes none where
+        raise ValueError(f"{path}: {module}.{BIAS_FILE_KEY} has shape {tuple(bias.shape)} but lora_B has "  # no bias)
                          f"{b2.shape[0]} rows")
     # PEFT's embedding A is (r, num_embeddings) and B (embedding_dim, r): B @ A is W's (d_out, d_in) as for Linear
     return Factors(a2, b2, config.scale_for(module), tuple(a.shape), tuple(b.shape), (key_a, key_b), magnitude, bias)
