@@ -424,3 +424,10 @@ def test_mergekit_extracted_file_in_the_rank_tools(tmp_path):
         original = lorakit.load_adapter(_tiny_qwen2(), path)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=IDS).logits, original(input_ids=IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_lora_plus_gives_b_bias_b_learning_rate():
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=4, targets=["c_attn"], lora_bias=True))
+    groups = {g["name"]: g for g in lorakit.optimizer(model, lr=1e-4, lr_ratio=16, weight_decay=0.01).param_groups}
+    assert len(groups["lora_B_bias"]["params"]) == 2  # one per adapted layer, as PEFT's LoRA+ groups lora_B.bias
+    assert groups["lora_B_bias"]["lr"] == pytest.approx(1.6e-3) and groups["lora_B_bias"]["weight_decay"] == 0.0
