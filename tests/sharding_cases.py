@@ -4,7 +4,7 @@ through lorakit.fit (one process, DDP, or sharded with FSDP), and writes its ada
     torchrun --nproc_per_node=N tests/sharding_cases.py OUT '[{"name": ..., "mode": "fsdp", ...}, ...]'
 
 or in the test's own process through run_case (the one-process references). A case is a dict:
-    name, mode ("one" | "ddp" | "fsdp"), batch (per process), steps; optional: dims ("odd"), targets, dora,
+    name, mode ("one" | "ddp" | "fsdp"), batch (per process), steps; optional: dims ("odd"), targets, dora, lora_bias,
     quantize, precision, checkpointing ("reentrant" | "non-reentrant"), accum, no_blocks, save (write a checkpoint
     at the end), resume (a checkpoint directory to start from), tie.
 """
@@ -47,7 +47,7 @@ def build(case: dict) -> torch.nn.Module:
     targets = case.get("targets", ["q_proj", "v_proj"])
     torch.manual_seed(1)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, dropout=0.0, targets=targets, use_dora=case.get("dora", False),
-                                             quantize=case.get("quantize")))
+                                             lora_bias=case.get("lora_bias", False), quantize=case.get("quantize")))
     torch.manual_seed(2)
     with torch.no_grad():
         for layer in lora_layers(model).values():

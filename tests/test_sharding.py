@@ -48,7 +48,7 @@ def case(name: str, **kw) -> dict:
     return {"name": name, "mode": "fsdp", "batch": B, "steps": STEPS, **kw}
 
 
-VARIANTS = {"lora": {}, "all-linear": dict(targets="all-linear"), "dora": dict(dora=True),
+VARIANTS = {"lora": {}, "all-linear": dict(targets="all-linear"), "dora": dict(dora=True), "lora-bias": dict(lora_bias=True),
             "nf4": dict(quantize="nf4", targets="all-linear"), "checkpointing": dict(checkpointing="non-reentrant"),
             "checkpointing-reentrant": dict(checkpointing="reentrant"), "accumulation": dict(accum=2),
             "tied": dict(tie=True), "no-blocks": dict(no_blocks=True)}
