@@ -286,6 +286,9 @@ def test_analyze_reports_the_bias_change(tmp_path):
     c = load_file(path / "adapter_model.safetensors")[BIAS_KEY]
     report = analyze(path)["modules"]["bert.encoder.layer.0.attention.self.query"]
     assert report["bias_norm"] == pytest.approx((c.double() * 2.0).norm().item())  # scale alpha / r = 8 / 4
+    from lorakit.rank.report import table
+
+    assert "bias norm" in table(analyze(path)).splitlines()[0]
 
 
 @pytest.mark.parametrize("method", ["linear", "cat", "svd"])

@@ -22,13 +22,15 @@ def layer_index(path: str) -> int | None:
 
 def table(result: dict) -> str:
     """One line per module: r, ‖ΔW‖_F, effective ranks, the top singular values, and with --base / --compare the
-    relative norm, amplification (random baseline) and φ at (1, 1) and (r, r)."""
+    relative norm, amplification (random baseline) and φ at (1, 1) and (r, r); ‖s·c‖ for lora_bias adapters."""
     modules = result["modules"]
     with_base = any("relative_norm" in m for m in modules.values())
     with_cmp = any("similarity" in m for m in modules.values())
+    with_bias = any("bias_norm" in m for m in modules.values())
     header = ["module", "r", "norm", "eff90", "eff99", "top singular values"]
     header += ["rel norm", "amplif", "random"] if with_base else []
     header += ["phi(1,1)", "phi(r,r)"] if with_cmp else []
+    header += ["bias norm"] if with_bias else []
     rows = []
     for path, m in modules.items():
         row = [path, m["r"], f"{m['norm']:.4g}", m["effective_rank_90"], m["effective_rank_99"],
@@ -40,6 +42,8 @@ def table(result: dict) -> str:
             grid = m.get("similarity", {}).get("grid")
             n = min(len(grid), len(grid[0])) if grid else 0
             row += [f"{grid[0][0]:.3f}", f"{grid[n - 1][n - 1]:.3f}"] if grid else ["-", "-"]
+        if with_bias:
+            row += [f"{m['bias_norm']:.4g}" if "bias_norm" in m else "-"]
         rows.append([str(x) for x in row])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
