@@ -434,3 +434,23 @@ def test_lora_plus_gives_b_bias_b_learning_rate():
     groups = {g["name"]: g for g in lorakit.optimizer(model, lr=1e-4, lr_ratio=16, weight_decay=0.01).param_groups}
     assert len(groups["lora_B_bias"]["params"]) == 2  # one per adapted layer, as PEFT's LoRA+ groups lora_B.bias
     assert groups["lora_B_bias"]["lr"] == pytest.approx(1.6e-3) and groups["lora_B_bias"]["weight_decay"] == 0.0
+
+
+
+def test_two_active_adapters_add_up():
+    # One running adapter takes the fused path, two the variants' own outputs: both must add B's bias as s · c.
+    model = _biased(tiny_gpt2(), ["c_attn"])
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=2, targets=["c_attn"], init="random", lora_bias=True), "two")
+    layer = model.transformer.h[0].attn.c_attn
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    outs = {}
+    with torch.no_grad():
+        layer.lora_B_bias["two"].normal_()
+        for names in (("default", "two"), ("default",), ("two",)):
+            layer.set_active(names)
+            outs[names] = layer(x)
+        plain = layer.kind.base(layer, x)
+    torch.testing.assert_close(outs["default", "two"], outs["default",] + outs["two",] - plain, atol=1e-5, rtol=0)
+    lora_only = x @ (layer.lora_B["two"] @ layer.lora_A["two"]).t() * layer.adapters["two"].scale
+    torch.testing.assert_close(outs["two",] - plain - lora_only, layer.lora_B_bias["two"].detach().expand(3, -1),
+                               atol=1e-5, rtol=0)  # scale alpha / r = 1 for "two"

@@ -46,7 +46,7 @@ class Kind:
     held: tuple[str, ...] = ("weight", "bias")
     file_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
     linear: bool = False  # y = x Wᵀ + b: DoRA and PiSSA apply, and the fused path below
-    fused: Callable | None = None  # (layer, x, a, b, scale, dropout_p) -> y, one adapter in one autograd node
+    fused: Callable | None = None  # (layer, x, a, b, scale, dropout_p, bias) -> y, one adapter in one autograd node
     quantized: bool = False  # W cannot be written in place: merging dequantizes first
     dropout: bool = True  # dropout on the LoRA branch's input (not on an Embedding's ids)
     transposed: bool = False  # W is stored (d_in, d_out), PEFT's fan_in_fan_out (GPT-2's Conv1D)
@@ -73,8 +73,8 @@ def _linear_update(layer, x, a, b):
     return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
 
-def _fused(layer, x, a, b, scale, p):
-    return lora_linear(x, layer.kind.matrix(layer), layer.bias, a, b, scale, p)
+def _fused(layer, x, a, b, scale, p, bias):
+    return lora_linear(x, layer.kind.matrix(layer), bias, a, b, scale, p)
 
 
 def _embedding_base(layer, x):

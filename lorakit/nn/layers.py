@@ -222,13 +222,22 @@ class LoraLayer(nn.Module):
             return self.kind.base(self, x)
         first = self.adapters[running[0]]
         if len(running) == 1 and first.variant.fusable and self.kind.fused is not None:
-            p = first.dropout if self.training else 0.0
-            return self.kind.fused(self, x, self.lora_A[running[0]], self.lora_B[running[0]], first.scale, p)
+            return self._fused_forward(running[0], x)
         y = self.kind.base(self, x)
         out = y
         for name in running:
             out = out + self.adapters[name].variant.output(self, name, x, y)
         return out
+
+    def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # One adapter through the kind's fused function; a bias the variant adds (lora_bias: s · c) joins W's bias.
+        adapter = self.adapters[name]
+        bias = self.bias
+        if adapter.variant.added_bias is not None:
+            added = adapter.variant.added_bias(self, name)
+            bias = added.to(x.dtype) if bias is None else bias + added.to(bias.dtype)
+        p = adapter.dropout if self.training else 0.0
+        return self.kind.fused(self, x, self.lora_A[name], self.lora_B[name], adapter.scale, p, bias)
 
 
 class SavedModule(nn.Module):

@@ -50,6 +50,7 @@ class Variant:
     trainable: Callable[["LoraLayer", str], list[nn.Parameter]]  # parameters beyond A and B
     merge_is_finite: Callable[["LoraLayer", str], bool]  # checked before anything merges
     fusable: bool = False  # forward may use the layer kind's fused path (fused.py)
+    added_bias: Callable[["LoraLayer", str], torch.Tensor] | None = None  # what it adds to the bias (fused path)
     row_factor: Callable[["LoraLayer", str], torch.Tensor] | None = None  # mixed batches: F of rows.py, (d_out,)
 
 
@@ -150,9 +151,14 @@ def _bias_merge_is_finite(layer, name) -> bool:
     return layer.bias is None or bool(torch.isfinite(layer.bias.float() + _bias_delta(layer, name)).all())
 
 
+def _bias_added(layer, name) -> torch.Tensor:
+    # s · c with its gradient: the fused path adds it to the layer's bias (dropout never reaches c, as in PEFT).
+    return layer.lora_B_bias[name] * layer.adapters[name].scale
+
+
 LORA_BIAS = Variant("lora_bias", create=_bias_create, delta=lowrank, output=_bias_output, merge=_bias_merge,
                     unmerge=_bias_unmerge, trainable=lambda layer, name: [layer.lora_B_bias[name]],
-                    merge_is_finite=_bias_merge_is_finite)
+                    merge_is_finite=_bias_merge_is_finite, fusable=True, added_bias=_bias_added)
 
 
 # ---- DoRA ----
