@@ -34,3 +34,39 @@ def test_a_freed_large_tensor_leaves_the_resident_set(mode):
         assert returned >= 12 << 20
     else:  # the control: shows that the test sees the difference
         assert returned < 4 << 20
+
+
+REUSE = """
+import sys, torch
+from lorakit.runtime.heap import release_freed_memory, reusing_freed_memory
+def rss():
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:"))) * 1024
+if sys.argv[1] == "on":
+    assert release_freed_memory()
+with reusing_freed_memory():
+    a = torch.ones(3 << 20)  # 12 MiB: from the heap inside (under 32 MiB), mapped outside (over 1 MiB)
+    before = rss()
+    del a
+    kept = before - rss()
+    inside = rss()
+left = inside - rss()
+b = torch.ones(3 << 20)
+before = rss()
+del b
+print(kept, left, before - rss())
+"""
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_backward_reuses_freed_blocks_and_returns_them_after(mode):
+    # on: freed inside the context, a 12 MiB tensor stays in the heap for reuse (no fresh zero-filled pages); on
+    # leaving, those pages go back; afterwards the 1 MiB threshold holds again. off: the context changes nothing.
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", REUSE, mode], capture_output=True, text=True, env=env, check=True)
+    kept, left, after = map(int, out.stdout.split())
+    if mode == "on":
+        assert (kept < 1 << 20, left >= 10 << 20, after >= 10 << 20) == (True, True, True), (kept, left, after)
+    else:
+        assert kept >= 10 << 20, kept

@@ -25,9 +25,9 @@ from ..adapters.files import atomic_write
 from ..adapters.merging import check_mergeable
 from ..adapters.parts import lora_layers
 from ..errors import ConfigError
-from ..io.checkpoints import release_freed_memory
 from ..io.export import plain_tensors, unique_tensors  # the merged model's tensors, made one at a time, tied ones once
 from ..nn.layers import LoraLayer
+from ..runtime.heap import trim
 from .archs import TensorNames, arch_name, arch_of, extra_tensors, write_hparams
 from .vocab import check_tokenizer, write_tokenizer
 
@@ -133,7 +133,7 @@ def _free_weight(layer: LoraLayer) -> None:
     # being consumed and a QLoRA base must not build up in full precision.
     if not layer.kind.quantized and layer.weight.device.type != "meta":
         layer.weight = nn.Parameter(layer.weight.detach().to("meta"), requires_grad=False)
-    release_freed_memory()
+    trim()
 
 
 def check_exportable(model: nn.Module, tokenizer, outtype_name: str) -> None:

@@ -12,7 +12,6 @@ gives its own layer type and, on most CPUs, no kernels).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..adapters.qlora import plan_quantized
 from ..errors import CheckpointError
 from ..nn.kinds import kind_of
 from ..nn.nf4 import NF4Linear
+from ..runtime.heap import trim
 
 log = logging.getLogger("lorakit")
 INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
@@ -86,23 +86,13 @@ def load_quantized(auto_class, directory: Path, compute_dtype: torch.dtype, keep
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
                 _place(model, keys.get(key), f.get_tensor(key), pending, compute_dtype, device)
-        release_freed_memory()
+        trim()  # a shard's fp tensors were freed between long-lived NF4 buffers: else resident grows a shard a shard
     if pending:
         raise CheckpointError(f"the checkpoint ({', '.join(f.name for f in files)}) has no weight for the Linear "
                               f"layers {sorted(pending)[:5]}: truncated or not this architecture")
     model.tie_weights()
     _initialise_missing(model, files, device, compute_dtype)
     return model.eval()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by Python and torch back to the operating system (glibc's malloc_trim): the full-precision
-    tensors of a shard are freed between smaller, long-lived NF4 buffers, and without a trim the heap keeps their
-    pages, so resident memory would grow by about a shard per shard."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim this way
-        pass
 
 
 def key_map(model: nn.Module) -> dict[str, str]:

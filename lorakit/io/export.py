@@ -24,7 +24,7 @@ from torch import nn
 from ..adapters.merging import check_mergeable
 from ..nn.layers import LoraLayer, SavedModule
 from ..nn.nf4 import NF4Linear
-from .checkpoints import release_freed_memory
+from ..runtime.heap import trim
 
 Producer = Callable[[torch.dtype | None], torch.Tensor]  # the tensor, computed for the export dtype (None: its own)
 MAX_SHARD_BYTES = 2 * 2**30
@@ -107,7 +107,7 @@ def export_merged(model: nn.Module, out: Path, dtype: torch.dtype | None = None,
         save_file(tensors, out / file_name, metadata={"format": "pt"})
         del tensors  # this shard's merged weights are released before the next shard's are made
         _release_merged(model)
-        release_freed_memory()
+        trim()
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -20,6 +20,7 @@ import torch
 from ..data.tables import epoch_order, micro_batch
 from ..errors import Interrupted, TrainingError
 from ..runtime.distributed import World, any_rank, barrier, gradient_sync, is_sharded, sum_over_processes, wrap
+from ..runtime.heap import reusing_freed_memory
 from ..runtime.precision import autocast
 from .evaluation import better, describe
 from .stops import StopOnSignal
@@ -247,9 +248,7 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
     micro-batches and processes, however their sizes differ. The model's loss of micro-batch i is a mean over its
     n_i targets; weighted by n_i / N, N the step's targets on all processes, the weighted losses add up to that mean,
     and so do their gradients. DDP (and FSDP's reduce-scatter) averages gradients over the W processes, hence the
-    factor W:
-
-        loss_i = mean_i · n_i · W / N
+    factor W: loss_i = mean_i · n_i · W / N.
     """
     loop, world = run.loop, run.world
     fetched = [run.batches.get(run.state.micro + a, world.device) for a in range(loop.grad_accum)]
@@ -264,7 +263,8 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
         with gradient_sync(run.net, sync):
             with autocast(loop.precision, world.device):
                 loss, metrics = loop.loss_of(run.net, batch) if loop.loss_of else _model_loss(run.net, batch, n)
-            (loss * (n * world.size / total)).backward()
+            with reusing_freed_memory():  # backward's temporaries reuse heap blocks (runtime/heap.py)
+                (loss * (n * world.size / total)).backward()
         if n:
             loss_sum += loss.detach().float() * n
         for k, v in metrics.items():
