@@ -114,8 +114,9 @@ class NF4Weight(nn.Module):
 
     `NF4Weight(shape, dtype)` allocates zeroed buffers to `load_state_dict` into; `quantize_nf4` fills them.
     `keep_for_backward`: nf4_linear keeps the dequantized weight for its backward instead of dequantizing it again.
-    Only for layers inside checkpointed blocks (enable_gradient_checkpointing sets it): the checkpoint drops what the
-    first forward saves and the recompute holds one block's weights at a time; elsewhere it would hold every one.
+    Only for layers inside checkpointed blocks (set as each forward of the block starts, from the block's live state,
+    by the hook enable_gradient_checkpointing adds): the checkpoint drops what the first forward saves and the
+    recompute holds one block's weights at a time; elsewhere it would hold every one.
     """
 
     def __init__(self, shape, dtype: torch.dtype = torch.float32, block_size: int = 64, device=None):
