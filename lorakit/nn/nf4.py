@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autocasting import autocast_dtype
+
 log = logging.getLogger(__name__)
 
 # The 16 NF4 values: quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero (bitsandbytes' table).
@@ -301,9 +303,8 @@ class _NF4Linear(torch.autograd.Function):
 def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ dequantize_nf4(q).T + bias (out,) → (..., out), computed in x's dtype (autocast's under
     autocast, like F.linear). Gradients reach x and bias, never q; the full weight exists only transiently."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):  # a custom Function is not autocast: cast here, as F.linear would
-        dtype = torch.get_autocast_dtype(device_type)
+    device_type, dtype = x.device.type, autocast_dtype(x.device.type)
+    if dtype is not None:  # a custom Function is not autocast: cast here, as F.linear would
         with torch.autocast(device_type, enabled=False):
             return _NF4Linear.apply(x.to(dtype), q, None if bias is None else bias.to(dtype))
     return _NF4Linear.apply(x, q, None if bias is None else bias.to(x.dtype))
