@@ -194,7 +194,8 @@ def evaluate(model, rows, collate, objective: Objective, cfg: Settings, batch_si
         n = objective.count(batch)
         with autocast(cfg.precision, device):
             loss, metrics = batch_loss(objective, cfg, model, batch)
-        for k, v in {"loss": torch.stack([loss.detach().float() * n, loss.new_tensor(float(n))]), **metrics}.items():
+        weighted = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=device)])
+        for k, v in {"loss": weighted, **metrics}.items():
             totals[k] = totals.get(k, 0) + v.float()
     model.train(was_training)
     return metric_means({k: tuple(v.tolist()) for k, v in totals.items()})
