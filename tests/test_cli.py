@@ -35,6 +35,20 @@ def test_every_command_has_help(command):
     assert not missing, f"{command} --help does not list {missing}"
 
 
+def test_every_boolean_flag_has_its_no_form_and_no_value_in_help():
+    group = get_command(app)  # typer's own click: options found by what they are, not by class
+    flags = [(name, p) for name, command in group.commands.items() for p in command.params
+             if getattr(p, "is_bool_flag", False) and not p.hidden and p.name != "help"]
+    flags += [("lorakit", p) for p in group.params if getattr(p, "is_bool_flag", False)]  # --verbose
+    assert {(name, p.opts[0]) for name, p in flags} >= {("predict", "--stream"), ("predict", "--json"),
+                                                         ("eval", "--json"), ("merge", "--overwrite"),
+                                                         ("export", "--ollama"), ("lorakit", "--verbose")}
+    assert [(name, p.opts[0]) for name, p in flags if p.secondary_opts != [f"--no-{p.opts[0][2:]}"]] == []
+    text = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "250"}).output
+    assert "--stream" in text and "--no-json" in text and "<bool>" not in text.split("--json")[1].split("\n")[0]
+    assert runner.invoke(app, ["predict", "--no-stream", "--no-json", "--help"]).exit_code == 0
+
+
 @pytest.fixture(scope="module")
 def classify_run(bert_dir, topics_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"

@@ -205,9 +205,12 @@ def test_eval_split_holds_out_rows_never_trained_on(bert_dir, tmp_path, monkeypa
     cfg = lm_cfg(bert_dir, list(map(str, paths)), tmp_path / "run", task="classify", prompt_column=None,
                  text_column="text", eval_split=0.25, max_steps=5, batch_size=4, max_length=16)
     seen = trained_rows(monkeypatch)
-    run = load_data(cfg, say=lambda _: None)
+    said = []
+    run = load_data(cfg, say=said.append)
     held = {tuple(r["input_ids"]) for r in run.eval}
     assert len(run.eval) == 4 + 2  # round(0.25 × 15) and round(0.25 × 9)
+    assert [line for line in said if line.startswith("eval data:")] == [
+        f"eval data: --eval-split 0.25 of {paths[0]} and {paths[1]}: 6 examples, not trained on"]
     train(cfg, progress=False)  # 5 steps of 4: every one of the 18 training rows at least once
     assert len(held) == 6 and set(seen).isdisjoint(held)
     assert set(seen) == {tuple(r["input_ids"]) for r in run.train} and len(set(seen)) == 18
@@ -230,6 +233,16 @@ def test_eval_split_refusals(bert_dir, tmp_path):
             r"--eval-split 0.05 holds out no example .*topics.csv: 6 examples")
     refused(lm_cfg(bert_dir, [str(data), str(one)], out, eval_split=0.5, **cfg), DataError,
             rf"{one}: --eval-split 0.5 holds out all its 1 examples")
+
+
+def test_causal_eval_split_is_said_once(chat_llama_dir, tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_rows(10))
+    qa = write_jsonl(tmp_path / "qa.jsonl", qa_rows(6))
+    said = []
+    run = load_data(lm_cfg(chat_llama_dir, [chats, qa], tmp_path / "run", eval_split=0.2), say=said.append)
+    assert len(run.eval) == 2 + 1  # round(0.2 × 10) and round(0.2 × 6)
+    assert [line for line in said if line.startswith("eval data:")] == [
+        f"eval data: --eval-split 0.2 of {chats} and {qa}: 3 examples, not trained on"]
 
 
 def test_a_resumed_run_keeps_its_sources_weights_and_split(chat_llama_dir, tmp_path):

@@ -7,6 +7,7 @@ tokens, and the same token ids for a chat prompt as the Hugging Face tokenizer.
 """
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -229,6 +230,30 @@ def test_vllm_export_of_per_module_ranks_loads_in_peft_with_the_same_outputs(run
     ids = torch.tensor([prompt_ids(tokenizer)])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_vllm_export_of_a_gpt2_adapter_keeps_fan_in_fan_out_and_peft_outputs(tmp_path):
+    from peft import PeftModel
+    from tiny_models import tiny_gpt2
+
+    from lorakit.deploy.vllm import write
+
+    ours = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"]))
+    with torch.no_grad():
+        for layer in lora_layers(ours).values():  # B starts at zero: give the adapter an effect
+            layer.lora_B["default"].normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    lorakit.save_adapter(ours, tmp_path / "run")
+    write(tmp_path / "run", tmp_path / "out", "gpt2", 16)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        theirs = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "out").eval()
+    assert not [w for w in said if "fan_in_fan_out" in str(w.message)]  # PEFT corrects a wrong flag; vLLM does not
+    ids = torch.tensor([[5, 17, 3, 99, 42]])
+    with torch.no_grad():
+        expected = ours.eval()(ids).logits
+        assert not torch.allclose(tiny_gpt2()(ids).logits, expected, atol=1e-3)  # the adapter matters
+        torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_vllm_refuses_what_it_cannot_serve_with_the_reason(runs, chat_llama_dir, tmp_path):

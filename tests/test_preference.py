@@ -14,7 +14,7 @@ import torch
 import lorakit
 from lorakit.errors import DataError
 from lorakit.training.preference.data import PAIRED, collate_unpaired, read_rows, tokenize_rows
-from lorakit.training.preference.objectives import OBJECTIVES, Settings, batch_loss
+from lorakit.training.preference.objectives import OBJECTIVES, Settings, batch_loss, metric_means
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -149,9 +149,9 @@ def run_lorakit(kind, model_dir, adapter_dir, rows, ref_copy=False, **settings):
     tokenized = tokenize_rows(rows, tokenizer, 64, None, "rows", paired=objective.paired)
     batch = objective.collate(tokenizer.pad_token_id, 64)(tokenized.rows)
     model = lorakit_model(model_dir, adapter_dir, ref_copy)
-    loss, metrics = batch_loss(objective, Settings(precision="fp32", max_length=64, **settings), model, batch)
+    loss, totals = batch_loss(objective, Settings(precision="fp32", max_length=64, **settings), model, batch)
     loss.backward()
-    return loss.item(), metrics, adapter_grads(model), batch
+    return loss.item(), metric_means({k: v.tolist() for k, v in totals.items()}), adapter_grads(model), batch
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -229,8 +229,9 @@ def test_orpo_odds_ratio_term_equals_trl(chat_llama_dir, adapter_dir):
     batch = {"input_ids": cat["concatenated_input_ids"], "attention_mask": cat["concatenated_attention_mask"],
              "completion_mask": (cat["concatenated_labels"] != -100).long()}
     model = lorakit_model(chat_llama_dir, adapter_dir)
-    loss, metrics = batch_loss(OBJECTIVES["orpo"], Settings(beta=0.25, orpo_alpha=0.0), model, batch)
+    loss, totals = batch_loss(OBJECTIVES["orpo"], Settings(beta=0.25, orpo_alpha=0.0), model, batch)
     loss.backward()
+    metrics = metric_means({k: v.tolist() for k, v in totals.items()})
     assert loss.item() == pytest.approx(-terms.mean().item(), abs=TOL)
     assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=TOL)
     assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=TOL)
@@ -275,6 +276,47 @@ def assert_same_adapter(a: Path, b: Path, atol: float = 1e-6):
     assert sorted(ta) == sorted(tb)
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=k)
+
+
+def test_kto_metrics_over_unequal_micro_batches_are_those_of_all_rows_with_one_reduction(chat_llama_dir, tmp_path,
+                                                                                        monkeypatch):
+    """3 desirable rows and 1 undesirable in 2 micro-batches of 2: one holds 2 desirable rows, the other 1, however
+    they are drawn. The logged logps/chosen is the mean over the 3 desirable rows (a mean per micro-batch weighted by
+    its examples is not), computed here from the base model's logits (a fresh adapter adds nothing). fit adds the
+    metrics' totals over the micro-batches and reduces them once, beside the loss; KTO's KL estimate is reduced per
+    micro-batch (its loss needs it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.training import fit
+    from lorakit.training.preference import objectives
+    from lorakit.training.rundir import read_log
+    from lorakit.training.train import train
+
+    rows = [{**UNPAIRED_ROWS[0], "completion": " you fine thanks world"}, UNPAIRED_ROWS[1],
+            UNPAIRED_ROWS[2], {**UNPAIRED_ROWS[3], "label": True}]
+    data = write_jsonl(tmp_path / "kto.jsonl", rows)
+    calls = {"fit": 0, "objectives": 0}
+    for module, name in ((fit, "fit"), (objectives, "objectives")):
+        def counted(value, world, name=name, original=module.sum_over_processes):
+            calls[name] += 1
+            return original(value, world)
+        monkeypatch.setattr(module, "sum_over_processes", counted)
+    train(train_cfg(chat_llama_dir, data, tmp_path / "run", task="kto", max_steps=1, batch_size=2, grad_accum=2),
+          echo=lambda *_: None, progress=False)
+    assert calls == {"fit": 2, "objectives": 2}  # fit: the step's targets, then its loss and metrics; the 2 KL
+    step = next(r for r in read_log(tmp_path / "run" / "log.jsonl") if r.get("step") == 1 and "loss" in r)
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama_dir)
+    base = AutoModelForCausalLM.from_pretrained(chat_llama_dir, dtype=torch.float32).eval()
+    logps = []
+    for row in tokenize_rows(rows, tokenizer, 48, None, "rows", paired=False).rows:
+        if row["label"]:
+            ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+            with torch.no_grad():
+                per_token = base(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+            logps.append(per_token[-len(row["completion_ids"]):].sum().item())
+    assert len(logps) == 3
+    assert step["logps/chosen"] == pytest.approx(sum(logps) / 3, rel=1e-5)
 
 
 def test_dpo_run_logs_rewards_and_accumulation_counts_pairs(chat_llama_dir, tmp_path):

@@ -133,31 +133,46 @@ def test_bad_quantize_requests_change_nothing():
     assert all(torch.equal(v, before[k]) for k, v in merged.state_dict().items())
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpointed_blocks_dequantize_twice_a_step_with_the_same_gradients(monkeypatch, reentrant):
+def _qlora_step(monkeypatch, checkpointing: bool | None = None, reentrant: bool = False, after=None):
+    """(dequantizations, adapter gradients) of one forward and backward of a tiny QLoRA Llama (14 NF4 weights):
+    with checkpointing on (True), turned on then off again (False) or never (None); `after` runs before the step."""
     from lorakit.nn import nf4
 
-    def step(keep: bool) -> tuple[int, dict]:
-        torch.manual_seed(0)
-        model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], quantize="nf4",
-                                                                init="random"))
-        model.train()
+    torch.manual_seed(0)
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], quantize="nf4",
+                                                            init="random"))
+    model.train()
+    if checkpointing is not None:
         lorakit.enable_gradient_checkpointing(model, reentrant=reentrant)
-        weights = [m for m in model.modules() if isinstance(m, nf4.NF4Weight)]
-        assert len(weights) == 14 and all(w.keep_for_backward for w in weights)  # every block is checkpointed
-        for w in weights:
-            w.keep_for_backward = keep
-        calls = []
-        real = nf4.dequantize_nf4
-        monkeypatch.setattr(nf4, "dequantize_nf4", lambda q, dtype=None: calls.append(q) or real(q, dtype))
-        model(input_ids=_ids(), labels=_ids()).loss.backward()
-        monkeypatch.setattr(nf4, "dequantize_nf4", real)
-        return len(calls), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    if checkpointing is False:
+        model.gradient_checkpointing_disable()
+    if after:
+        after(model)
+    assert sum(isinstance(m, nf4.NF4Weight) for m in model.modules()) == 14
+    calls, real = [], nf4.dequantize_nf4
+    monkeypatch.setattr(nf4, "dequantize_nf4", lambda q, dtype=None: calls.append(q) or real(q, dtype))
+    model(input_ids=_ids(), labels=_ids()).loss.backward()
+    monkeypatch.setattr(nf4, "dequantize_nf4", real)
+    return len(calls), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    kept_calls, kept = step(True)
-    calls, rebuilt = step(False)
-    # Kept: each weight dequantized by the forward and the recompute only. Not kept: the backward again too (torch's
-    # non-reentrant checkpoint may skip recomputing a block's last layers when they save nothing).
-    assert kept_calls == 2 * 14 and calls > kept_calls
-    assert kept.keys() == rebuilt.keys() and all(torch.equal(kept[n], rebuilt[n]) for n in kept)
-    assert all(g.abs().sum() > 0 for g in kept.values())
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_blocks_dequantize_twice_a_step_with_the_same_gradients(monkeypatch, reentrant):
+    # Each weight dequantized by the forward and the recompute only, which keeps it for the backward (not
+    # dequantized a third time there); the gradients are those of the model without checkpointing.
+    calls, checkpointed = _qlora_step(monkeypatch, True, reentrant)
+    plain_calls, plain = _qlora_step(monkeypatch)
+    assert calls == 2 * 14
+    assert checkpointed.keys() == plain.keys() and all(torch.allclose(checkpointed[n], plain[n]) for n in plain)
+    assert all(g.abs().sum() > 0 for g in plain.values())
+
+
+@pytest.mark.parametrize("case", ["checkpointing turned off", "eval mode with grad"])
+def test_nf4_weights_are_kept_for_backward_only_while_their_block_checkpoints(monkeypatch, case):
+    # Kept outside a recompute, every weight of the forward would live until the backward; rebuilt there instead,
+    # each weight is dequantized by the forward and again by the backward: 2 each (1 each if kept).
+    if case == "checkpointing turned off":
+        calls, _ = _qlora_step(monkeypatch, False)
+    else:  # Hugging Face blocks checkpoint only in training mode
+        calls, _ = _qlora_step(monkeypatch, True, after=lambda model: model.eval())
+    assert calls == 2 * 14

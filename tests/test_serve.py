@@ -179,6 +179,33 @@ def test_a_chat_adapter_answers_over_http_as_lorakit_predict_does(chat_run):  # 
         running.stop()
 
 
+def test_the_end_of_turn_is_found_once_per_adapter_not_per_request(chat_run, monkeypatch):  # noqa: F811
+    # Finding the token that ends an answer renders a probe conversation (generation.end_of_turn_ids): at load time.
+    from lorakit.serving import generation
+
+    renders, original = [], generation.chat_labels
+
+    def counted(*args, **kwargs):
+        renders.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "chat_labels", counted)
+    state = open_state(Settings(adapters={"chat": str(chat_run)}))
+    assert len(renders) == 1 + bool(state.tokenizer.chat_template)  # the adapter's, and the base model's own
+    running = Server(create_app(state))
+    try:
+        for prompt in ("how are you?", "hello there", "hi"):
+            status, body = running.call("POST", "/v1/generate", {"adapter": "chat", "prompt": prompt,
+                                                                 "max_new_tokens": 4})
+            assert status == 200, body
+        status, body = running.call("POST", "/v1/chat/completions", {"model": "chat", "max_tokens": 4,
+                                                                     "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200, body
+    finally:
+        running.stop()
+    assert len(renders) == 1 + bool(state.tokenizer.chat_template)  # no request rendered it again
+
+
 def test_max_length_past_the_model_positions_is_capped_at_start_saying_so(gpt2_dir, capsys):
     state = open_state(Settings(model=str(gpt2_dir), max_length=4096))
     assert state.settings.max_length == 128  # the tiny GPT-2's n_positions

@@ -12,7 +12,7 @@ from torch import nn
 from ..nn.kinds import BIAS_FILE_KEY, kind_of
 from ..nn.layers import LoraLayer, SavedModule
 from .config import LoraConfig, replace
-from .files import adapter_tensors, bias_tensors, read_adapter
+from .files import adapter_tensors, bias_tensors, check_converted, read_adapter
 from .inject import add_adapter_layers, check_new_name, delete_adapter, mark_trainable, set_adapter
 from .locks import exclusive
 from .parts import configs, plan_saved_modules, plan_targets, unwrap
@@ -33,10 +33,7 @@ def attach(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor
     `where` names it in messages."""
     root, path = unwrap(model), where
     check_new_name(root, name)
-    if config.init == "pissa":
-        raise ValueError(f"adapter {str(path)!r} is a PiSSA adapter saved without conversion: it only applies to the "
-                         f"residual model PEFT saved with it, not to the original base (save it with PEFT's "
-                         f"path_initial_model_for_weight_conversion, or with lorakit, which converts)")
+    check_converted(config, path)
     try:
         plan = plan_targets(root, config)
     except ValueError as e:

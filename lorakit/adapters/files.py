@@ -194,6 +194,16 @@ def atomic_directory(target: Path, fill: Callable[[Path], None]) -> None:
 
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     """The LoraConfig stored in an adapter directory (PEFT's or lorakit's adapter_config.json)."""
+    return from_peft_dict(_config_json(path))
+
+
+def read_fan_in_fan_out(path: str | os.PathLike) -> bool:
+    """PEFT's fan_in_fan_out of the adapter in `path`: whether its base stores W as (d_in, d_out) (GPT-2's Conv1D).
+    LoraConfig leaves it out (lorakit finds it from the layer's type); a file rewritten from another must keep it."""
+    return bool(_config_json(path).get("fan_in_fan_out"))
+
+
+def _config_json(path: str | os.PathLike) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not an adapter directory")
@@ -203,7 +213,16 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object, found {type(data).__name__}")
-    return from_peft_dict(data)
+    return data
+
+
+def check_converted(config: LoraConfig, where: str | os.PathLike) -> None:
+    """ValueError if `config` is a PiSSA adapter PEFT saved without conversion: its factors describe a change to
+    PEFT's residual model, not to the base, so nothing that applies them to the base may read it."""
+    if config.init == "pissa":
+        raise ValueError(f"adapter {str(where)!r} is a PiSSA adapter saved without conversion: it only applies to the "
+                         f"residual model PEFT saved with it, not to the original base (save it with PEFT's "
+                         f"path_initial_model_for_weight_conversion, or with lorakit, which converts)")
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import torch
 from torch import nn
 
 from ..nn.layers import LoraLayer, SavedModule
@@ -191,10 +192,19 @@ def _keep_dequantized_in_checkpointed_blocks(root: nn.Module) -> None:
     except ImportError:
         return
     for block in root.modules():
-        if isinstance(block, GradientCheckpointingLayer) and getattr(block, "gradient_checkpointing", False):
-            for weight in block.modules():
-                if isinstance(weight, NF4Weight):
-                    weight.keep_for_backward = True
+        if isinstance(block, GradientCheckpointingLayer) and getattr(block, "gradient_checkpointing", False) and \
+                _keep_if_checkpointed not in block._forward_pre_hooks.values():
+            block.register_forward_pre_hook(_keep_if_checkpointed)
+
+
+def _keep_if_checkpointed(block: nn.Module, args) -> None:
+    # As each forward of the block starts, from its live state, as transformers decides whether to checkpoint it:
+    # a block whose checkpointing was turned off, or run in eval mode with grad, keeps no weight (else it would keep
+    # every one of the forward until the backward). Both passes of a checkpoint see the same choice.
+    keep = bool(block.gradient_checkpointing and block.training and torch.is_grad_enabled())
+    for module in block.modules():
+        if isinstance(module, NF4Weight):
+            module.keep_for_backward = keep
 
 
 def enable_input_grads(model: nn.Module) -> None:

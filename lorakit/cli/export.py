@@ -9,6 +9,7 @@ import typer
 
 from ..errors import ConfigError
 from .feedback import user_errors
+from .options import switch
 
 FORMATS = ("gguf", "gguf-lora", "vllm")
 
@@ -22,12 +23,12 @@ def export(
     outtype: str = typer.Option("f16", help="GGUF weights: f32 | f16 | bf16 | q8_0 (norms stay f32)"),
     base_output: Optional[str] = typer.Option(None, help="gguf-lora: also write the base model as a GGUF file here "
                                               "(a QLoRA run's base as the NF4 weights it trained on, dequantized)."),
-    ollama: bool = typer.Option(False, "--ollama", help="gguf, gguf-lora: write an Ollama Modelfile beside it."),
+    ollama: bool = switch("--ollama", help="gguf, gguf-lora: write an Ollama Modelfile beside it."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base model)"),
     max_lora_rank: int = typer.Option(16, help="vllm: the --max-lora-rank vLLM will run with (vLLM's default: 16)"),
     name: Optional[str] = typer.Option(None, help="vllm: the adapter's name in --lora-modules (default: the "
                                        "output directory's name)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist."),
+    overwrite: bool = switch("--overwrite", help="Replace outputs that exist."),
 ):
     """Export a run for llama.cpp / Ollama (GGUF, merged or as a separate LoRA) or for vLLM."""
     with user_errors():

@@ -36,7 +36,7 @@ from ..training.trained import load_trained
 from .chat import chat
 from .examples import help_examples
 from .feedback import user_errors
-from .options import field_parameters, pairs, train_parameters, with_flags
+from .options import field_parameters, pairs, switch, train_parameters, with_flags
 
 TASK_NAMES = " | ".join(TASKS)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -49,8 +49,8 @@ THIRD_PARTY_LOGGERS = ("bitsandbytes", "transformers", "datasets", "huggingface_
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", help="Also show the log messages of the libraries "
-                                      "lorakit uses (transformers, bitsandbytes, ...).")):
+def main(verbose: bool = switch("--verbose", help="Also show the log messages of the libraries "
+                                "lorakit uses (transformers, bitsandbytes, ...).")):
     """LoRA fine-tuning of Hugging Face models."""
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
@@ -84,7 +84,7 @@ def evaluate(
     batch_size: int = typer.Option(32, help="Examples per forward pass."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (as lorakit train)"),
     dtype: str = typer.Option("auto", help="The base's weights: auto (the checkpoint's own) | bf16 | fp16 | fp32"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = switch("--json", help="Print one JSON object."),
 ):
     """Accuracy and macro-F1 (classify) or loss and perplexity (causal-lm) of a model, with or without an adapter."""
     with user_errors():
@@ -141,10 +141,10 @@ def predict(
     temperature: float = typer.Option(0.0, help="Sampling temperature (causal-lm); 0: greedy."),
     top_p: float = typer.Option(1.0, help="Sample from the likeliest tokens holding this much probability."),
     seed: Optional[int] = typer.Option(None, help="Seed of the sampling: the same seed, the same text."),
-    stream: bool = typer.Option(False, "--stream", help="Print the generated text as it comes (causal-lm)."),
+    stream: bool = switch("--stream", help="Print the generated text as it comes (causal-lm)."),
     chat_template: Optional[str] = typer.Option(None, help="A Jinja chat template file to put the prompts in "
                                                 "(default: the adapter's, if it was trained on conversations)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line."),
+    as_json: bool = switch("--json", help="Print one JSON object per line."),
 ):
     """Labels with probabilities (classify) or generations (causal-lm: batched, greedy or sampled, each prompt in
     the chat template if the adapter was trained on conversations, stopping at the end of the assistant's turn)."""
@@ -221,7 +221,7 @@ def merge(
     task: Optional[str] = typer.Option(None, help=f"{TASK_NAMES} (default: from the adapter)"),
     dtype: str = typer.Option("auto", help="Dtype of the merged weights: auto (the base checkpoint's) | bf16 | fp16 | "
                               "fp32"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    overwrite: bool = switch("--overwrite", help="Replace --output if it exists."),
 ):
     """Fold the adapter into the base weights and save a plain Hugging Face model (loads with from_pretrained), shard
     by shard: a QLoRA run's base is dequantized one layer at a time, never held in full precision."""
@@ -255,7 +255,7 @@ def merge(
 @app.command(epilog=help_examples("info"))
 def info(
     directory: str = typer.Argument(..., help="Adapter or run directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = switch("--json", help="Print one JSON object."),
 ):
     """Rank, alpha, targets, variant (LoRA or DoRA), lora_bias, scale (rsLoRA or not), quantization, trainable parameters,
     file size, base model, task and labels of an adapter."""

@@ -1,7 +1,7 @@
 """`lorakit train`'s flags, made from TrainConfig's fields: each setting is declared once (its default, help line and
 help panel in training/settings.py) and becomes a flag here. A flag left out is None, so that the config file, the
 resumed run's settings or the demo's decide it; booleans come as --x/--no-x, so that a flag can turn off what a
-config file turned on."""
+config file turned on (the other commands' booleans too: `switch`)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ def field_parameters(cls) -> list[inspect.Parameter]:
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=Optional[kind] if kind is list[str] else kind))
     return params
+
+
+def switch(flag: str, help: str):
+    """A hand-written command's boolean flag, off by default, as train's and serve's are made: --x/--no-x, shown
+    without a value in --help (typer would show "<bool>")."""
+    return typer.Option(False, f"{flag}/--no-{flag[2:]}", help=help, metavar="")
 
 
 def _metavar(kind) -> str | None:

@@ -13,6 +13,7 @@ import typer
 
 from .examples import help_examples
 from .feedback import user_errors
+from .options import switch
 
 
 def _floats(text: str) -> list[float]:
@@ -31,7 +32,7 @@ def analyze(
                                           "φ(i, j) per module."),
     similarity_of: str = typer.Option("A", help="φ from the right singular vectors of A (the paper's) or of ΔW "
                                       "(delta)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    as_json: bool = switch("--json", help="Print one JSON object instead of the table."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: singular values per layer type, φ heatmaps."),
 ):
     """Singular values, effective rank, norm (and with --base amplification, with --compare subspace similarity)
@@ -58,8 +59,8 @@ def extract(
                                            "‖ΔW‖²_F (written as rank_pattern)."),
     targets: Optional[str] = typer.Option(None, help="Modules to factor, comma-separated names or suffixes "
                                           "(default: all-linear)."),
-    heads_only: bool = typer.Option(False, "--heads-only", help="Keep only changed task heads besides the LoRA "
-                                    "factors; drop other changed tensors (LayerNorms, embeddings, biases)."),
+    heads_only: bool = switch("--heads-only", help="Keep only changed task heads besides the LoRA "
+                              "factors; drop other changed tensors (LayerNorms, embeddings, biases)."),
 ):
     """Turn a full fine-tune into a LoRA adapter by truncated SVD of W_tuned − W_base, shard by shard."""
     from ..rank.extract import extract as run

@@ -25,7 +25,11 @@ from ..adapters.files import atomic_write
 from ..adapters.merging import check_mergeable
 from ..adapters.parts import lora_layers
 from ..errors import ConfigError
-from ..io.export import plain_tensors, unique_tensors  # the merged model's tensors, made one at a time, tied ones once
+from ..io.export import (  # the merged model's tensors, made one at a time, tied ones once; each freed once written
+    plain_tensors,
+    release_weight,
+    unique_tensors,
+)
 from ..nn.layers import LoraLayer
 from ..runtime.heap import trim
 from .archs import TensorNames, arch_name, arch_of, extra_tensors, write_hparams
@@ -129,10 +133,7 @@ def model_tensors(model: nn.Module, names: TensorNames, out: OutType) -> list[Pl
 
 
 def _free_weight(layer: LoraLayer) -> None:
-    # A LoRA layer's weight was written (dequantized or merged): free its full-precision copy, since the model is
-    # being consumed and a QLoRA base must not build up in full precision.
-    if not layer.kind.quantized and layer.weight.device.type != "meta":
-        layer.weight = nn.Parameter(layer.weight.detach().to("meta"), requires_grad=False)
+    release_weight(layer)
     trim()
 
 

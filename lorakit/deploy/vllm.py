@@ -24,9 +24,9 @@ from ..adapters.files import (
     PREFIX,
     WEIGHTS_NAME,
     atomic_write,
-    read_adapter_config,
-    read_adapter_tensors,
-    with_file_biases,
+    check_converted,
+    read_adapter,
+    read_fan_in_fan_out,
 )
 from ..errors import ConfigError
 from ..nn.kinds import FILE_KEYS
@@ -38,26 +38,25 @@ FACTORS = {key: factor for pair in FILE_KEYS for key, factor in zip(pair, "AB")}
 
 
 def split_keys(tensors: dict) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """({module path: {"A": file key, "B": file key}}, [file keys of modules saved in full]) of an adapter file."""
+    """({module path: {"A": file key, "B": file key}}, [file keys of modules saved in full]) of an adapter's tensors
+    (files.read_adapter's: keys without PEFT's prefix)."""
     pairs, full = {}, []
     for key in tensors:
-        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
         for suffix, factor in FACTORS.items():
-            if path.endswith("." + suffix):
-                pairs.setdefault(path[: -len(suffix) - 1], {})[factor] = key
+            if key.endswith("." + suffix):
+                pairs.setdefault(key[: -len(suffix) - 1], {})[factor] = key
                 break
         else:
-            full.append(path)
+            full.append(key)
     return pairs, full
 
 
-def check(adapter: Path, max_lora_rank: int) -> None:
-    """ConfigError with vLLM's reason if it would refuse the adapter in `adapter` under --max-lora-rank."""
+def check(config, tensors: dict, max_lora_rank: int, where: Path) -> None:
+    """ConfigError with vLLM's reason if it would refuse the adapter read from `where` (files.read_adapter's config
+    and tensors) under --max-lora-rank."""
     if max_lora_rank not in MAX_LORA_RANKS:
         raise ConfigError(f"--max-lora-rank {max_lora_rank}: vLLM accepts one of {list(MAX_LORA_RANKS)}")
-    config = read_adapter_config(adapter)
-    tensors = read_adapter_tensors(adapter)
-    config = with_file_biases(config, tensors, adapter)  # mergekit's unannounced lora_B biases too
+    check_converted(config, where)
     if config.use_dora:
         raise ConfigError("vLLM does not support DoRA adapters; merge it (lorakit merge) and serve the merged model, "
                           "or export it for llama.cpp with --format gguf")
@@ -73,16 +72,11 @@ def check(adapter: Path, max_lora_rank: int) -> None:
     if refused:
         raise ConfigError(f"vLLM loads no module saved in full except {'/'.join(SAVED_OK)}; this adapter saves "
                           f"{refused} (modules_to_save); merge it (lorakit merge) and serve the merged model")
-    rank = max(rank_of(adapter, pairs).values())
+    rank = max(tensors[keys["A"]].shape[0] for keys in pairs.values())
     if rank > max_lora_rank:
         allowed = next((r for r in MAX_LORA_RANKS if r >= rank), None)
         hint = f"pass --max-lora-rank {allowed} here and to vllm serve" if allowed else "vLLM's largest is 512"
         raise ConfigError(f"the adapter's rank {rank} is above --max-lora-rank {max_lora_rank}: {hint}")
-
-
-def rank_of(adapter: Path, pairs: dict) -> dict[str, int]:
-    tensors = read_adapter_tensors(adapter)
-    return {path: tensors[keys["A"]].shape[0] for path, keys in pairs.items()}
 
 
 def uniform(config, tensors: dict, pairs: dict) -> tuple[object, dict]:
@@ -105,17 +99,16 @@ def uniform(config, tensors: dict, pairs: dict) -> tuple[object, dict]:
 def write(adapter: Path, out: Path, name: str, max_lora_rank: int, base: str | None = None) -> list[str]:
     """Check, then write the adapter in `adapter` to directory `out` for vLLM. Returns the lines to print: what was
     left out, and the `vllm serve` command."""
-    check(adapter, max_lora_rank)
-    config = read_adapter_config(adapter)
-    tensors = read_adapter_tensors(adapter)
+    config, tensors = read_adapter(adapter)  # each file read once; keys without PEFT's prefix
+    check(config, tensors, max_lora_rank, adapter)
     pairs, _ = split_keys(tensors)
     config, tensors = uniform(config, tensors, pairs)
-    data = to_peft_dict(config)
+    data = to_peft_dict(config, fan_in_fan_out=read_fan_in_fan_out(adapter))  # GPT-2's Conv1D: else applied as Wᵀ
     dropped_keys = sorted(k for k in data if k.startswith("lorakit_"))
     data = {k: v for k, v in data.items() if not k.startswith("lorakit_")}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                                                          metadata={"format": "pt"}))
+    weights = {PREFIX + k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
     return _report(adapter, out, name, config, base, max_lora_rank, dropped_keys)
 
@@ -126,7 +119,7 @@ def _report(adapter: Path, out: Path, name: str, config, base: str | None, max_l
     left = sorted(p.name for p in adapter.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME, CHAT_TEMPLATE_FILE))
     if left or dropped_keys:
         lines.append(f"left out (vLLM does not read them): {', '.join(left + dropped_keys)}")
-    if read_adapter_config(adapter).quantize:
+    if config.quantize:
         lines.append("the adapter was trained on an NF4-quantized base (QLoRA); vLLM applies it to the base as it "
                      "loads it, so outputs differ slightly from lorakit's")
     command = f"vllm serve {base or config.base_model_name_or_path or 'BASE_MODEL'} --enable-lora " \

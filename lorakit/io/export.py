@@ -181,5 +181,12 @@ def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:
 def _release_merged(model: nn.Module) -> None:
     # A merged layer's weight was written: free its full-precision copy (the model is being consumed).
     for module in model.modules():
-        if isinstance(module, LoraLayer) and module.merged and module.weight.device.type != "meta":
-            module.weight = nn.Parameter(module.weight.detach().to("meta"), requires_grad=False)
+        if isinstance(module, LoraLayer) and module.merged:
+            release_weight(module)
+
+
+def release_weight(layer: LoraLayer) -> None:
+    """Free the full-precision weight of `layer` once it was written (merged, or an NF4 base dequantized): the model
+    is being consumed, and a QLoRA base must not build up in full precision. An NF4 weight still packed is kept."""
+    if not layer.kind.quantized and layer.weight.device.type != "meta":
+        layer.weight = nn.Parameter(layer.weight.detach().to("meta"), requires_grad=False)

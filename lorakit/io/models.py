@@ -62,17 +62,23 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, dtype: st
     quantize="nf4" every frozen Linear is quantized while the shards are read (checkpoints.py) and the rest is held
     in the compute dtype `compute`, on `device`. `tokenizer`: the run's own (else the model's is loaded)."""
     tokenizer = tokenizer or load_tokenizer(path)
-    kwargs = head_kwargs(task, labels)
-    with quiet_transformers():
+    model = load_weights(path, task, labels, dtype, quantize, compute, device)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token by it
+    return model, tokenizer
+
+
+def load_weights(path: str, task: Task, labels: list[str] | None = None, dtype: str = "auto",
+                 quantize: str | None = None, compute: torch.dtype = torch.float32, device="cpu"):
+    """load_model's model alone, for what needs no tokenizer (the rank tools' base weights): ConfigError naming
+    a missing or truncated shard, or a quantize request the model cannot take."""
+    with _quiet_transformers():
         try:
-            model = read_weights(path, task, dtype, quantize, compute, device, kwargs)
+            return _read_weights(path, task, dtype, quantize, compute, device, _head_kwargs(task, labels))
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
         except ValueError as e:  # a quantize request the model cannot take, say: no Linear layer at all
             raise ConfigError(f"{path}: {e}") from None
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token by it
-    return model, tokenizer
 
 
 def positions(model) -> int | None:
@@ -107,7 +113,7 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def read_weights(path: str, task: Task, dtype: str, quantize: str | None, compute, device, kwargs: dict):
+def _read_weights(path: str, task: Task, dtype: str, quantize: str | None, compute, device, kwargs: dict):
     import transformers
 
     auto_class = getattr(transformers, task.auto_class)
@@ -117,7 +123,7 @@ def read_weights(path: str, task: Task, dtype: str, quantize: str | None, comput
             keep = list(TASK_HEADS.get(task.peft_type, ()))  # the task head trains in full: never quantized
             return load_quantized(auto_class, directory, compute, keep, device, **kwargs)
         warnings.warn(f"{path} has no safetensors weights: it is loaded in full, then quantized (peak memory: the "
-                      f"whole model in {dtype} precision)", stacklevel=3)
+                      f"whole model in {dtype} precision)", stacklevel=4)
     elif Path(path).is_dir():
         checkpoint_files(Path(path))  # name a missing or truncated shard before transformers trips over it
     return auto_class.from_pretrained(path, **{_DTYPE_ARG: storage_dtype(dtype, device)}, **kwargs)
@@ -127,14 +133,14 @@ def read_weights(path: str, task: Task, dtype: str, quantize: str | None, comput
 _DTYPE_ARG = "dtype" if int(__import__("transformers").__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
-def head_kwargs(task: Task, labels: list[str] | None) -> dict:
+def _head_kwargs(task: Task, labels: list[str] | None) -> dict:
     if not task.labelled or not labels:
         return {}
     return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
 
 
 @contextlib.contextmanager
-def quiet_transformers():
+def _quiet_transformers():
     # "Newly initialized classifier weights" is the point of fine-tuning: keep transformers quiet while loading.
     from transformers import logging as hf_logging
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .autocasting import autocast_dtype
+
 
 def drop_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """Dropout's mask of dropped elements (bool, x's shape, True with probability p), and the rescale 1 / (1 − p).
@@ -75,9 +77,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ through LoraLinearFunction. W is (d_out, d_in)."""
     # Run the fused function in one dtype: autocast's if it is on, else the input's. Casting the small A and B
     # (not x) keeps fp32 master copies of the adapter while bf16 activations stay bf16.
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    device_type, dtype = x.device.type, autocast_dtype(x.device.type)
+    if dtype is not None:
         with torch.autocast(device_type, enabled=False):
             return LoraLinearFunction.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                             lora_a.to(dtype), lora_b.to(dtype), scale, dropout_p)

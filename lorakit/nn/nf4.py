@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autocasting import autocast_dtype
+
 log = logging.getLogger(__name__)
 
 # The 16 NF4 values: quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero (bitsandbytes' table).
@@ -114,8 +116,9 @@ class NF4Weight(nn.Module):
 
     `NF4Weight(shape, dtype)` allocates zeroed buffers to `load_state_dict` into; `quantize_nf4` fills them.
     `keep_for_backward`: nf4_linear keeps the dequantized weight for its backward instead of dequantizing it again.
-    Only for layers inside checkpointed blocks (enable_gradient_checkpointing sets it): the checkpoint drops what the
-    first forward saves and the recompute holds one block's weights at a time; elsewhere it would hold every one.
+    Only for layers inside checkpointed blocks (set as each forward of the block starts, from the block's live state,
+    by the hook enable_gradient_checkpointing adds): the checkpoint drops what the first forward saves and the
+    recompute holds one block's weights at a time; elsewhere it would hold every one.
     """
 
     def __init__(self, shape, dtype: torch.dtype = torch.float32, block_size: int = 64, device=None):
@@ -300,9 +303,8 @@ class _NF4Linear(torch.autograd.Function):
 def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ dequantize_nf4(q).T + bias (out,) → (..., out), computed in x's dtype (autocast's under
     autocast, like F.linear). Gradients reach x and bias, never q; the full weight exists only transiently."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):  # a custom Function is not autocast: cast here, as F.linear would
-        dtype = torch.get_autocast_dtype(device_type)
+    device_type, dtype = x.device.type, autocast_dtype(x.device.type)
+    if dtype is not None:  # a custom Function is not autocast: cast here, as F.linear would
         with torch.autocast(device_type, enabled=False):
             return _NF4Linear.apply(x.to(dtype), q, None if bias is None else bias.to(dtype))
     return _NF4Linear.apply(x, q, None if bias is None else bias.to(x.dtype))

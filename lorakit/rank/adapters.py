@@ -24,9 +24,9 @@ from ..adapters.files import (
     PREFIX,
     WEIGHTS_NAME,
     atomic_directory,
-    read_adapter_config,
-    read_adapter_tensors,
-    with_file_biases,
+    check_converted,
+    read_adapter,
+    read_fan_in_fan_out,
 )
 from ..data.tables import load_labels as read_labels
 from ..nn.kinds import BIAS_FILE_KEY, FILE_KEYS
@@ -76,13 +76,8 @@ class AdapterFile:
 def read(path: str | os.PathLike) -> AdapterFile:
     """Read the adapter in directory `path` (lorakit's or PEFT's files). Raises FileNotFoundError / ValueError naming
     the file and what is wrong."""
-    config = read_adapter_config(path)
-    if config.init == "pissa":
-        raise ValueError(f"{path}: a PiSSA adapter saved without conversion describes a change to PEFT's residual "
-                         f"model, not to the base; save it converted (lorakit does) first")
-    raw = json.loads((Path(path) / CONFIG_NAME).read_text())
-    tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_adapter_tensors(path).items()}
-    config = with_file_biases(config, tensors, path)  # mergekit-extract-lora's unannounced lora_B biases
+    config, tensors = read_adapter(path)
+    check_converted(config, path)
     modules, used = {}, set()
     for key in tensors:
         for key_a, key_b in FACTOR_KEYS:
@@ -97,7 +92,7 @@ def read(path: str | os.PathLike) -> AdapterFile:
         raise ValueError(f"{path}: {stray[0]} has no matching lora_A tensor: the adapter file is incomplete")
     if not modules:
         raise ValueError(f"{path}: the adapter file holds no LoRA factors (lora_A/lora_B)")
-    return AdapterFile(str(path), config, modules, other, bool(raw.get("fan_in_fan_out")), read_labels(path))
+    return AdapterFile(str(path), config, modules, other, read_fan_in_fan_out(path), read_labels(path))
 
 
 def _factors(path, config: LoraConfig, tensors: dict, module: str, key_a: str, key_b: str) -> Factors:

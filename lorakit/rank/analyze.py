@@ -55,11 +55,12 @@ def _check_comparable(first: AdapterFile, other: AdapterFile) -> None:
 
 def _model_layers(first: AdapterFile, other: AdapterFile | None, base: str | None) -> dict:
     """{path: LoraLayer} of the base model with `first` loaded as "a" (and `other` as "b"). The weights are read as
-    `lorakit eval` reads them (io/models.py; an NF4 adapter's base quantized while loading), without a tokenizer."""
+    `lorakit eval` reads them (io/models.load_weights: load_model without the tokenizer; an NF4 adapter's base
+    quantized while loading)."""
     from ..adapters.attach import load_adapter
     from ..adapters.parts import lora_layers
     from ..errors import ConfigError
-    from ..io.models import head_kwargs, quiet_transformers, read_weights, resolve_model
+    from ..io.models import load_weights, resolve_model
     from ..training.tasks import task_of
 
     name = base or first.config.base_model_name_or_path
@@ -69,9 +70,7 @@ def _model_layers(first: AdapterFile, other: AdapterFile | None, base: str | Non
     try:
         path = resolve_model(name)
         task = task_of(path, first.config, None)
-        with quiet_transformers():
-            model = read_weights(path, task, "auto", first.config.quantize, torch.float32, "cpu",
-                                  head_kwargs(task, first.labels or _head_labels(first)))
+        model = load_weights(path, task, first.labels or _head_labels(first), quantize=first.config.quantize)
         load_adapter(model, first.path, name="a")
         if other is not None:
             load_adapter(model, other.path, name="b")

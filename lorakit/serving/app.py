@@ -43,6 +43,7 @@ from .cache import (
     add,
     chat_template_of,
     check_name,
+    end_of_turn_of,
     inside_adapter_dir,
     open_state,
     public,
@@ -162,8 +163,8 @@ def _task_routes(app: FastAPI, state: State, batcher: Batcher) -> None:
         await batcher.ready(body.adapter, CAUSAL_LM.endpoint)
         room = int(min(positions, limits.max_batch_tokens)) - body.max_new_tokens  # the most prompt tokens
         template = chat_template_of(state, body.adapter)
-        ids, stops = await batcher.tokenize(prompt_ids, state.tokenizer, body.prompt, template, room) if room > 0 \
-            else (None, [])
+        ids = await batcher.tokenize(prompt_ids, state.tokenizer, body.prompt, template, room) if room > 0 else None
+        stops = end_of_turn_of(state, body.adapter)
         if ids is None:
             raise too_long(body.max_new_tokens, positions, limits)
         if not ids:

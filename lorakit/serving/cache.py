@@ -29,6 +29,7 @@ from ..training.rundir import saved_chat_template
 from ..training.settings import setting
 from ..training.tasks import TASKS, Task, task_of
 from ..training.trained import default_device
+from .generation import end_of_turn_ids, with_template
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # adapter names: no separators, no dots, nothing to escape with
 
@@ -79,6 +80,7 @@ class Entry:
     labels: list[str] | None
     bytes: int
     chat_template: str | None = None  # the run's template (chat_template.jinja): generation puts prompts in it
+    end_of_turn: list[int] = field(default_factory=list)  # token ids that end its answers (generating tasks)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class State:
     stats: dict = field(default_factory=lambda: {"requests": 0, "batches": 0, "rows": 0, "evictions": 0,
                                                  "abandoned": 0, "streams_left": 0})  # left: mid-stream
     private: list = field(default_factory=list)  # (absolute path, what clients see instead), longest first
+    end_of_turn: list[int] = field(default_factory=list)  # token ids that end the base model's answers
 
     @property
     def positions(self) -> float:
@@ -118,6 +121,7 @@ def open_state(settings: Settings) -> State:
     name = Path(path).resolve().name if Path(path).is_dir() else path  # a hub id is no secret
     state = State(settings, net.to(device).eval(), tokenizer, task, path, name)
     state.private = _private_paths(settings, path, state.model_name)
+    state.end_of_turn = _end_of_turn(state, None)
     for name, directory in settings.adapters.items():
         state.paths[name] = Path(directory)
         try:
@@ -200,6 +204,19 @@ def chat_template_of(state: State, name: str) -> str | None:
     return entry.chat_template if entry is not None else saved_chat_template(adapter_path(state, name))
 
 
+def end_of_turn_of(state: State, name: str | None) -> list[int]:
+    """The token ids that end adapter `name`'s answers (None: the base model's), found when it was loaded."""
+    if name is None:
+        return state.end_of_turn
+    entry = state.loaded.get(name)
+    return entry.end_of_turn if entry is not None else _end_of_turn(state, chat_template_of(state, name))
+
+
+def _end_of_turn(state: State, template: str | None) -> list[int]:
+    # Found by rendering a probe conversation (generation.end_of_turn_ids): once per adapter, not per request.
+    return end_of_turn_ids(with_template(state.tokenizer, template)) if state.task.generates else []
+
+
 def adapter_task(state: State, name: str) -> Task:
     """The task of adapter `name` (its config's task_type; the server's when it names none)."""
     if name in state.loaded:
@@ -249,7 +266,8 @@ def load(state: State, name: str, path: Path, pinned: bool = False, keep: set = 
             raise
         raise ServeError(422, public(state, f"adapter {name!r} could not be loaded: {type(e).__name__}: {e}")) from None
     size = sum(t.numel() * t.element_size() for t in adapter_tensors(state.model, name).values())
-    entry = state.loaded[name] = Entry(path, pinned, labels, size, saved_chat_template(path))
+    template = saved_chat_template(path)
+    entry = state.loaded[name] = Entry(path, pinned, labels, size, template, _end_of_turn(state, template))
     return entry
 
 

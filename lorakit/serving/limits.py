@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from ..errors import DataError, ServeError
-from .generation import end_of_turn_ids, prompt_text, with_template
+from .generation import prompt_text, with_template
 
 OPEN_PATHS = ("/health",)  # answered without a key and outside the concurrency cap, so that probes always get in
 CHARS_PER_TOKEN = 32  # a text's first N tokens are looked for in its first 32·N characters
@@ -110,18 +110,18 @@ def _head(text: str, chars: int) -> str:
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict], template: str | None, max_tokens: int,
-               chat: bool | None = None) -> tuple[list[int] | None, list[int]]:
-    """(the prompt's token ids, or None past `max_tokens`; the ids that end the answer) as `lorakit predict` makes
-    them: an adapter trained on conversations (its chat `template`) gets the prompt as a user turn (or the messages
-    `prompt` holds) with the assistant's turn opened, and its answer stops at the end of that turn. chat=False: the
-    prompt as it is (OpenAI's /v1/completions), still stopped at the end of a turn."""
+               chat: bool | None = None) -> list[int] | None:
+    """The prompt's token ids (None past `max_tokens`) as `lorakit predict` makes them: an adapter trained on
+    conversations (its chat `template`) gets the prompt as a user turn (or the messages `prompt` holds) with the
+    assistant's turn opened. chat=False: the prompt as it is (OpenAI's /v1/completions). The ids that end the answer
+    are the adapter's own (cache.end_of_turn_of), found once when it loads."""
     view = with_template(tokenizer, template)
     chat = template is not None if chat is None else chat
     try:
         text = prompt_text(view, prompt, chat=chat)
     except DataError as e:
         raise ServeError(422, f"the chat template cannot render this prompt: {e}") from None
-    return encode(view, text, max_tokens, False, special=not chat), end_of_turn_ids(view)
+    return encode(view, text, max_tokens, False, special=not chat)
 
 
 def too_long(max_new_tokens: int, positions: float, limits) -> ServeError:

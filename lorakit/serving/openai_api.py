@@ -31,7 +31,7 @@ from ..adapters.files import CONFIG_NAME
 from ..errors import ServeError
 from ..training.tasks import CAUSAL_LM
 from .batcher import Batcher, Item
-from .cache import NAME, State, chat_template_of, public
+from .cache import NAME, State, chat_template_of, end_of_turn_of, public
 from .limits import prompt_ids, too_long
 from .openai_schema import CHAT, TEXT, ChatRequest, CompletionRequest, Sampled, Shape, new_id, openai_error
 
@@ -188,8 +188,8 @@ async def prepare(state: State, batcher: Batcher, body: Sampled, prompt, shape: 
                               f"has none): use /v1/completions")
     cap = int(min(state.positions, limits.max_batch_tokens))
     room = cap - (most or 1)  # the most prompt tokens
-    ids, ends = await batcher.tokenize(prompt_ids, state.tokenizer, prompt, template, room, shape.chat) \
-        if room > 0 else (None, [])
+    ids = await batcher.tokenize(prompt_ids, state.tokenizer, prompt, template, room, shape.chat) if room > 0 else None
+    ends = end_of_turn_of(state, adapter)
     if ids is None:
         raise too_long(most or 1, state.positions, limits)
     if not ids:

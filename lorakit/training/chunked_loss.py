@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..data.conversations import IGNORE
+from ..nn.autocasting import autocast_dtype
 
 # Config keys of transformers' causal LMs that change the head's output, as a factor on the logits
 # (Cohere: multiplied by logit_scale; Granite: divided by logits_scaling) and a soft cap (Gemma 2 and 3:
@@ -172,9 +173,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Head, chunk
     ignored = labels.new_full((len(labels), 1), IGNORE)
     targets = torch.cat([labels[:, 1:], ignored], dim=1).reshape(-1)
     rows = (targets != IGNORE).nonzero().squeeze(1)
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    logits = Logits(head.logits.scale, head.logits.cap, dtype)
+    logits = Logits(head.logits.scale, head.logits.cap, autocast_dtype(hidden.device.type))
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     return linear_cross_entropy(flat, head.linear.weight, head.linear.bias, targets[rows], chunk_tokens, logits)
 

@@ -63,10 +63,8 @@ class RunData:
 def load_data(cfg: TrainConfig, world: World = World(), say=print) -> RunData:
     """The examples of run `cfg`, tokenised; every file, column, row and label checked (DataError / ConfigError)."""
     if task_named(cfg.task).labelled:
-        tables = load_tables(cfg)
+        tables = load_tables(cfg, say)
         say_empty_texts(tables, say)
-        if cfg.eval_split:
-            say(f"eval data: {tables.eval_name}: {len(tables.eval)} examples, not trained on")
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         parts, evaluation = run_examples(tables, cfg, tokenizer)
         return RunData(concatenated(parts), evaluation, tables.labels, tokenizer, draw=mixer(parts, cfg))
@@ -79,9 +77,9 @@ def load_data(cfg: TrainConfig, world: World = World(), say=print) -> RunData:
     return causal_data(cfg, load_tokenizer(resolve_model(cfg.model)), world, say)
 
 
-def load_tables(cfg: TrainConfig) -> Tables:
+def load_tables(cfg: TrainConfig, say=None) -> Tables:
     """The tables of run `cfg`, every column and label checked (DataError / ConfigError); with --eval-split, the
-    eval table is held out of the training tables."""
+    eval table is held out of the training tables (and `say` told so)."""
     if cfg.data is None:
         train_df, eval_df = data.demo_split(cfg.seed)
         parts, names, eval_name = [train_df], [DEMO_SOURCES[0]], DEMO_SOURCES[1]
@@ -99,7 +97,7 @@ def load_tables(cfg: TrainConfig) -> Tables:
         check_table(part, text_cols + other_columns(cfg), name)
     if eval_df is not None:
         check_table(eval_df, eval_cols + other_columns(cfg), eval_name)
-    parts, held = split_off(parts, names, cfg)
+    parts, held = split_off(parts, names, cfg, say)
     if held:
         eval_df, eval_name, eval_cols = concatenated(held), held_name(names, cfg.eval_split), text_cols
     labels = training_labels([part[cfg.label_column] for part in parts], names)
@@ -260,15 +258,13 @@ def causal_data(cfg: TrainConfig, tokenizer, world: World = World(), say=print) 
                  for source, name in sources]
         evaluation = None if eval_source is None else causal_examples(
             *eval_source, data.split_columns(cfg.eval_text_column) or text_columns, cfg, tokenizer)
-        kept, held = split_off([part.dataset for part in parts], names, cfg)
+        kept, held = split_off([part.dataset for part in parts], names, cfg, say)
         train = concatenated(kept)
         rows = pack(train, cfg.max_length) if cfg.packing else train
     say_training_data(parts, names, len(train), cfg, f"; packed into {len(rows)} row{'s' * (len(rows) != 1)} "
                                                      f"of up to {cfg.max_length} tokens" if cfg.packing else "", say)
     if evaluation is not None:
         say(f"eval data: {evaluation.summary()}")
-    elif held:
-        say(f"eval data: {held_name(names, cfg.eval_split)}: {sum(map(len, held))} examples, not trained on")
     chat = any(part.format != "text" for part in parts)
     if cfg.chat_template and not chat:
         raise ConfigError(f"--chat-template is for conversation data; {' and '.join(names)} hold(s) plain text")

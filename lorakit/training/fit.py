@@ -80,9 +80,10 @@ class Loop:
     select_by: str | None = None  # the eval metric that tells the best step (evaluation.better); None: not tracked
     keep_best: bool = False  # checkpoint each step whose evaluation is the best so far (needs select_by)
     early_stopping: int | None = None  # stop after this many evaluations in a row none better than the best
-    # A batch's (mean loss over Loop.count's targets, metrics): None is the model's own loss, model(**batch).loss.
-    # Preference tasks compute theirs here (preference/objectives.py); metrics are logged, averaged like the loss.
+    # A batch's (mean loss over Loop.count's targets, metric totals {name: tensor([sum, count])}); None: the model's
+    # own loss. Preference tasks compute theirs (preference/); a step's totals, added up, become means by metric_means.
     loss_of: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]] | None = None
+    metric_means: Callable[[dict], dict] = lambda totals: {k: s / c for k, (s, c) in totals.items() if c}
 
 
 def row_tokens(row: dict) -> int:
@@ -255,23 +256,23 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
     counts = [loop.count(batch) for batch, _ in fetched]
     total = max(sum_over_processes(torch.tensor(float(sum(counts)), device=world.device), world).item(), 1.0)
     loss_sum = torch.zeros((), device=world.device)
-    sums, weights = {}, {}
+    totals = {}
     for a, ((batch, _), n) in enumerate(zip(fetched, counts)):
-        # DDP averages gradients across processes on the last micro-batch only: one all-reduce per step (FSDP: one
-        # reduce-scatter, averaging as well).
+        # DDP averages gradients over processes on the last micro-batch only (FSDP: one reduce-scatter per step).
         sync = a == loop.grad_accum - 1 or world.size == 1
         with gradient_sync(run.net, sync):
             with autocast(loop.precision, world.device):
                 loss, metrics = loop.loss_of(run.net, batch) if loop.loss_of else _model_loss(run.net, batch, n)
             with reusing_freed_memory():  # backward's temporaries reuse heap blocks (runtime/heap.py)
                 (loss * (n * world.size / total)).backward()
-        if n:
-            loss_sum += loss.detach().float() * n
+        loss_sum += loss.detach().float() * n if n else 0.0  # no targets: a NaN mean
         for k, v in metrics.items():
-            sums[k], weights[k] = sums.get(k, 0.0) + v * n, weights.get(k, 0) + n
+            totals[k] = totals.get(k, 0) + v.detach().float()
         run.state.micro += 1
-    metrics = {k: sums[k] / weights[k] for k in sums if weights[k]}
-    return sum_over_processes(loss_sum, world).item() / total, sum(tokens for _, tokens in fetched), metrics
+    names = sorted(totals)  # the same on every process; the loss and the totals in one all-reduce per step
+    summed = sum_over_processes(torch.cat([loss_sum.view(1), *(totals[k] for k in names)]), world).tolist()
+    metrics = loop.metric_means({k: (summed[1 + 2 * i], summed[2 + 2 * i]) for i, k in enumerate(names)})
+    return summed[0] / total, sum(tokens for _, tokens in fetched), metrics
 
 
 def _model_loss(net: torch.nn.Module, batch: dict, n: int) -> tuple[torch.Tensor, dict]:

@@ -231,8 +231,8 @@ def plan(cfg: TrainConfig, micro_per_epoch: int | None, world: World = World()) 
                 precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every,
                 eval_every=cfg.eval_every or max(1, total // 5), save_every=cfg.save_every,
                 count=task_named(cfg.task).count, select_by=task_named(cfg.task).metric if select else None,
-                loss_of=preference.loss_hook(cfg, world) if task_named(cfg.task).preference else None,
-                keep_best=cfg.keep_best, early_stopping=cfg.early_stopping)
+                keep_best=cfg.keep_best, early_stopping=cfg.early_stopping,
+                **(preference.loop_hooks(cfg, world) if task_named(cfg.task).preference else {}))
 
 
 def optimizer_and_scheduler(model, cfg: TrainConfig, total_steps: int):

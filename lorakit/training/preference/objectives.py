@@ -1,9 +1,10 @@
 """The preference tasks as a table: one record per objective, and the hook fit() calls for a batch's loss.
 
 Each objective turns the scores of a batch (Scores: policy and reference log-probabilities) into per-example losses
-and metrics; `batch_loss` computes the scores and returns (mean loss, metrics) as fit.Loop.loss_of expects. Metric
-names are TRL's: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (the share of pairs whose
-chosen reward is the higher), logps/chosen, logps/rejected (and nll_loss, log_odds for ORPO; kl for KTO).
+and metrics; `batch_loss` computes the scores and returns (mean loss, metric totals) as fit.Loop.loss_of expects,
+and `metric_means` makes the totals means (fit.Loop.metric_means). Metric names are TRL's: rewards/chosen,
+rewards/rejected, rewards/margins, rewards/accuracies (the share of pairs whose chosen reward is the higher),
+logps/chosen, logps/rejected (and nll_loss, log_odds for ORPO; kl for KTO).
 """
 
 from __future__ import annotations
@@ -150,13 +151,11 @@ def _kl_estimate(model, batch: dict, cfg: Settings, world: World) -> torch.Tenso
     return (total / count).clamp(min=0)
 
 
-def global_means(totals: dict, world: World) -> dict:
-    """Each metric's mean over the global batch, from its (sum, count) added over the processes in one all-reduce
-    (and one read back); rewards/margins is chosen's mean minus rejected's (a pair's margin, or KTO's). A metric
-    with no rows anywhere (KTO: a batch without desirable rows) is left out."""
-    names = sorted(totals)
-    sums, counts = sum_over_processes(torch.stack([torch.stack(totals[k]) for k in names]), world).T.tolist()
-    means = {k: s / c for k, s, c in zip(names, sums, counts) if c}
+def metric_means(totals: dict[str, tuple[float, float]]) -> dict:
+    """Each metric's mean from its (sum, count) over the rows they were added over (fit adds them over a step's
+    micro-batches and processes, in one all-reduce beside the loss); rewards/margins is chosen's mean minus
+    rejected's (a pair's margin, or KTO's). A metric with no rows (KTO: no desirable rows) is left out."""
+    means = {k: s / c for k, (s, c) in totals.items() if c}
     if "rewards/chosen" in means and "rewards/rejected" in means:
         means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
     return means
@@ -165,8 +164,9 @@ def global_means(totals: dict, world: World) -> dict:
 def batch_loss(objective: Objective, cfg: Settings, model, batch: dict,
                world: World = World()) -> tuple[torch.Tensor, dict]:
     """fit.Loop.loss_of for a preference task: the batch's mean loss over its pairs (or KTO's examples) and its
-    metrics, each the mean over the global batch of this step's processes (`world`; fit weights the loss). The
-    policy's log-probabilities come first, then the reference's (as TRL orders them); precomputed reference
+    metrics' totals, {name: tensor([sum, count])} over this batch's rows (`metric_means` makes them means; fit
+    adds them up first). `world`: the processes whose global batch KTO's KL estimate is taken over. The policy's
+    log-probabilities come first, then the reference's (as TRL orders them); precomputed reference
     log-probabilities (batch["ref_logps"]) are used when the batch has them."""
     if not objective.paired:  # KTO: a KL estimate from mismatched prompts and completions
         batch = {**batch, "kl": _kl_estimate(model, batch, cfg, world)}
@@ -176,24 +176,26 @@ def batch_loss(objective: Objective, cfg: Settings, model, batch: dict,
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(model, batch, cfg.precision)
     tokens = batch["completion_mask"][:, 1:].sum(-1)
     losses, totals = objective.losses(Scores(logps, ref, tokens, logits, batch), cfg)
-    return losses.mean(), global_means(totals, world)
+    return losses.mean(), {k: torch.stack(v) for k, v in totals.items()}
 
 
 @torch.no_grad()
 def evaluate(model, rows, collate, objective: Objective, cfg: Settings, batch_size: int = 32) -> dict:
-    """Eval loss and metrics over `rows`, each batch weighted by its pairs (examples): the same numbers as one
-    batch holding them all, but for KTO's KL estimate, which is per batch."""
+    """Eval loss and metrics over `rows` (the loss of each batch weighted by its pairs or examples, the metrics
+    added up over every row): the same numbers as one batch holding them all, but for KTO's KL estimate, which is
+    per batch."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    sums, weights = {}, {}
+    totals = {"loss": torch.zeros(2, device=device)}
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size,
                                                                                           len(rows)))]).items()}
         n = objective.count(batch)
         with autocast(cfg.precision, device):
             loss, metrics = batch_loss(objective, cfg, model, batch)
-        for k, v in {"loss": loss.item(), **metrics}.items():
-            sums[k], weights[k] = sums.get(k, 0.0) + v * n, weights.get(k, 0) + n
+        weighted = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=device)])
+        for k, v in {"loss": weighted, **metrics}.items():
+            totals[k] = totals.get(k, 0) + v.float()
     model.train(was_training)
-    return {k: sums[k] / weights[k] for k in sums}
+    return metric_means({k: tuple(v.tolist()) for k, v in totals.items()})

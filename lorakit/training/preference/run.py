@@ -19,7 +19,7 @@ from ...errors import ConfigError
 from ...runtime.distributed import World
 from .data import read_rows, tokenize_rows
 from .logps import REF_ADAPTER, precompute_reference
-from .objectives import OBJECTIVES, Settings, batch_loss, evaluate
+from .objectives import OBJECTIVES, Settings, batch_loss, evaluate, metric_means
 
 if TYPE_CHECKING:
     from ..settings import TrainConfig
@@ -112,10 +112,12 @@ def with_reference(model, train_rows, eval_rows, cfg: TrainConfig, pad_id: int, 
     return train_rows, eval_rows
 
 
-def loss_hook(cfg: TrainConfig, world: World = World()):
-    """fit.Loop's loss_of for a preference task: a batch's loss and metrics (over the global batch of `world`'s
-    processes); what the loss is a mean over (pairs, or KTO's examples) is the task record's count."""
-    return partial(batch_loss, OBJECTIVES[cfg.task], settings(cfg), world=world)
+def loop_hooks(cfg: TrainConfig, world: World = World()) -> dict:
+    """fit.Loop's loss_of and metric_means for a preference task: a batch's loss and metric totals (KTO's KL
+    estimate over the global batch of `world`'s processes), and the logged means of the totals fit adds up; what
+    the loss is a mean over (pairs, or KTO's examples) is the task record's count."""
+    return {"loss_of": partial(batch_loss, OBJECTIVES[cfg.task], settings(cfg), world=world),
+            "metric_means": metric_means}
 
 
 def batch_parts(cfg: TrainConfig) -> dict:
