@@ -256,11 +256,12 @@ def test_bad_files_refused_and_model_unchanged(tmp_path, edit, message):
 
 
 def test_separate_exports_refuse_it(tmp_path):
+    from lorakit.adapters.files import read_adapter
     from lorakit.deploy import gguf_lora, vllm
 
     path = save_random_adapter(tmp_path / "a", seed=1, lora_bias=True)
     with pytest.raises(ConfigError, match="lora_bias"):
-        vllm.check(path, 16)
+        vllm.check(*read_adapter(path), 16, path)
     model = lorakit.load_adapter(tiny_bert(), path)
     with pytest.raises(ConfigError, match="lora_bias"):
         gguf_lora.check_separable(model, "default")
