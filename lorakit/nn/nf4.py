@@ -188,7 +188,8 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     """The (out, in) weight W[i] = NF4_CODE[code[i]] · scale[i // block_size] in `dtype` (default: the original
     dtype): the float32 product, rounded once to dtype. By the fastest path that reproduces `_dequantize_torch` bit
     for bit on q's device (`_fast_dequantizer`: on CUDA bitsandbytes' kernel, else a torch.compile'd decode; on the
-    CPU the compiled decode for weights of COMPILED_MIN elements or more); else by `_dequantize_torch`."""
+    CPU, for weights of COMPILED_MIN elements or more, the C kernel of nf4_cpu, else the compiled decode); else by
+    `_dequantize_torch`."""
     dtype = dtype or q.dtype
     if q.packed.is_cuda or q.shape.numel() >= COMPILED_MIN:
         return _fast_dequantizer(q.packed.device)(q, dtype)
@@ -210,9 +211,10 @@ def _dequantize_torch(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---- Fused paths (CUDA: issue 14; CPU: issue 25). Each must equal _dequantize_torch bit for bit, which
-# _fast_dequantizer checks. On the CPU the compiled decode is one loop over the bytes, where the eager path makes an
-# int64 and a float32 temporary per slice: 1.3-7x faster at 7B's shapes (BENCHMARKS §17). Small weights stay eager, so
-# that a tiny model never waits for the compiler.
+# _fast_dequantizer checks. On the CPU the C kernel (nf4_cpu.py: a vector table lookup into reused memory) is 8-10x
+# the compiled decode at 7B's shapes, and the compiled decode (one loop over the bytes, where the eager path makes an
+# int64 and a float32 temporary per slice) 1.3-7x the eager one (BENCHMARKS §17). Small weights stay eager, so that a
+# tiny model never waits for a compiler.
 COMPILED_MIN = 1 << 20  # elements
 BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
 
@@ -252,6 +254,13 @@ def _compiled_decode():
     return torch.compile(_decode, dynamic=True)
 
 
+def _dequantize_c(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    from .nf4_cpu import decode  # compiles the kernel on first use
+
+    out = decode(q.packed, block_scales(q), _tables(q.packed.device)[1], q.block_size, dtype)
+    return out[:q.shape.numel()].view(q.shape)
+
+
 def _dequantize_compiled(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     out = _compiled_decode()(q.packed, block_scales(q), _tables(q.packed.device)[1], dtype)
     return out[:q.shape.numel()].view(q.shape)
@@ -260,10 +269,10 @@ def _dequantize_compiled(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 @functools.cache
 def _fast_dequantizer(device: torch.device):
     """The first fused path that runs on `device` and equals the pure-torch path bit for bit on a probe weight (odd
-    size: a padded last block; three output dtypes): on CUDA bitsandbytes' kernel, then the torch.compile'd decode;
-    on the CPU the compiled decode. Else the pure-torch path. Decided once per device."""
+    size: a padded last block; three output dtypes): on CUDA bitsandbytes' kernel, on the CPU the C kernel, then the
+    torch.compile'd decode. Else the pure-torch path. Decided once per device."""
     probe = quantize_nf4(torch.randn(67, 129, generator=torch.Generator().manual_seed(0)).to(device))
-    paths = (("bitsandbytes", _dequantize_bnb),) if device.type == "cuda" else ()
+    paths = (("bitsandbytes", _dequantize_bnb),) if device.type == "cuda" else (("C kernel", _dequantize_c),)
     for name, fn in (*paths, ("torch.compile", _dequantize_compiled)):
         try:
             same = all(torch.equal(fn(probe, dt), _dequantize_torch(probe, dt))
