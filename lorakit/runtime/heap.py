@@ -32,10 +32,9 @@ import os
 import sys
 from typing import Iterator
 
-M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 THRESHOLD = 1 << 20
 REUSE_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (64-bit)
-TRIM_THRESHOLD = 128 << 10  # glibc's default: free space at the heap's top beyond it goes back at once
 _state = {"threshold": None}  # the threshold release_freed_memory set; None: glibc's defaults are left alone
 
 
@@ -50,10 +49,10 @@ def _libc():
 
 
 def release_freed_memory(threshold: int = THRESHOLD) -> bool:
-    """Set glibc's mmap threshold to `threshold` bytes (fixed, no longer dynamic), unless the environment sets it or
-    the trim threshold (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_: the user's choice wins). True if set; False where there is no glibc (macOS, Windows, musl)."""
+    """Set glibc's mmap threshold to `threshold` bytes (fixed, no longer dynamic), unless the environment already sets
+    it (MALLOC_MMAP_THRESHOLD_ wins). True if set; False where there is no glibc (macOS, Windows, musl)."""
     libc = _libc()
-    if libc is None or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ) or not libc.mallopt(M_MMAP_THRESHOLD, threshold):
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ or not libc.mallopt(M_MMAP_THRESHOLD, threshold):
         return False
     _state["threshold"] = threshold
     return True
@@ -69,12 +68,10 @@ def reusing_freed_memory() -> Iterator[None]:
         yield
         return
     libc.mallopt(M_MMAP_THRESHOLD, REUSE_THRESHOLD)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # nor is the heap's top given back until the end
     try:
         yield
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
         libc.malloc_trim(0)
 
 
