@@ -92,3 +92,19 @@ def test_a_compiler_that_fails_is_named_with_the_block(monkeypatch):
 def test_a_model_without_blocks_is_refused():
     with pytest.raises(ConfigError, match="--compile: SmallMLP has no transformer blocks"):
         compile_blocks(small_mlp())
+
+
+# ---- on a GPU (benchmarks/gpu.sh runs `pytest -k cuda`) ----
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cuda_training_with_compile_equals_without_in_fp32(llama_dir, qa_jsonl, tmp_path, checkpointing):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    on, _ = run(llama_dir, qa_jsonl, tmp_path / "on", compile=True, gradient_checkpointing=checkpointing)
+    off, _ = run(llama_dir, qa_jsonl, tmp_path / "off", compile=False, gradient_checkpointing=checkpointing)
+    assert on["device"].startswith("cuda") and on["compiled"]
+    assert on["train_loss"] == pytest.approx(off["train_loss"], abs=LOSS_TOL)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("on", "off"))
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=LOSS_TOL, rtol=1e-4, msg=k)

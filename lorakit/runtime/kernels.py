@@ -4,8 +4,9 @@ Liger (the optional extra `lorakit[liger]`) replaces a model's RMSNorm, rotary e
 Triton kernels (`liger_kernel.transformers.apply_liger_kernel_to_<family>(model=...)`, applied to the loaded
 instance), and its fused linear cross-entropy takes the place of lorakit's chunked loss (training/chunked_loss.py):
 both compute the head and the loss a chunk at a time without the whole logits, Liger's in Triton. Liger patches the
-MLP's forward, not its Linear layers, so LoRA layers injected there still run. Its rotary embedding is patched in the
-family's transformers module: every model of that family built in the same process uses it afterwards.
+MLP's forward, not its Linear layers, so LoRA layers injected there still run. Its rotary embedding (and the RMSNorm
+and MLP classes) are replaced in the family's transformers module: every model of that family in the same process
+uses them afterwards (a `lorakit train` process trains one model).
 
     choose(requested, device, config)   which kernels a run uses and why (KernelsError where `liger` cannot run)
     apply(kernels, model)               patch the model in place (nothing for "none")
