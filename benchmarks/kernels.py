@@ -88,17 +88,21 @@ def peft_variant(base, device: str, liger: bool, checkpointing: bool):
     return make_peft(model, "llama", 0.0), "liger" if liger else "none"
 
 
-def variants(size: str, device: str, checkpointing: bool) -> dict:
-    """{variant: (net, kernels name, the RoPE function it runs with)}; the Liger ones left out where unavailable."""
+def variants(size: str, device: str, checkpointing: bool, errors: dict) -> dict:
+    """{variant: (net, kernels name, the RoPE function it runs with)}; the Liger ones left out where unavailable, and
+    any that fails to build (its error in `errors`)."""
     from transformers.models.llama import modeling_llama
 
     plain = dict(vars(modeling_llama))
     base = base_model(size, device)
     made = {}
     for name in VARIANTS:
-        built = (peft_variant(base, device, name == "peft-liger", checkpointing) if name.startswith("peft") else
-                 lorakit_variant(base, device, "none" if name == "lorakit-none" else "auto", name.endswith("compile"),
-                                 checkpointing))
+        try:
+            built = (peft_variant(base, device, name == "peft-liger", checkpointing) if name.startswith("peft") else
+                     lorakit_variant(base, device, "none" if name == "lorakit-none" else "auto",
+                                     name.endswith("compile"), checkpointing))
+        except Exception as e:  # noqa: BLE001 (one variant's failure must not lose the others' numbers)
+            built, errors[name] = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if built is not None:
             made[name] = (*built, modeling_llama.apply_rotary_pos_emb)
         # Liger replaces the module's RoPE function and its RMSNorm and MLP classes: undone for the next variant
@@ -149,25 +153,34 @@ def run_row(key: str, size: str = "gpu", device: str = "cuda") -> dict:
     ids = torch.randint(0, dims["vocab_size"], (n, t), generator=torch.Generator().manual_seed(1)).to(device)
     inputs = {"input_ids": ids, "labels": ids}
     plain_rope = modeling_llama.apply_rotary_pos_emb
-    made, losses = variants(size, device, checkpointing), {}
+    errors, losses = {}, {}
+    made = variants(size, device, checkpointing, errors)
     steps = {name: step_fn(net, rope, inputs, device, losses.setdefault(name, []))
              for name, (net, _, rope) in made.items()}
     first = {}
-    for name, step in steps.items():
+    for name in list(steps):
         sync(device)
         start = time.perf_counter()
-        step()
+        try:
+            steps[name]()
+        except Exception as e:  # noqa: BLE001 (a compiler or kernel failure: recorded, the others still measured)
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            del steps[name], made[name]
+            continue
         sync(device)
         first[name] = time.perf_counter() - start
     stats = {name: summary(v) for name, v in interleave(steps, warmup, repeats, device).items()}
     memory = {name: step_memory(step, device) for name, step in steps.items()}
     modeling_llama.apply_rotary_pos_emb = plain_rope
     median = {name: s["median"] for name, s in stats.items()}
-    return {"row": key, "workload": f"Llama-3.2-1B shape{', checkpointing' if checkpointing else ''}, bf16",
+    shape = "Llama-3.2-1B shape" if size == "gpu" else "tiny Llama"
+    return {"row": key, "workload": f"{shape}{', checkpointing' if checkpointing else ''}, bf16",
             "batch": f"{n}×{t}", "precision": "bf16", "kernels": {name: k for name, (_, k, _) in made.items()},
-            "unavailable": [v for v in VARIANTS if v not in made], "step_s": median,
+            "unavailable": [v for v in VARIANTS if v not in made and v not in errors], "errors": errors,
+            "step_s": median,
             "quartiles": {name: (s["p25"], s["p75"]) for name, s in stats.items()},
-            "vs_peft": {name: m / median["peft"] for name, m in median.items()}, "first_step_s": first,
+            "vs_peft": {name: m / median["peft"] if "peft" in median else None for name, m in median.items()},
+            "first_step_s": first,
             "step_memory_gib": memory, "first_loss": {name: v[0] for name, v in losses.items()},
             "warmup": warmup, "rounds": repeats}
 
@@ -181,11 +194,13 @@ def section(rows: dict) -> str:
         if "error" in r:
             lines.append(f"`{r['row']}` failed: {r['error']}\n")
             continue
-        table = [[v, r["kernels"][v], f"{r['step_s'][v]:.3f}", f"{r['vs_peft'][v]:.2f}", f"{r['first_step_s'][v]:.1f}",
+        ratio = lambda v: "—" if r["vs_peft"][v] is None else f"{r['vs_peft'][v]:.2f}"  # noqa: E731
+        table = [[v, r["kernels"][v], f"{r['step_s'][v]:.3f}", ratio(v), f"{r['first_step_s'][v]:.1f}",
                   "—" if r["step_memory_gib"][v] is None else f"{r['step_memory_gib'][v]:.1f}",
                   f"{r['first_loss'][v]:.4f}"] for v in r["step_s"]]
         lines.append(f"**{r['workload']}**, batch {r['batch']}, {r['warmup']} warm-up + {r['rounds']} timed rounds"
                      f"{'; unavailable: ' + ', '.join(r['unavailable']) if r['unavailable'] else ''}\n\n"
                      + md_table(["variant", "kernels", "step s (median)", "× PEFT", "first step s",
-                                 "step memory GiB", "first loss"], table) + "\n")
+                                 "step memory GiB", "first loss"], table) + "\n"
+                     + "".join(f"\n{v} failed: {e}\n" for v, e in r.get("errors", {}).items()))
     return "\n".join(lines)
