@@ -181,7 +181,7 @@ def run_row(key: str, size: str = "gpu", device: str = "cuda") -> dict:
             "quartiles": {name: (s["p25"], s["p75"]) for name, s in stats.items()},
             "vs_peft": {name: m / median["peft"] if "peft" in median else None for name, m in median.items()},
             "first_step_s": first,
-            "step_memory_gib": memory, "first_loss": {name: v[0] for name, v in losses.items()},
+            "step_memory_gib": memory, "first_loss": {name: losses[name][0] for name in made},
             "warmup": warmup, "rounds": repeats}
 
 

@@ -13,8 +13,8 @@ def test_kernel_rows_run_every_available_variant_at_tiny_size_on_the_cpu():
     from benchmarks import kernels
 
     row = kernels.run_row("kernels-llama1b-bf16", size="tiny", device="cpu")
-    assert list(row["step_s"]) == ["lorakit", "lorakit-none", "lorakit-compile", "peft"]
-    assert row["unavailable"] == ["peft-liger"] and row["errors"] == {}  # no CUDA here
+    assert list(row["step_s"]) == ["lorakit", "lorakit-none", "lorakit-compile", "peft"], row["errors"]
+    assert row["unavailable"] == ["peft-liger"] and row["errors"] == {}, row["errors"]  # no CUDA here
     assert set(row["kernels"].values()) == {"none"}  # --kernels auto on the CPU
     losses = list(row["first_loss"].values())
     assert all(math.isfinite(v) for v in losses) and max(losses) - min(losses) < 0.05, row["first_loss"]

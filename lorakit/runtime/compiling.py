@@ -54,7 +54,16 @@ def _naming_failures(compiled, block_type: str):
             with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
                 return compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            first = _first_line(e)
             raise CompileError(f"--compile: torch.compile of {block_type} failed: {first} (run without --compile; "
                                f"TORCH_LOGS=+dynamo shows the whole trace)") from e
     return call
+
+
+def _first_line(error: BaseException) -> str:
+    """The compiler's own first line: that of the innermost error torch.compile wraps (dynamo's wrapper says only
+    "backend='inductor' raised:"), with its type."""
+    while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
+        error = getattr(error, "inner_exception", None) or error.__cause__
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
