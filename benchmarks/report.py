@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from . import fsdp, infer, memory, openai_serving, packing, rank, serving, train
+from . import fsdp, infer, kernels, memory, openai_serving, packing, rank, serving, train
 from .common import md_table
 from .memory import __doc__ as MEMORY_METHOD
 
@@ -255,6 +255,8 @@ def write(results: dict, md_path: Path, results_dir: Path) -> None:
     sections.append("## 16. OpenAI's API on lorakit serve\n\n" + openai_serving.section(results_dir / "openai_serving.json")
                     + _note("openai-serving"))
     sections.append("## 17. NF4 on a CPU with fast bf16\n\n" + _note("nf4-cpu"))
+    sections.append("## 18. torch.compile and Liger Kernel\n\n" + _note("compile")
+                    + ("\n" + kernels.section(groups["kernels"]) if groups.get("kernels") else ""))
     log = [[r["row"], r["log"]["date"], f"{r['log']['seconds']:.0f}", f"{100 * r['log']['other_load']:.0f}%"]
            for rows in groups.values() for r in rows.values() if "log" in r]
     sections.append("## Run log\n\nOther load: the share of the machine's cores that other processes kept busy while a "

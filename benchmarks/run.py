@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, infer, memory, train
+from . import adapters, infer, kernels, memory, train
 from .common import machine, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = {"train": train, "infer": infer, "memory": memory, "adapters": adapters}  # in the order they run
+# in the order they run; "kernels" has no default rows (CUDA: benchmarks/gpu.sh names them)
+GROUPS = {"train": train, "infer": infer, "memory": memory, "adapters": adapters, "kernels": kernels}
 
 
 def select(names: list[str] | None) -> dict[str, list[str]]:

@@ -19,6 +19,15 @@ class TrainingError(RuntimeError):
     """Training stopped: a non-finite loss. The message names the step and the last good checkpoint."""
 
 
+class CompileError(TrainingError):
+    """--compile: torch.compile could not compile a transformer block; the message names the block's type and the
+    compiler's first line."""
+
+
+class KernelsError(ConfigError):
+    """--kernels liger where Liger Kernel cannot run: not installed, not on CUDA, or a model family it does not patch."""
+
+
 class Interrupted(RuntimeError):
     """Ctrl-C: training stopped after a step, with a checkpoint saved if the run saves any."""
 

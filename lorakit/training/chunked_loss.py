@@ -17,7 +17,8 @@ hidden states' gradient (as large as the hidden states, which the recomputing va
 to backward. The loss is a scalar, so backward's incoming gradient is a number that scales them.
 
 Hand-written because neither torch nor transformers has it on the CPU: Liger and cut-cross-entropy are Triton kernels
-for CUDA.
+for CUDA. Where a run uses Liger (--kernels, runtime/kernels.py), its fused linear cross-entropy takes this one's place
+(`fused`), after the same choice of rows.
 
 `loss_model(model, chunk_tokens)` wraps a causal LM so that `wrapper(**batch).loss` is this loss: the backbone (the
 model's `base_model`) gives the hidden states, and the wrapper checks once, on a few tokens, that the model's own
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -42,6 +44,9 @@ from ..nn.autocasting import autocast_dtype
 LOGIT_SCALES = {"logit_scale": lambda v: v, "logits_scaling": lambda v: 1 / v}
 SOFTCAPS = ("final_logit_softcapping",)
 PROBE_TOKENS = 8
+# A fused linear cross-entropy: (hidden rows, weight, bias, targets, product dtype or None, soft cap or None) -> mean
+FusedLoss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.dtype | None",
+                      "float | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -166,15 +171,19 @@ def find_head(model: nn.Module) -> Head | str:
     return Head(backbone, head, Logits(scale, caps[0] if caps else None))
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Head, chunk_tokens: int) -> torch.Tensor:
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Head, chunk_tokens: int,
+                   fused: FusedLoss | None = None) -> torch.Tensor:
     """A causal LM's loss from its final hidden states (batch × tokens × hidden size): the mean cross-entropy of
     token t's logits against label t + 1, over the labels other than -100 (as transformers' loss shifts them), made
-    chunk_tokens target tokens at a time in autocast's dtype where autocast is on."""
+    chunk_tokens target tokens at a time in autocast's dtype where autocast is on. `fused`: another fused
+    linear cross-entropy (Liger's, --kernels) in its place, where the logits have no scale and some tokens a target."""
     ignored = labels.new_full((len(labels), 1), IGNORE)
     targets = torch.cat([labels[:, 1:], ignored], dim=1).reshape(-1)
     rows = (targets != IGNORE).nonzero().squeeze(1)
     logits = Logits(head.logits.scale, head.logits.cap, autocast_dtype(hidden.device.type))
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    if fused is not None and logits.scale == 1.0 and len(rows):
+        return fused(flat, head.linear.weight, head.linear.bias, targets[rows], dtype, logits.cap)
     return linear_cross_entropy(flat, head.linear.weight, head.linear.bias, targets[rows], chunk_tokens, logits)
 
 
@@ -182,9 +191,9 @@ class ChunkedLoss(nn.Module):
     """A causal LM whose forward with labels returns the chunked loss and no logits (`loss_model` builds it);
     without labels it is the model's own forward. The model is its submodule `model`, so DDP wraps it as usual."""
 
-    def __init__(self, model: nn.Module, head: Head, chunk_tokens: int):
+    def __init__(self, model: nn.Module, head: Head, chunk_tokens: int, fused: FusedLoss | None = None):
         super().__init__()
-        self.model, self.head, self.chunk_tokens = model, head, chunk_tokens
+        self.model, self.head, self.chunk_tokens, self.fused = model, head, chunk_tokens, fused
         self.no_cache = "use_cache" in inspect.signature(head.backbone.forward).parameters
 
     def forward(self, labels: torch.Tensor | None = None, **inputs):
@@ -193,13 +202,15 @@ class ChunkedLoss(nn.Module):
         if labels is None:
             return self.model(**inputs)
         hidden = _hidden(self.head.backbone, inputs, self.no_cache)
-        return CausalLMOutput(loss=causal_lm_loss(hidden, labels, self.head, self.chunk_tokens))
+        return CausalLMOutput(loss=causal_lm_loss(hidden, labels, self.head, self.chunk_tokens, self.fused))
 
 
-def loss_model(model: nn.Module, chunk_tokens: int, sharded: bool = False) -> tuple[nn.Module, str | None]:
+def loss_model(model: nn.Module, chunk_tokens: int, sharded: bool = False,
+               fused: FusedLoss | None = None) -> tuple[nn.Module, str | None]:
     """(`model` wrapped so that its loss is chunked, None), or (`model` itself, why not) when chunk_tokens is 0,
     the model is sharded with FSDP (its units gather their weights in their own forward, which the chunked loss
-    bypasses), its head is not a plain Linear, or its logits are not what the head and the known transforms give."""
+    bypasses), its head is not a plain Linear, or its logits are not what the head and the known transforms give.
+    `fused`: the fused linear cross-entropy to use instead of lorakit's (causal_lm_loss)."""
     if chunk_tokens <= 0:
         return model, None
     if sharded:
@@ -210,7 +221,7 @@ def loss_model(model: nn.Module, chunk_tokens: int, sharded: bool = False) -> tu
     mismatch = _probe(model, head)
     if mismatch:
         return model, mismatch
-    return ChunkedLoss(model, head, chunk_tokens), None
+    return ChunkedLoss(model, head, chunk_tokens, fused), None
 
 
 def _hidden(backbone: nn.Module, inputs: dict, no_cache: bool) -> torch.Tensor:

@@ -17,6 +17,7 @@ from ..data.sources import one_or_many, parse_weights, source_list
 from ..data.tables import split_columns
 from ..errors import ConfigError
 from ..io.models import PACKAGED_MODEL
+from ..runtime.kernels import KERNELS
 from ..runtime.precision import DTYPES, PRECISIONS
 from .tasks import DEFAULT, TASKS
 from .tracking import REPORTERS, check_reporter
@@ -26,8 +27,9 @@ SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with
 CONFIG_FILE = "train_config.yaml"  # a run directory's resolved settings; --config reads it back
 # Settings that may change when a run is resumed: they do not change the trained weights.
 # Checkpoints hold whole tensors, so "sharding" is among them: a sharded run resumes unsharded, and the reverse.
+# So are "compile" and "kernels": the same computation by other code (equal within rounding).
 RESUME_FREE = {"output", "resume", "overwrite", "eval_every", "save_every", "log_every", "eval_data", "eval_text_column",
-               "num_proc", "report_to", "save_total_limit", "sharding", "loss_chunk_tokens"}
+               "num_proc", "report_to", "save_total_limit", "sharding", "loss_chunk_tokens", "compile", "kernels"}
 SHARDINGS = ("none", "fsdp")
 log = logging.getLogger("lorakit")  # --sharding: none (DDP under torchrun) | fsdp (sharding.py)
 
@@ -87,6 +89,11 @@ class TrainConfig:
     dtype: str = setting("auto", MODEL, "The base's weights: auto (the checkpoint's own) | bf16 | fp16 | fp32.")
     gradient_checkpointing: bool = setting(False, MODEL, "Recompute activations in backward: far less memory, about "
                                            "a third more compute.")
+    compile: bool = setting(False, MODEL, "torch.compile each transformer block, its LoRA layers included (CPU and "
+                            "CUDA): the first steps wait for the compiler; faster only where BENCHMARKS.md says so.")
+    kernels: str = setting("auto", MODEL, "auto | liger | none: Liger Kernel's fused RMSNorm, RoPE, SwiGLU and "
+                           "linear cross-entropy (CUDA only, pip install 'lorakit[liger]', Llama, Mistral and Qwen2 "
+                           "models); auto: liger where it is installed and runs, else none.")
     epochs: float = setting(3, TRAINING, "Passes over the training data.")
     max_steps: int | None = setting(None, TRAINING, "Optimizer steps; wins over --epochs.")
     batch_size: int = setting(16, TRAINING, "Examples per step per process (capped at the data's size).")
@@ -220,6 +227,7 @@ def check_values(cfg: TrainConfig) -> None:
         (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {tuple(SCHEDULERS)}, got {cfg.scheduler!r}"),
         (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {cfg.precision!r}"),
         (cfg.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}"),
+        (cfg.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {cfg.kernels!r}"),
         (cfg.sharding in (None, *SHARDINGS), f"sharding must be one of {SHARDINGS}, got {cfg.sharding!r}"),
         (cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}"),

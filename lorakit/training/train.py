@@ -20,6 +20,8 @@ from ..adapters.parts import base_modules, default_targets
 from ..errors import ConfigError, Interrupted
 from ..io.models import load_model, resolve_model, stored_name, within_positions
 from ..nn.kinds import kind_of
+from ..runtime import kernels as fused_kernels
+from ..runtime.compiling import compile_blocks
 from ..runtime.distributed import World, barrier, from_main, init_distributed, peak_memory_mb, shutdown
 from ..runtime.heap import release_freed_memory
 from ..runtime.precision import NAMES, compute_dtype, fast_bf16, resolve
@@ -72,12 +74,13 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     check_output(cfg)
     out = Path(cfg.output)
     cfg = capped_length(cfg, say)
+    kernels = choose_kernels(cfg, world, say)  # refused here, before any work, where --kernels liger cannot run
     run_data = load_data(cfg, world, say)  # every file, column, row and label checked before the model loads
     cfg = capped_batch(cfg, None if cfg.streaming else len(run_data.train), world, say)  # a stream: length unknown
-
-    model, adapter = setup_model(cfg, run_data, world)
+    model, adapter = setup_model(cfg, run_data, world, kernels)
     task = task_named(cfg.task)
-    net = with_loss(model, task, cfg, say)  # what fit() and evaluate() run: a language model's loss chunked
+    net = with_loss(model, task, cfg, say, kernels)  # what fit() and evaluate() run: a language model's loss chunked
+    compiled(model, cfg, say)  # after the adapters, checkpointing and sharding: the blocks hold the LoRA layers
     if task.preference:  # --precompute-ref: the reference's log-probabilities, once
         run_data.train, run_data.eval = preference.with_reference(model, run_data.train, run_data.eval, cfg,
                                                                   run_data.tokenizer.pad_token_id, say)
@@ -107,7 +110,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
             reporter.close()
 
     metrics = {**results(cfg, state, before, batches.per_epoch, params, world), **precisions(cfg, model, world),
-               **selection(cfg, state, loop)}
+               **selection(cfg, state, loop), "kernels": kernels.name, "compiled": cfg.compile}
     save_run(cfg, out, model, metrics, state, run_data, world)
     if world.main:
         summary(say, metrics, task_named(cfg.task), out, demo=cfg.data is None)
@@ -126,16 +129,25 @@ def evaluator(task: Task, model, net, run_data: RunData, cfg: TrainConfig) -> Ca
     return partial(evaluate, net, run_data.eval, task.collator(run_data.tokenizer), task, cfg.batch_size, cfg.precision)
 
 
-def with_loss(model, task: Task, cfg: TrainConfig, say) -> torch.nn.Module:
-    """A language model whose loss never holds the whole logits (chunked_loss.py), unless --loss-chunk-tokens 0; a
-    model the chunked loss cannot run on keeps its own loss, and the run says why. Preference tasks compute their
-    own loss (preference/objectives.py)."""
+def with_loss(model, task: Task, cfg: TrainConfig, say, kernels=fused_kernels.Kernels("none", "")) -> torch.nn.Module:
+    """A language model whose loss never holds the whole logits (chunked_loss.py; Liger's fused one with --kernels
+    liger), unless --loss-chunk-tokens 0; a model the chunked loss cannot run on keeps its own loss, and the run says
+    why. Preference tasks compute their own loss (preference/objectives.py)."""
     if not task.generates or task.preference:
         return model
-    net, why = loss_model(model, cfg.loss_chunk_tokens, sharded=is_sharded(model))
+    fused = fused_kernels.liger_linear_cross_entropy if kernels.liger else None
+    net, why = loss_model(model, cfg.loss_chunk_tokens, sharded=is_sharded(model), fused=fused)
     if why:
         say(f"the model computes its own loss, all logits at once (not chunked): {why}")
     return net
+
+
+def compiled(model, cfg: TrainConfig, say) -> None:
+    """--compile: each transformer block of `model` torch.compile'd in place (runtime/compiling.py), saying so."""
+    if cfg.compile:
+        found = compile_blocks(model)
+        say(f"--compile: {len(found)} {type(found[0]).__name__} blocks compile on their first call (the first steps "
+            f"wait for the compiler)")
 
 
 def add_adapter(model, cfg: TrainConfig) -> LoraConfig:
@@ -181,10 +193,23 @@ def capped_batch(cfg: TrainConfig, rows: int | None, world: World, say) -> Train
     return dataclasses.replace(cfg, batch_size=most)
 
 
-def setup_model(cfg: TrainConfig, run_data: RunData, world: World):
+def choose_kernels(cfg: TrainConfig, world: World, say) -> fused_kernels.Kernels:
+    """--kernels: the kernels the run uses (runtime/kernels.py), decided from the model's config before any work and
+    said once; KernelsError where --kernels liger cannot run."""
+    from transformers import AutoConfig
+
+    chosen = fused_kernels.choose(cfg.kernels, world.device, AutoConfig.from_pretrained(resolve_model(cfg.model)))
+    if cfg.kernels != "none":
+        say(f"kernels: {chosen.name} ({chosen.why})")
+    return chosen
+
+
+def setup_model(cfg: TrainConfig, run_data: RunData, world: World,
+                kernels: fused_kernels.Kernels = fused_kernels.Kernels("none", "")):
     """(model with the run's adapter, on this process's device (sharded across the processes with --sharding fsdp);
     the adapter's LoraConfig). The base is held in --dtype (QLoRA: every frozen Linear quantized while loading, the
-    rest in the compute dtype); its head is sized for the run's labels, its tokenizer is the run's."""
+    rest in the compute dtype); its head is sized for the run's labels, its tokenizer is the run's; `kernels` (Liger's
+    or none) patch its blocks."""
     path = resolve_model(cfg.model)
     compute = compute_dtype(cfg.precision, world.device)  # warns when bf16 is asked for where it is slow
     torch.manual_seed(cfg.seed)  # the same head and LoRA A on every process and every resumed run
@@ -198,6 +223,7 @@ def setup_model(cfg: TrainConfig, run_data: RunData, world: World):
         adapter = preference.attach_adapter(model, cfg, add_adapter)
     else:
         adapter = add_adapter(model, cfg)
+    fused_kernels.apply(kernels, model)  # Liger patches the blocks' norms, RoPE and MLPs, whose Linears keep LoRA
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.sharding == "fsdp":
