@@ -183,7 +183,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Head, chunk
     logits = Logits(head.logits.scale, head.logits.cap, autocast_dtype(hidden.device.type))
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     if fused is not None and logits.scale == 1.0 and len(rows):
-        return fused(flat, head.linear.weight, head.linear.bias, targets[rows], dtype, logits.cap)
+        return fused(flat, head.linear.weight, head.linear.bias, targets[rows], logits.dtype, logits.cap)
     return linear_cross_entropy(flat, head.linear.weight, head.linear.bias, targets[rows], chunk_tokens, logits)
 
 
