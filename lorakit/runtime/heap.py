@@ -17,7 +17,7 @@ of them, and the step took 25% longer (BENCHMARKS §14). So the two phases of a 
   and gradients reuse the blocks the previous one freed, without zero-filling; on leaving, the heap's free pages go
   back to the system (malloc_trim), so the next forward starts from the live tensors only.
 
-Measured the same way: 2.1 GiB at the speed of glibc's default.
+Measured the same way: 2.1-2.3 GiB, and about the step time of glibc's default (BENCHMARKS §14).
 
 Hand-written because neither torch nor the standard library exposes mallopt or malloc_trim; glibc reads the
 threshold from the environment (MALLOC_MMAP_THRESHOLD_) only at start-up, too late for a library.
