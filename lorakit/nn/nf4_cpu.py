@@ -194,7 +194,7 @@ def decode(packed: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, block
 
 
 _free: dict[int, list[np.ndarray]] = {}  # nbytes -> buffers no tensor uses
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a finalizer may run while this thread holds it
 
 
 def _lend(nbytes: int) -> torch.Tensor:
@@ -202,7 +202,9 @@ def _lend(nbytes: int) -> torch.Tensor:
     holds a fresh numpy view of the buffer, whose end (when torch frees the storage) returns the buffer."""
     with _lock:
         spare = _free.get(nbytes)
-        buffer = spare.pop() if spare else np.empty(nbytes, np.uint8)
+        buffer = spare.pop() if spare else None
+    if buffer is None:  # allocated outside the lock: a garbage collection here may run _give_back
+        buffer = np.empty(nbytes, np.uint8)
     view = buffer[:]
     weakref.finalize(view, _give_back, nbytes, buffer)
     return torch.from_numpy(view)

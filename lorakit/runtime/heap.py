@@ -12,7 +12,7 @@ Its price is the kernel zero-filling every page of every new large tensor: a che
 of them, and the step took 25% longer (BENCHMARKS §14). So the two phases of a step are treated apart:
 
 - forward (the 1 MiB threshold): what it makes lives on into backward (checkpointed hidden states, saved
-  activations), each in its own mapping, and none of it pins heap pages behind it;
+  activations), each in its own mapping unless a free heap block fits it, so little of it pins heap pages;
 - backward, inside `reusing_freed_memory()`: blocks under 32 MiB come from the heap, where each block's recompute
   and gradients reuse the blocks the previous one freed, without zero-filling; on leaving, the heap's free pages go
   back to the system (malloc_trim), so the next forward starts from the live tensors only.
