@@ -71,16 +71,21 @@ def test_starts_as_the_base_model_and_bias_trains():
     assert bias.grad is not None and bias.grad.abs().sum() > 0
 
 
-def test_gradients_match_peft():
-    ours = _biased(tiny_bert(), ["query", "value"])
-    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                                              lora_bias=True, init_lora_weights=False))
+def _copy_factors(ours, theirs) -> None:
+    """PEFT's A, B and B's bias set to lorakit's, layer by layer."""
     for path, layer in lora_layers(ours).items():
         other = theirs.base_model.model.get_submodule(path)
         with torch.no_grad():
             other.lora_A["default"].weight.copy_(layer.lora_A["default"])
             other.lora_B["default"].weight.copy_(layer.lora_B["default"])
             other.lora_B["default"].bias.copy_(layer.lora_B_bias["default"])
+
+
+def test_gradients_match_peft():
+    ours = _biased(tiny_bert(), ["query", "value"])
+    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                              lora_bias=True, init_lora_weights=False))
+    _copy_factors(ours, theirs)
     labels = torch.tensor([0, 2])
     for model in (ours, theirs):  # eval mode: BERT's own dropout off, gradients still flow
         model(input_ids=IDS, labels=labels).loss.backward()
@@ -135,12 +140,7 @@ def test_merged_like_peft():
     ours = _biased(tiny_gpt2(), ["c_attn"])
     theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
                                                               lora_bias=True, fan_in_fan_out=True))
-    for path, layer in lora_layers(ours).items():
-        other = theirs.base_model.model.get_submodule(path)
-        with torch.no_grad():
-            other.lora_A["default"].weight.copy_(layer.lora_A["default"])
-            other.lora_B["default"].weight.copy_(layer.lora_B["default"])
-            other.lora_B["default"].bias.copy_(layer.lora_B_bias["default"])
+    _copy_factors(ours, theirs)
     plain, their_plain = lorakit.unload(ours, merge=True), theirs.merge_and_unload()
     for key, value in their_plain.state_dict().items():
         torch.testing.assert_close(plain.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
