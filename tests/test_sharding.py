@@ -235,6 +235,19 @@ def test_sharding_without_torchrun_is_refused_before_any_work(topics_csv, tmp_pa
         train(TrainConfig(data=str(topics_csv), sharding="zero3"), progress=False)
 
 
+def test_sharding_on_a_torch_without_fsdp2_is_refused_before_any_work(topics_csv, tmp_path, monkeypatch):
+    import torch.distributed.fsdp
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delattr(torch.distributed.fsdp, "fully_shard")  # as in torch < 2.6
+    cfg = TrainConfig(data=str(topics_csv), sharding="fsdp", output=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"needs FSDP2 .* from torch 2.6; this is torch "):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_sharding_is_a_setting_a_resumed_run_may_change():
     from lorakit.training.settings import check_resumable
 

@@ -37,7 +37,7 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 
 
 def check_launch(sharding: str | None) -> None:
-    """Refuse `--sharding fsdp` outside torchrun, before any work, naming what is missing."""
+    """Refuse `--sharding fsdp` outside torchrun or on a torch without FSDP2, before any work, naming what is missing."""
     from ..errors import ConfigError
 
     if sharding != "fsdp":
@@ -49,6 +49,11 @@ def check_launch(sharding: str | None) -> None:
                           f"(not set here: {', '.join(missing)})")
     if not torch.distributed.is_available():
         raise ConfigError("--sharding fsdp: this PyTorch build has no torch.distributed")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (public from torch 2.6; lorakit needs torch>=2.4)
+    except ImportError:
+        raise ConfigError(f"--sharding fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), public from torch 2.6; "
+                          f"this is torch {torch.__version__}: pip install 'torch>=2.6'") from None
 
 
 # ---- wrapping ----
