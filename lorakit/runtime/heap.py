@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from typing import Iterator
@@ -38,6 +39,7 @@ REUSE_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (64-
 _state = {"threshold": None}  # the threshold release_freed_memory set; None: glibc's defaults are left alone
 
 
+@functools.cache  # find_library runs ldconfig: about 1 ms, and backward asks every micro-batch
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
