@@ -109,14 +109,14 @@ def linear_rows(size: str, rounds: int, dtypes: list[str]) -> list[dict]:
 
 
 def path_rows(size: str, rounds: int, dtypes: list[str], device: str = "cpu") -> list[dict]:
-    """On `device`: elements/s of each dequantize path (pure torch, torch.compile, and on CUDA bitsandbytes' kernel)
-    per output dtype, and whether it equals the pure-torch output bit for bit; a path that cannot run gets its error
-    instead. The library picks the first exact one (nf4._fast_dequantizer)."""
+    """On `device`: elements/s of each dequantize path (pure torch, torch.compile; on the CPU lorakit's C kernel, on
+    CUDA bitsandbytes' kernel) per output dtype, and whether it equals the pure-torch output bit for bit; a path that
+    cannot run gets its error instead. The library picks the first exact one (nf4._fast_dequantizer). The C kernel's
+    output buffers are reused from its pool after the warm-up call, as in training."""
     from lorakit.nn import nf4 as quant
 
     paths = {"torch": quant._dequantize_torch, "torch.compile": quant._dequantize_compiled}
-    if device == "cuda":
-        paths["bitsandbytes"] = quant._dequantize_bnb
+    paths.update({"bitsandbytes": quant._dequantize_bnb} if device == "cuda" else {"C kernel": quant._dequantize_c})
     rows = []
     for shape in SHAPES[size]:
         q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device))
