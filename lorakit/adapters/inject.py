@@ -193,8 +193,11 @@ def _keep_dequantized_in_checkpointed_blocks(root: nn.Module) -> None:
         return
     for block in root.modules():
         if isinstance(block, GradientCheckpointingLayer) and getattr(block, "gradient_checkpointing", False) and \
-                _keep_if_checkpointed not in block._forward_pre_hooks.values():
-            block.register_forward_pre_hook(_keep_if_checkpointed)
+                not hasattr(block, "lorakit_nf4_weights"):
+            weights = [m for m in block.modules() if isinstance(m, NF4Weight)]  # found once, not every forward
+            if weights:  # a block without NF4 weights gets no hook: nothing to decide on its forward
+                block.lorakit_nf4_weights = weights
+                block.register_forward_pre_hook(_keep_if_checkpointed)
 
 
 def _keep_if_checkpointed(block: nn.Module, args) -> None:
@@ -202,9 +205,8 @@ def _keep_if_checkpointed(block: nn.Module, args) -> None:
     # a block whose checkpointing was turned off, or run in eval mode with grad, keeps no weight (else it would keep
     # every one of the forward until the backward). Both passes of a checkpoint see the same choice.
     keep = bool(block.gradient_checkpointing and block.training and torch.is_grad_enabled())
-    for module in block.modules():
-        if isinstance(module, NF4Weight):
-            module.keep_for_backward = keep
+    for weight in block.lorakit_nf4_weights:
+        weight.keep_for_backward = keep
 
 
 def enable_input_grads(model: nn.Module) -> None:
