@@ -59,8 +59,10 @@ def _lora_layer_tensors(layer: LoraLayer, prefix: str):
         layer.dequantize_base(export_dtype)  # an NF4 base straight into the export dtype, not through its own
         if export_dtype not in (None, layer.weight.dtype):  # a full-precision base in another dtype: merged in
             layer.weight.data = layer.weight.data.float()  # float32, so that writing it rounds once
-            if layer.bias is not None:  # so is the bias, which a lora_bias adapter changes
-                layer.bias.data = layer.bias.data.float()
+        # So is the bias, which a lora_bias adapter changes; judged by its own dtype, since an NF4 base's W is
+        # already in export_dtype while its bias keeps the dtype it was stored in.
+        if layer.bias is not None and export_dtype not in (None, layer.bias.dtype):
+            layer.bias.data = layer.bias.data.float()
         for name in layer.active:
             layer.merge(name)  # ΔW is added in float32 and rounded once
         return layer.weight.detach()

@@ -127,7 +127,7 @@ def _bias_output(layer, name, x, y):
 
 def _bias_delta(layer, name) -> torch.Tensor:
     """s · c: what merging adapter `name` adds to the base layer's bias, float32 (d_out,)."""
-    return layer.lora_B_bias[name].detach().float() * layer.adapters[name].scale
+    return _bias_added(layer, name).detach().float()
 
 
 # A layer without a bias of its own takes only a zero c (merging.check_mergeable refuses any other): nothing to add.
