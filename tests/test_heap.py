@@ -43,7 +43,7 @@ def rss():
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:"))) * 1024
 if sys.argv[1] == "on":
     assert release_freed_memory()
-with reusing_freed_memory():
+with reusing_freed_memory(torch.device(sys.argv[2])):
     a = torch.ones(3 << 20)  # 12 MiB: from the heap inside (under 32 MiB), mapped outside (over 1 MiB)
     pin = torch.ones(3 << 19)  # above it in the heap: a's block is freed below the top, as in a backward pass
     before = rss()
@@ -59,16 +59,18 @@ print(kept, left, before - rss())
 """
 
 
-@pytest.mark.parametrize("mode", ["on", "off"])
-def test_backward_reuses_freed_blocks_and_returns_them_after(mode):
+@pytest.mark.parametrize("mode,device", [("on", "cpu"), ("off", "cpu"), ("on", "meta")])
+def test_backward_reuses_freed_blocks_and_returns_them_after(mode, device):
     # on: freed inside the context, a 12 MiB tensor stays in the heap for reuse (no fresh zero-filled pages); on
-    # leaving, those pages go back; afterwards the 1 MiB threshold holds again. off: the context changes nothing.
+    # leaving, those pages go back; afterwards the 1 MiB threshold holds again. off, or a backward on another device
+    # than the CPU: the context changes nothing.
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", REUSE, mode], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", REUSE, mode, device], capture_output=True, text=True, env=env,
+                         check=True)
     kept, left, after = map(int, out.stdout.split())
-    if mode == "on":
+    if (mode, device) == ("on", "cpu"):
         assert (kept < 1 << 20, left >= 10 << 20, after >= 18 << 20) == (True, True, True), (kept, left, after)
     else:
         assert kept >= 10 << 20, kept

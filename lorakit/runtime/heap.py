@@ -33,6 +33,8 @@ import os
 import sys
 from typing import Iterator
 
+import torch
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 THRESHOLD = 1 << 20
 REUSE_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (64-bit)
@@ -61,12 +63,13 @@ def release_freed_memory(threshold: int = THRESHOLD) -> bool:
 
 
 @contextlib.contextmanager
-def reusing_freed_memory() -> Iterator[None]:
+def reusing_freed_memory(device: torch.device) -> Iterator[None]:
     """Within: tensors under 32 MiB come from malloc's heap and reuse its freed blocks (no fresh, zero-filled pages);
     on leaving, release_freed_memory's threshold again and the heap's free pages returned to the system. For a
-    backward pass; nothing changes unless release_freed_memory set a threshold in this process."""
+    backward pass on `device`; nothing changes unless release_freed_memory set a threshold in this process, nor for
+    a device other than the CPU (its tensors are not malloc's)."""
     threshold, libc = _state["threshold"], _libc()
-    if threshold is None or libc is None:
+    if threshold is None or libc is None or device.type != "cpu":
         yield
         return
     libc.mallopt(M_MMAP_THRESHOLD, REUSE_THRESHOLD)

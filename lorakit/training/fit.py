@@ -263,7 +263,7 @@ def _accumulate(run: _Run) -> tuple[float, int, dict]:
         with gradient_sync(run.net, sync):
             with autocast(loop.precision, world.device):
                 loss, metrics = loop.loss_of(run.net, batch) if loop.loss_of else _model_loss(run.net, batch, n)
-            with reusing_freed_memory():  # backward's temporaries reuse heap blocks (runtime/heap.py)
+            with reusing_freed_memory(world.device):  # backward's temporaries reuse heap blocks (runtime/heap.py)
                 (loss * (n * world.size / total)).backward()
         loss_sum += loss.detach().float() * n if n else 0.0  # no targets: a NaN mean
         for k, v in metrics.items():
