@@ -1,5 +1,6 @@
-"""`lorakit chat` (registered by cli/main.py): an interactive conversation with a chat-trained causal-LM adapter in the terminal. The whole
-conversation is kept and sent through the chat template on every turn; answers stream as they are generated.
+"""`lorakit chat` (registered by cli/main.py): an interactive conversation with a chat-trained causal-LM adapter in
+the terminal. The whole conversation is kept and sent through the chat template on every turn; answers stream as
+they are generated.
 
 A conversation longer than the model takes (`max_length` tokens as rendered) loses its oldest exchanges, the system
 prompt kept, saying so; a single message too long for it is not sent.

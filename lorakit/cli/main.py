@@ -56,8 +56,6 @@ def main(verbose: bool = switch("--verbose", help="Also show the log messages of
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
-
-
 @app.command(epilog=help_examples("train"))
 @with_flags(train_parameters())
 def train(flags: dict):
